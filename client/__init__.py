@@ -1,0 +1,49 @@
+"""embedserve's Python client: `AsyncClient` for asyncio code, `Client` for scripts and notebooks.
+
+    async with AsyncClient("127.0.0.1:50051") as client:
+        ids = await client.tokenize("Hello, world")
+        vectors = await client.embed([ids])          # numpy [1, T, D]
+
+Importing this package needs only grpcio, protobuf and numpy: no torch,
+tiktoken or gensim. `to_torch(array)` and `Batch.to_torch()` give torch
+tensors when torch is installed.
+"""
+
+from ._async import AsyncClient
+from ._errors import (
+    CallCancelledError,
+    DeadlineExceededError,
+    EmbedServeError,
+    FailedPreconditionError,
+    InternalError,
+    InvalidArgumentError,
+    NotFoundError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    UnauthenticatedError,
+    UnavailableError,
+    error_from_rpc,
+)
+from ._sync import Client
+from ._values import Batch, EmbeddingInfo, RequestLimits, to_torch
+
+__all__ = [
+    "AsyncClient",
+    "Batch",
+    "CallCancelledError",
+    "Client",
+    "DeadlineExceededError",
+    "EmbedServeError",
+    "EmbeddingInfo",
+    "FailedPreconditionError",
+    "InternalError",
+    "InvalidArgumentError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "RequestLimits",
+    "ResourceExhaustedError",
+    "UnauthenticatedError",
+    "UnavailableError",
+    "error_from_rpc",
+    "to_torch",
+]

@@ -1,0 +1,259 @@
+"""AsyncClient: one channel, async methods returning numpy values."""
+
+from __future__ import annotations
+
+import types
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from typing import Any, Literal, TypeVar
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+
+from embedserve.v1 import (
+    batches_pb2,
+    batches_pb2_grpc,
+    embedding_pb2,
+    embedding_pb2_grpc,
+    tensor_pb2,
+    tokenizer_pb2,
+    tokenizer_pb2_grpc,
+)
+
+from ._errors import error_from_rpc
+from ._values import Batch, EmbeddingInfo, RequestLimits
+from .tensor import DTYPE_BY_NAME, NAME_BY_DTYPE, from_tensor_pb, to_tensor_pb
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+DEFAULT_MAX_MESSAGE_BYTES = 128 * 1024 * 1024
+EmbeddingDtype = Literal["float32", "float16", "bfloat16"]
+_T = TypeVar("_T")
+
+
+def _token_ids_pb(token_ids: npt.ArrayLike) -> tensor_pb2.Tensor:
+    ids = np.asarray(token_ids)
+    if ids.dtype.kind not in "iu":
+        if ids.size:
+            raise TypeError(f"token IDs must be integers, got {ids.dtype}")
+        ids = ids.astype(np.int32)
+    fits_int32 = ids.size == 0 or (int(ids.min()) >= -(2**31) and int(ids.max()) < 2**31)
+    return to_tensor_pb(ids, "int32" if fits_int32 else "int64")
+
+
+def _embed_options(
+    include_positional: bool, position_offset: int, dtype: EmbeddingDtype
+) -> embedding_pb2.EmbedOptions:
+    if dtype not in ("float32", "float16", "bfloat16"):
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
+    return embedding_pb2.EmbedOptions(
+        position_offset=position_offset,
+        include_positional=include_positional,
+        output_dtype=DTYPE_BY_NAME[dtype],
+    )
+
+
+async def _as_async_iterator(items: Iterable[_T] | AsyncIterable[_T]) -> AsyncIterator[_T]:
+    if isinstance(items, AsyncIterable):
+        async for item in items:
+            yield item
+    else:
+        for item in items:
+            yield item
+
+
+class AsyncClient:
+    """Client of an embedserve server; use as `async with AsyncClient(target) as client:`.
+
+    `timeout` bounds every unary call and `stream_timeout` every stream, in
+    seconds. Failed calls raise `EmbedServeError` subclasses carrying the
+    grpc.StatusCode. Arrays returned are read-only numpy views of the reply.
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float = 30.0,
+        stream_timeout: float = 24 * 3600.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        if timeout <= 0 or stream_timeout <= 0:
+            raise ValueError("timeouts must be positive")
+        self.target = target
+        self.timeout = timeout
+        self.stream_timeout = stream_timeout
+        self._channel = grpc.aio.insecure_channel(
+            target,
+            options=[
+                ("grpc.max_send_message_length", max_message_bytes),
+                ("grpc.max_receive_message_length", max_message_bytes),
+                *options,
+            ],
+        )
+        self._tokenizer = tokenizer_pb2_grpc.TokenizerServiceStub(self._channel)
+        self._batches = batches_pb2_grpc.BatchesServiceStub(self._channel)
+        self._embedding = embedding_pb2_grpc.EmbeddingServiceStub(self._channel)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: types.TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _unary(self, call: Callable[..., Awaitable[_T]], request: Any) -> _T:
+        try:
+            return await call(request, timeout=self.timeout)
+        except grpc.RpcError as error:
+            raise error_from_rpc(error) from None
+
+    # Tokenizer
+
+    async def tokenize_batch(
+        self, texts: Sequence[str], *, allowed_special: Iterable[str] | Literal["all"] = ()
+    ) -> list[list[int]]:
+        """GPT-2 token IDs of each text, as tiktoken's encode() gives them."""
+        if isinstance(texts, str):
+            raise TypeError("tokenize_batch takes a sequence of texts; use tokenize() for one")
+        request = tokenizer_pb2.TokenizeRequest(texts=list(texts))
+        if allowed_special == "all":
+            request.allow_all_special = True
+        else:
+            request.allowed_special.extend(allowed_special)
+        reply = await self._unary(self._tokenizer.Tokenize, request)
+        flat = from_tensor_pb(reply.token_ids).tolist()
+        bounds = np.cumsum([0, *reply.lengths]).tolist()
+        return [flat[start:end] for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
+
+    async def tokenize(self, text: str, *, allowed_special: Iterable[str] | Literal["all"] = ()) -> list[int]:
+        return (await self.tokenize_batch([text], allowed_special=allowed_special))[0]
+
+    async def detokenize(self, token_ids: npt.ArrayLike) -> str:
+        ids = np.asarray(token_ids).reshape(-1)
+        reply = await self._unary(
+            self._tokenizer.Detokenize, tokenizer_pb2.DetokenizeRequest(token_ids=_token_ids_pb(ids))
+        )
+        return str(reply.texts[0])
+
+    # Batches
+
+    async def stream_batches(
+        self,
+        *,
+        text: str | None = None,
+        corpus: str | None = None,
+        batch_size: int = 4,
+        max_length: int = 256,
+        stride: int = 128,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = True,
+        include_embeddings: bool = False,
+        embeddings_dtype: EmbeddingDtype = "float32",
+    ) -> AsyncIterator[Batch]:
+        """Sliding-window batches of `text` or of a corpus in the server's --data-dir.
+
+        Defaults follow the notebook's create_dataloader_v1; with shuffle, the
+        order is that of a DataLoader whose generator is manual_seed(seed).
+        Closing the iterator early cancels the stream on the server.
+        """
+        if (text is None) == (corpus is None):
+            raise ValueError("pass exactly one of text= or corpus=")
+        request = batches_pb2.StreamBatchesRequest(
+            batch_size=batch_size,
+            max_length=max_length,
+            stride=stride,
+            shuffle=shuffle,
+            seed=seed,
+            drop_last=drop_last,
+            include_embeddings=include_embeddings,
+            embeddings_dtype=DTYPE_BY_NAME[embeddings_dtype],
+        )
+        if text is not None:
+            request.text = text
+        else:
+            request.corpus = corpus or ""
+        call = self._batches.StreamBatches(request, timeout=self.stream_timeout)
+        try:
+            async for reply in call:
+                yield Batch(
+                    index=reply.index,
+                    inputs=from_tensor_pb(reply.inputs),  # type: ignore[arg-type]
+                    targets=from_tensor_pb(reply.targets),  # type: ignore[arg-type]
+                    embeddings=from_tensor_pb(reply.embeddings) if reply.HasField("embeddings") else None,
+                    num_batches=reply.num_batches,
+                )
+        except grpc.RpcError as error:
+            raise error_from_rpc(error) from None
+        finally:
+            call.cancel()
+
+    # Embedding
+
+    async def embed(
+        self,
+        token_ids: npt.ArrayLike,
+        *,
+        include_positional: bool = True,
+        position_offset: int = 0,
+        dtype: EmbeddingDtype = "float32",
+    ) -> npt.NDArray[Any]:
+        """Token (+ positional) embeddings: [B, T] IDs give [B, T, D], [T] gives [T, D]."""
+        request = embedding_pb2.EmbedRequest(
+            token_ids=_token_ids_pb(token_ids),
+            options=_embed_options(include_positional, position_offset, dtype),
+        )
+        reply = await self._unary(self._embedding.Embed, request)
+        return from_tensor_pb(reply.embeddings)
+
+    async def embed_stream(
+        self,
+        windows: Iterable[npt.ArrayLike] | AsyncIterable[npt.ArrayLike],
+        *,
+        include_positional: bool = True,
+        position_offset: int = 0,
+        dtype: EmbeddingDtype = "float32",
+    ) -> AsyncIterator[npt.NDArray[Any]]:
+        """Embeddings of each window, in order, over one bidirectional stream."""
+        options = _embed_options(include_positional, position_offset, dtype)
+
+        async def requests() -> AsyncIterator[embedding_pb2.EmbedStreamRequest]:
+            sequence_id = 0
+            async for window in _as_async_iterator(windows):
+                yield embedding_pb2.EmbedStreamRequest(
+                    token_ids=_token_ids_pb(window), options=options, sequence_id=sequence_id
+                )
+                sequence_id += 1
+
+        call = self._embedding.EmbedStream(requests(), timeout=self.stream_timeout)
+        try:
+            async for reply in call:
+                yield from_tensor_pb(reply.embeddings)
+        except grpc.RpcError as error:
+            raise error_from_rpc(error) from None
+        finally:
+            call.cancel()
+
+    async def info(self) -> EmbeddingInfo:
+        reply = await self._unary(self._embedding.Info, embedding_pb2.EmbeddingServiceInfoRequest())
+        limits = reply.limits
+        return EmbeddingInfo(
+            vocab_size=reply.vocab_size,
+            dim=reply.dim,
+            context_length=reply.context_length,
+            dtype=NAME_BY_DTYPE.get(reply.dtype, "unknown"),
+            device=reply.device,
+            tokenizer=reply.tokenizer,
+            weights_source=reply.weights_source,
+            limits=RequestLimits(
+                max_message_bytes=limits.max_message_bytes,
+                max_tokens_per_request=limits.max_tokens_per_request,
+                max_texts_per_request=limits.max_texts_per_request,
+                max_batch_size=limits.max_batch_size,
+            ),
+        )

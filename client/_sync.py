@@ -1,0 +1,159 @@
+"""Client: AsyncClient's methods for scripts and notebooks, without async/await.
+
+Calls run on a private event loop in a background thread, so a Client also
+works inside Jupyter, whose own loop is already running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import types
+from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator, Sequence
+from typing import Any, Literal, TypeVar
+
+import numpy.typing as npt
+
+from ._async import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TARGET, AsyncClient, EmbeddingDtype
+from ._values import Batch, EmbeddingInfo
+
+_T = TypeVar("_T")
+
+
+class Client:
+    """The synchronous twin of AsyncClient; use as `with Client(target) as client:`."""
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float = 30.0,
+        stream_timeout: float = 24 * 3600.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="embedserve-client", daemon=True)
+        self._thread.start()
+
+        async def make() -> AsyncClient:
+            return AsyncClient(
+                target,
+                timeout=timeout,
+                stream_timeout=stream_timeout,
+                max_message_bytes=max_message_bytes,
+                options=options,
+            )
+
+        self._async = self._run(make())
+
+    @property
+    def target(self) -> str:
+        return self._async.target
+
+    def _run(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    def _iterate(self, iterator: AsyncIterator[_T]) -> Iterator[_T]:
+        async def next_item() -> tuple[bool, _T | None]:
+            try:
+                return True, await anext(iterator)
+            except StopAsyncIteration:
+                return False, None
+
+        try:
+            while True:
+                more, item = self._run(next_item())
+                if not more:
+                    return
+                yield item  # type: ignore[misc]
+        finally:
+            if not self._loop.is_closed():
+                self._run(iterator.aclose())  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        self._run(self._async.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: types.TracebackType | None
+    ) -> None:
+        self.close()
+
+    def tokenize(self, text: str, *, allowed_special: Iterable[str] | Literal["all"] = ()) -> list[int]:
+        return self._run(self._async.tokenize(text, allowed_special=allowed_special))
+
+    def tokenize_batch(
+        self, texts: Sequence[str], *, allowed_special: Iterable[str] | Literal["all"] = ()
+    ) -> list[list[int]]:
+        return self._run(self._async.tokenize_batch(texts, allowed_special=allowed_special))
+
+    def detokenize(self, token_ids: npt.ArrayLike) -> str:
+        return self._run(self._async.detokenize(token_ids))
+
+    def stream_batches(
+        self,
+        *,
+        text: str | None = None,
+        corpus: str | None = None,
+        batch_size: int = 4,
+        max_length: int = 256,
+        stride: int = 128,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = True,
+        include_embeddings: bool = False,
+        embeddings_dtype: EmbeddingDtype = "float32",
+    ) -> Iterator[Batch]:
+        return self._iterate(
+            self._async.stream_batches(
+                text=text,
+                corpus=corpus,
+                batch_size=batch_size,
+                max_length=max_length,
+                stride=stride,
+                shuffle=shuffle,
+                seed=seed,
+                drop_last=drop_last,
+                include_embeddings=include_embeddings,
+                embeddings_dtype=embeddings_dtype,
+            )
+        )
+
+    def embed(
+        self,
+        token_ids: npt.ArrayLike,
+        *,
+        include_positional: bool = True,
+        position_offset: int = 0,
+        dtype: EmbeddingDtype = "float32",
+    ) -> npt.NDArray[Any]:
+        return self._run(
+            self._async.embed(
+                token_ids, include_positional=include_positional, position_offset=position_offset, dtype=dtype
+            )
+        )
+
+    def embed_stream(
+        self,
+        windows: Iterable[npt.ArrayLike],
+        *,
+        include_positional: bool = True,
+        position_offset: int = 0,
+        dtype: EmbeddingDtype = "float32",
+    ) -> Iterator[npt.NDArray[Any]]:
+        return self._iterate(
+            self._async.embed_stream(
+                windows, include_positional=include_positional, position_offset=position_offset, dtype=dtype
+            )
+        )
+
+    def info(self) -> EmbeddingInfo:
+        return self._run(self._async.info())

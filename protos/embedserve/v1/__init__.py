@@ -1,0 +1,1 @@
+"""Generated protocol code for embedserve.v1 (see protos/generate.py)."""

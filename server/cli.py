@@ -1,0 +1,179 @@
+"""`embedserve`: run the server, or call one from a terminal.
+
+    embedserve serve [--port 50051 ...]
+    embedserve tokenize "Hello, world"
+    embedserve batches --file the-verdict.txt --batch-size 8 --max-length 4 --stride 4 --no-shuffle
+    embedserve embed 40 367 2885 1464
+    embedserve info
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .config import add_server_arguments, config_from_namespace
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+
+
+def _add_client_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
+    parser.add_argument(
+        "--target",
+        default=environ.get("EMBEDSERVE_TARGET", DEFAULT_TARGET),
+        help=f"server address (default: {DEFAULT_TARGET}); env EMBEDSERVE_TARGET",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=float(environ.get("EMBEDSERVE_TIMEOUT", "30")),
+        help="seconds before a call gives up (default: 30); env EMBEDSERVE_TIMEOUT",
+    )
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from .app import serve
+    from .core import StartupError
+
+    config = config_from_namespace(args)
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(serve(config))
+    except StartupError as exc:
+        print(f"embedserve: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _run_tokenize(args: argparse.Namespace) -> int:
+    from embedserve.client import Client
+
+    with Client(args.target, timeout=args.timeout) as client:
+        ids = client.tokenize(args.text, allowed_special="all" if args.allow_special else ())
+    print(" ".join(str(i) for i in ids))
+    return 0
+
+
+def _run_batches(args: argparse.Namespace) -> int:
+    from embedserve.client import Client
+
+    text = Path(args.file).read_text(encoding="utf-8") if args.file else None
+    with Client(args.target, timeout=args.timeout) as client:
+        stream = client.stream_batches(
+            text=text,
+            corpus=args.corpus,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            stride=args.stride,
+            shuffle=args.shuffle,
+            seed=args.seed,
+            drop_last=args.drop_last,
+            include_embeddings=args.embeddings,
+        )
+        count = 0
+        for batch in stream:
+            if count == 0:
+                print(f"batches: {batch.num_batches}")
+                print(f"inputs {list(batch.inputs.shape)}, targets {list(batch.targets.shape)}", end="")
+                if batch.embeddings is not None:
+                    print(f", embeddings {list(batch.embeddings.shape)}", end="")
+                print("\nfirst batch inputs:\n" + np.array2string(batch.inputs, max_line_width=120))
+                print("first batch targets:\n" + np.array2string(batch.targets, max_line_width=120))
+            count += 1
+        print(f"received {count} batches")
+    return 0
+
+
+def _run_embed(args: argparse.Namespace) -> int:
+    from embedserve.client import Client
+
+    with Client(args.target, timeout=args.timeout) as client:
+        vectors = client.embed(args.ids, include_positional=not args.no_positional, position_offset=args.offset)
+    print(f"shape {list(vectors.shape)}")
+    with np.printoptions(precision=4, suppress=True, edgeitems=4, linewidth=120):
+        print(vectors)
+    return 0
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    from embedserve.client import Client
+
+    with Client(args.target, timeout=args.timeout) as client:
+        info = client.info()
+    for name, value in vars(info).items():
+        if name != "limits":
+            print(f"{name}: {value}")
+    for name, value in vars(info.limits).items():
+        print(f"{name}: {value}")
+    return 0
+
+
+def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="embedserve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    handlers: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+    serve = commands.add_parser("serve", help="run the gRPC server")
+    add_server_arguments(serve, environ)
+    handlers["serve"] = _run_serve
+
+    tokenize = commands.add_parser("tokenize", help="print the GPT-2 token IDs of a text")
+    tokenize.add_argument("text")
+    tokenize.add_argument("--allow-special", action="store_true", help="encode <|endoftext|> as its token")
+    handlers["tokenize"] = _run_tokenize
+
+    batches = commands.add_parser("batches", help="stream sliding-window batches; print shapes and the first batch")
+    source = batches.add_mutually_exclusive_group(required=True)
+    source.add_argument("--file", help="local text file, sent inline")
+    source.add_argument("--corpus", help="corpus name in the server's --data-dir")
+    batches.add_argument("--batch-size", type=int, default=4)
+    batches.add_argument("--max-length", type=int, default=256)
+    batches.add_argument("--stride", type=int, default=128)
+    batches.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True)
+    batches.add_argument("--seed", type=int, default=0)
+    batches.add_argument("--drop-last", action=argparse.BooleanOptionalAction, default=True)
+    batches.add_argument("--embeddings", action="store_true", help="also receive input embeddings")
+    handlers["batches"] = _run_batches
+
+    embed = commands.add_parser("embed", help="print the input embeddings of token IDs")
+    embed.add_argument("ids", nargs="+", type=int, metavar="ID")
+    embed.add_argument("--offset", type=int, default=0, help="position of the first token")
+    embed.add_argument("--no-positional", action="store_true", help="token embeddings only")
+    handlers["embed"] = _run_embed
+
+    info = commands.add_parser("info", help="print the server's model and limits")
+    handlers["info"] = _run_info
+
+    for name in ("tokenize", "batches", "embed", "info"):
+        _add_client_arguments(commands.choices[name], environ)
+    parser.set_defaults(handlers=handlers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from embedserve.client import EmbedServeError
+
+    parser = build_parser(os.environ)
+    args = parser.parse_args(argv)
+    try:
+        return args.handlers[args.command](args)
+    except EmbedServeError as exc:
+        print(f"embedserve {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as exc:
+        print(f"embedserve {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Server configuration: one frozen dataclass, built from flags that default from EMBEDSERVE_* variables."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+DEFAULT_VOCAB_SIZE = 50257
+DEFAULT_DIM = 256
+DEFAULT_CONTEXT_LENGTH = 1024
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    # None: the weights file's size, else the default above.
+    vocab_size: int | None = None
+    dim: int | None = None
+    context_length: int | None = None
+    seed: int = 123
+    device: str = "auto"
+    weights: Path | None = None
+    token_embedding_key: str | None = None
+    position_embedding_key: str | None = None
+    data_dir: Path | None = None
+    bpe_dir: Path | None = None
+    max_message_bytes: int = 128 * MIB
+    max_tokens_per_request: int = 1 << 20
+    max_texts_per_request: int = 4096
+    max_batch_size: int = 4096
+    log_level: str = "INFO"
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
+        return f"{host}:{self.port}"
+
+
+def _optional_path(value: str) -> Path | None:
+    return Path(value) if value else None
+
+
+def _optional_int(value: str) -> int | None:
+    return int(value) if value else None
+
+
+def _optional_str(value: str) -> str | None:
+    return value or None
+
+
+# flag name -> (type parser, help). Defaults come from ServerConfig.
+_FLAGS: Mapping[str, tuple[Callable[[str], Any], str]] = {
+    "host": (str, "address to listen on"),
+    "port": (int, "port to listen on (0 picks a free one)"),
+    "vocab_size": (_optional_int, f"token embedding rows (default {DEFAULT_VOCAB_SIZE}, or the weights file's)"),
+    "dim": (_optional_int, f"embedding width (default {DEFAULT_DIM}, or the weights file's)"),
+    "context_length": (
+        _optional_int,
+        f"positional embedding rows (default {DEFAULT_CONTEXT_LENGTH}, or the weights file's)",
+    ),
+    "seed": (int, "torch.manual_seed before the tables are initialised (without --weights)"),
+    "device": (str, "torch device: auto (CUDA when present, else CPU), cpu, cuda, cuda:N"),
+    "weights": (_optional_path, "safetensors or torch state-dict file holding the two tables"),
+    "token_embedding_key": (
+        _optional_str,
+        "key of the token table in --weights (default: wte.weight, transformer.wte.weight or tok_emb.weight)",
+    ),
+    "position_embedding_key": (
+        _optional_str,
+        "key of the positional table in --weights (default: wpe.weight, transformer.wpe.weight or pos_emb.weight)",
+    ),
+    "data_dir": (_optional_path, "folder whose files StreamBatches serves as corpora by name"),
+    "bpe_dir": (_optional_path, "folder holding GPT-2's vocab.bpe and encoder.json (offline tokenizer)"),
+    "max_message_bytes": (int, "largest gRPC message sent or received"),
+    "max_tokens_per_request": (int, "most token IDs in one Embed call or EmbedStream window"),
+    "max_texts_per_request": (int, "most texts in one Tokenize call"),
+    "max_batch_size": (int, "largest StreamBatches batch_size"),
+    "log_level": (str, "DEBUG, INFO, WARNING or ERROR"),
+}
+
+
+def env_name(field_name: str) -> str:
+    return "EMBEDSERVE_" + field_name.upper()
+
+
+def add_server_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
+    """Adds one --flag per ServerConfig field; each defaults from EMBEDSERVE_<FLAG>."""
+    defaults = ServerConfig()
+    for field in fields(ServerConfig):
+        parse, help_text = _FLAGS[field.name]
+        variable = env_name(field.name)
+        default = getattr(defaults, field.name)
+        if variable in environ:
+            try:
+                default = parse(environ[variable])
+            except ValueError as exc:
+                parser.error(f"{variable}={environ[variable]!r}: {exc}")
+        shown = "" if default is None else f" (default: {default})"
+        parser.add_argument(
+            "--" + field.name.replace("_", "-"),
+            dest=field.name,
+            type=parse,
+            default=default,
+            metavar=field.name.upper(),
+            help=f"{help_text}{shown}; env {variable}",
+        )
+
+
+def config_from_namespace(namespace: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(**{field.name: getattr(namespace, field.name) for field in fields(ServerConfig)})
+
+
+def parse_server_config(argv: Sequence[str], environ: Mapping[str, str]) -> ServerConfig:
+    parser = argparse.ArgumentParser(prog="embedserve serve")
+    add_server_arguments(parser, environ)
+    return config_from_namespace(parser.parse_args(list(argv)))

@@ -1,0 +1,51 @@
+"""The server's core: tokenizer, sliding windows, embedding model, corpora.
+
+Nothing here imports grpc; the transport layer decodes requests into these
+types and maps the errors in `errors` to status codes.
+"""
+
+from .corpus import CorpusStore
+from .embedding import (
+    OUTPUT_DTYPES,
+    EmbeddingModel,
+    EmbeddingTables,
+    load_embedding_tables,
+    resolve_device,
+    seeded_embedding_tables,
+)
+from .errors import (
+    EmbedServeCoreError,
+    InvalidInput,
+    LimitExceeded,
+    NotFound,
+    NotReady,
+    Overloaded,
+    StartupError,
+)
+from .tokenizer import GPT2_BPE_SHA256, Tokenizer, load_gpt2_tokenizer
+from .windows import WindowPlan, count_windows, gather_windows, plan_windows, shuffled_window_order
+
+__all__ = [
+    "GPT2_BPE_SHA256",
+    "OUTPUT_DTYPES",
+    "CorpusStore",
+    "EmbedServeCoreError",
+    "EmbeddingModel",
+    "EmbeddingTables",
+    "InvalidInput",
+    "LimitExceeded",
+    "NotFound",
+    "NotReady",
+    "Overloaded",
+    "StartupError",
+    "Tokenizer",
+    "WindowPlan",
+    "count_windows",
+    "gather_windows",
+    "load_embedding_tables",
+    "load_gpt2_tokenizer",
+    "plan_windows",
+    "resolve_device",
+    "seeded_embedding_tables",
+    "shuffled_window_order",
+]

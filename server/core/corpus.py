@@ -1,0 +1,73 @@
+"""Corpus files served by name from the server's --data-dir, tokenized once."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import numpy.typing as npt
+
+from .errors import InvalidInput, NotFound
+from .tokenizer import ENDOFTEXT, Tokenizer
+
+TokenIds = npt.NDArray[np.int32]
+
+
+class CorpusStore:
+    """Resolves corpus names safely inside one folder and caches their tokens.
+
+    A name is a relative path with no `..`; after symlinks are resolved it must
+    still lie inside the data folder, so nothing outside it is ever read.
+    """
+
+    def __init__(self, data_dir: Path | None, tokenizer: Tokenizer, *, max_cached: int = 8) -> None:
+        self._root = data_dir.resolve() if data_dir is not None else None
+        self._tokenizer = tokenizer
+        self._max_cached = max_cached
+        self._cache: OrderedDict[tuple[Path, int, int], TokenIds] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def data_dir(self) -> Path | None:
+        return self._root
+
+    def resolve(self, name: str) -> Path:
+        """The file a corpus name refers to; NotFound unless it is a file inside the data folder."""
+        if self._root is None:
+            raise NotFound(f"corpus {name!r}: this server has no --data-dir")
+        if not name or "\0" in name or "\\" in name:
+            raise InvalidInput(f"corpus name {name!r} is not a relative path")
+        relative = PurePosixPath(name)
+        if relative.is_absolute() or ".." in relative.parts:
+            raise InvalidInput(f"corpus name {name!r} must be a relative path inside the data folder")
+        candidate = self._root.joinpath(*relative.parts)
+        try:
+            resolved = candidate.resolve(strict=True)
+        except (FileNotFoundError, NotADirectoryError, RuntimeError):
+            raise NotFound(f"corpus {name!r} not found in the data folder") from None
+        if not resolved.is_relative_to(self._root) or not resolved.is_file():
+            raise NotFound(f"corpus {name!r} not found in the data folder")
+        return resolved
+
+    def tokens(self, name: str) -> TokenIds:
+        """The corpus's GPT-2 token IDs (<|endoftext|> allowed, as the notebook encodes)."""
+        path = self.resolve(name)
+        stat = path.stat()
+        key = (path, stat.st_mtime_ns, stat.st_size)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidInput(f"corpus {name!r} is not UTF-8 text: {exc}") from None
+        ids = self._tokenizer.encode(text, allowed_special={ENDOFTEXT})
+        ids.setflags(write=False)
+        with self._lock:
+            self._cache[key] = ids
+            while len(self._cache) > self._max_cached:
+                self._cache.popitem(last=False)
+        return ids

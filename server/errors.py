@@ -1,0 +1,84 @@
+"""The one table from domain errors to gRPC status codes, and the handler wrappers that apply it."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Concatenate, NoReturn, ParamSpec, TypeVar
+
+import grpc
+
+from .core import EmbedServeCoreError, InvalidInput, NotFound, NotReady, Overloaded, StartupError
+
+_LOGGER = logging.getLogger(__name__)
+
+STATUS_BY_ERROR: tuple[tuple[type[EmbedServeCoreError], grpc.StatusCode], ...] = (
+    (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),  # LimitExceeded included: retrying cannot help
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (NotReady, grpc.StatusCode.UNAVAILABLE),
+    (StartupError, grpc.StatusCode.FAILED_PRECONDITION),
+)
+
+
+def status_for(error: BaseException) -> grpc.StatusCode:
+    for error_type, code in STATUS_BY_ERROR:
+        if isinstance(error, error_type):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], method: str, error: Exception) -> NoReturn:
+    code = status_for(error)
+    if code is grpc.StatusCode.INTERNAL:
+        _LOGGER.exception("%s failed", method, exc_info=error)
+        await context.abort(code, f"internal error in {method}; see the server log")
+    await context.abort(code, str(error))
+
+
+_Servicer = TypeVar("_Servicer")
+_Request = TypeVar("_Request")
+_Reply = TypeVar("_Reply")
+_P = ParamSpec("_P")
+
+
+def unary_errors(
+    handler: Callable[Concatenate[_Servicer, _Request, grpc.aio.ServicerContext[Any, Any], _P], Awaitable[_Reply]],
+) -> Callable[Concatenate[_Servicer, _Request, grpc.aio.ServicerContext[Any, Any], _P], Awaitable[_Reply]]:
+    """Maps errors a unary handler raises to status codes (aborts pass through)."""
+
+    @functools.wraps(handler)
+    async def wrapper(
+        self: _Servicer, request: _Request, context: grpc.aio.ServicerContext[Any, Any], *args: _P.args,
+        **kwargs: _P.kwargs,
+    ) -> _Reply:
+        try:
+            return await handler(self, request, context, *args, **kwargs)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as error:
+            await _abort(context, handler.__qualname__, error)
+
+    return wrapper
+
+
+def stream_errors(
+    handler: Callable[Concatenate[_Servicer, _Request, grpc.aio.ServicerContext[Any, Any], _P], AsyncIterator[_Reply]],
+) -> Callable[Concatenate[_Servicer, _Request, grpc.aio.ServicerContext[Any, Any], _P], AsyncIterator[_Reply]]:
+    """The same for handlers that stream their replies."""
+
+    @functools.wraps(handler)
+    async def wrapper(
+        self: _Servicer, request: _Request, context: grpc.aio.ServicerContext[Any, Any], *args: _P.args,
+        **kwargs: _P.kwargs,
+    ) -> AsyncIterator[_Reply]:
+        try:
+            async for reply in handler(self, request, context, *args, **kwargs):
+                yield reply
+        except grpc.aio.AbortError:
+            raise
+        except Exception as error:
+            await _abort(context, handler.__qualname__, error)
+
+    return wrapper

@@ -1,0 +1,200 @@
+"""The gRPC servicers: decode the request, call the core, encode the reply."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import numpy as np
+
+from embedserve.v1 import (
+    batches_pb2,
+    batches_pb2_grpc,
+    embedding_pb2,
+    embedding_pb2_grpc,
+    tensor_pb2,
+    tokenizer_pb2,
+    tokenizer_pb2_grpc,
+)
+
+from . import _codec
+from .config import ServerConfig
+from .core import (
+    CorpusStore,
+    EmbeddingModel,
+    InvalidInput,
+    LimitExceeded,
+    Tokenizer,
+    gather_windows,
+    plan_windows,
+)
+from .core.tokenizer import ENDOFTEXT
+from .errors import stream_errors, unary_errors
+
+Context = grpc.aio.ServicerContext[Any, Any]
+# Room for a reply's fields besides its tensors' bytes.
+_REPLY_OVERHEAD_BYTES = 4096
+
+
+def _check_reply_bytes(nbytes: int, config: ServerConfig, what: str) -> None:
+    if nbytes + _REPLY_OVERHEAD_BYTES > config.max_message_bytes:
+        raise LimitExceeded(
+            f"{what} would be {nbytes} bytes, over the server's --max-message-bytes {config.max_message_bytes}"
+        )
+
+
+class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
+    def __init__(self, tokenizer: Tokenizer, config: ServerConfig) -> None:
+        self._tokenizer = tokenizer
+        self._config = config
+
+    @unary_errors
+    async def Tokenize(  # noqa: N802
+        self, request: tokenizer_pb2.TokenizeRequest, context: Context
+    ) -> tokenizer_pb2.TokenizeResponse:
+        texts = list(request.texts)
+        if not texts:
+            raise InvalidInput("texts is empty")
+        if len(texts) > self._config.max_texts_per_request:
+            raise LimitExceeded(
+                f"{len(texts)} texts are over the server's --max-texts-per-request "
+                f"{self._config.max_texts_per_request}"
+            )
+        allowed = "all" if request.allow_all_special else frozenset(request.allowed_special)
+        ids, lengths = await asyncio.to_thread(self._tokenizer.encode_batch, texts, allowed)
+        return tokenizer_pb2.TokenizeResponse(token_ids=_codec.tensor_pb_from_numpy(ids), lengths=lengths)
+
+    @unary_errors
+    async def Detokenize(  # noqa: N802
+        self, request: tokenizer_pb2.DetokenizeRequest, context: Context
+    ) -> tokenizer_pb2.DetokenizeResponse:
+        ids = _codec.token_ids_from_pb(request.token_ids).reshape(-1)
+        lengths = list(request.lengths) or [ids.size]
+        if any(n < 0 for n in lengths) or sum(lengths) != ids.size:
+            raise InvalidInput(f"lengths {lengths} do not add up to the {ids.size} token IDs")
+        self._tokenizer.check_ids(ids)
+        bounds = np.cumsum([0, *lengths])
+        texts = [self._tokenizer.decode(ids[start:end]) for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
+        return tokenizer_pb2.DetokenizeResponse(texts=texts)
+
+
+class BatchesServicer(batches_pb2_grpc.BatchesServiceServicer):
+    def __init__(
+        self, tokenizer: Tokenizer, corpora: CorpusStore, model: EmbeddingModel, config: ServerConfig
+    ) -> None:
+        self._tokenizer = tokenizer
+        self._corpora = corpora
+        self._model = model
+        self._config = config
+
+    async def _source_tokens(self, request: batches_pb2.StreamBatchesRequest) -> np.ndarray[Any, Any]:
+        source = request.WhichOneof("source")
+        if source == "text":
+            return await asyncio.to_thread(self._tokenizer.encode, request.text, {ENDOFTEXT})
+        if source == "corpus":
+            return await asyncio.to_thread(self._corpora.tokens, request.corpus)
+        raise InvalidInput("the request names no source: set text or corpus")
+
+    @stream_errors
+    async def StreamBatches(  # noqa: N802
+        self, request: batches_pb2.StreamBatchesRequest, context: Context
+    ) -> AsyncIterator[batches_pb2.StreamBatchesResponse]:
+        embeddings_dtype = _codec.output_dtype_from_pb(request.embeddings_dtype, "embeddings_dtype")
+        tokens = await self._source_tokens(request)
+        plan = plan_windows(
+            num_tokens=len(tokens),
+            max_length=request.max_length,
+            stride=request.stride,
+            batch_size=request.batch_size,
+            shuffle=request.shuffle,
+            seed=request.seed,
+            drop_last=request.drop_last,
+            max_batch_size=self._config.max_batch_size,
+        )
+        tokens_per_batch = plan.batch_size * plan.max_length
+        reply_bytes = 2 * 4 * tokens_per_batch
+        if request.include_embeddings:
+            if plan.max_length > self._model.context_length:
+                raise InvalidInput(
+                    f"max_length {plan.max_length} exceeds the context length {self._model.context_length}, "
+                    "so the windows have no positional embedding"
+                )
+            reply_bytes += tokens_per_batch * self._model.dim * embeddings_dtype.itemsize
+        _check_reply_bytes(reply_bytes, self._config, f"a batch of {plan.batch_size} x {plan.max_length}")
+
+        for index in range(plan.num_batches):
+            inputs, targets = gather_windows(tokens, plan.batch_starts(index), plan.max_length)
+            reply = batches_pb2.StreamBatchesResponse(
+                index=index,
+                inputs=_codec.tensor_pb_from_numpy(inputs),
+                targets=_codec.tensor_pb_from_numpy(targets),
+                num_batches=plan.num_batches,
+                num_windows=plan.num_windows,
+                num_tokens=plan.num_tokens,
+            )
+            if request.include_embeddings:
+                embeddings = await self._model.embed_async(inputs, output_dtype=embeddings_dtype)
+                reply.embeddings.CopyFrom(_codec.tensor_pb_from_torch(embeddings))
+            yield reply
+
+
+class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
+    def __init__(self, model: EmbeddingModel, tokenizer: Tokenizer, config: ServerConfig) -> None:
+        self._model = model
+        self._tokenizer = tokenizer
+        self._config = config
+
+    async def _embed(self, token_ids: tensor_pb2.Tensor, options: embedding_pb2.EmbedOptions) -> tensor_pb2.Tensor:
+        ids = _codec.token_ids_from_pb(token_ids)
+        output_dtype = _codec.output_dtype_from_pb(options.output_dtype)
+        include_positional = options.include_positional if options.HasField("include_positional") else True
+        self._model.check(
+            ids,
+            position_offset=options.position_offset,
+            include_positional=include_positional,
+            max_tokens=self._config.max_tokens_per_request,
+        )
+        _check_reply_bytes(
+            ids.size * self._model.dim * output_dtype.itemsize, self._config, f"the embeddings of {ids.size} tokens"
+        )
+        embeddings = await self._model.embed_async(
+            ids,
+            position_offset=options.position_offset,
+            include_positional=include_positional,
+            output_dtype=output_dtype,
+        )
+        return _codec.tensor_pb_from_torch(embeddings)
+
+    @unary_errors
+    async def Embed(self, request: embedding_pb2.EmbedRequest, context: Context) -> embedding_pb2.EmbedResponse:  # noqa: N802
+        return embedding_pb2.EmbedResponse(embeddings=await self._embed(request.token_ids, request.options))
+
+    @stream_errors
+    async def EmbedStream(  # noqa: N802
+        self, request_iterator: AsyncIterator[embedding_pb2.EmbedStreamRequest], context: Context
+    ) -> AsyncIterator[embedding_pb2.EmbedStreamResponse]:
+        async for request in request_iterator:
+            embeddings = await self._embed(request.token_ids, request.options)
+            yield embedding_pb2.EmbedStreamResponse(embeddings=embeddings, sequence_id=request.sequence_id)
+
+    @unary_errors
+    async def Info(  # noqa: N802
+        self, request: embedding_pb2.EmbeddingServiceInfoRequest, context: Context
+    ) -> embedding_pb2.EmbeddingServiceInfoResponse:
+        return embedding_pb2.EmbeddingServiceInfoResponse(
+            vocab_size=self._model.vocab_size,
+            dim=self._model.dim,
+            context_length=self._model.context_length,
+            dtype=_codec.wire_dtype(self._model.dtype),
+            device=str(self._model.device),
+            tokenizer=self._tokenizer.name,
+            weights_source=self._model.source,
+            limits=embedding_pb2.RequestLimits(
+                max_message_bytes=self._config.max_message_bytes,
+                max_tokens_per_request=self._config.max_tokens_per_request,
+                max_texts_per_request=self._config.max_texts_per_request,
+                max_batch_size=self._config.max_batch_size,
+            ),
+        )

@@ -1,0 +1,124 @@
+"""Fixtures: real servers started in-process on ephemeral ports, and the notebook's reference pieces."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import shutil
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import grpc
+import pytest
+import tiktoken
+
+from embedserve.server import ServerConfig
+from embedserve.server.app import Components, build_server, load_components
+from embedserve.server.core.tokenizer import GPT2_ENCODER_JSON_URL, GPT2_VOCAB_BPE_URL, find_gpt2_bpe_files
+
+VERDICT_PATH = Path(__file__).resolve().parents[2] / "shared" / "data" / "the-verdict.txt"
+# The notebook's tiny example: 6 tokens, 3 dimensions, torch.manual_seed(123).
+TINY_CONFIG = ServerConfig(port=0, vocab_size=6, dim=3, context_length=4, seed=123, device="cpu")
+
+
+class ServerThread:
+    """A real grpc.aio server on 127.0.0.1:0, running on its own event loop in a thread."""
+
+    def __init__(self, config: ServerConfig, components: Components) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="test-server", daemon=True)
+        self._thread.start()
+
+        async def start() -> tuple[grpc.aio.Server, int]:
+            server, port = build_server(config, components)
+            await server.start()
+            return server, port
+
+        self.server, self.port = asyncio.run_coroutine_threadsafe(start(), self._loop).result(timeout=30)
+        self.target = f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(None), self._loop).result(timeout=30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=30)
+        self._loop.close()
+
+
+def start_server(config: ServerConfig, components: Components | None = None) -> ServerThread:
+    return ServerThread(config, components or load_components(config))
+
+
+@pytest.fixture(scope="session")
+def verdict_text() -> str:
+    if not VERDICT_PATH.is_file():
+        pytest.skip(f"{VERDICT_PATH} is absent")
+    return VERDICT_PATH.read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A --data-dir holding the-verdict.txt (when present) and a small corpus."""
+    root = tmp_path_factory.mktemp("data")
+    (root / "small.txt").write_text("In the beginning was the word, and the word was tokenized. " * 20)
+    (root / "nested").mkdir()
+    (root / "nested" / "inner.txt").write_text("Nested corpora are found by relative path. " * 20)
+    if VERDICT_PATH.is_file():
+        shutil.copy(VERDICT_PATH, root / "the-verdict.txt")
+    return root
+
+
+@pytest.fixture(scope="session")
+def default_config(data_dir: Path) -> ServerConfig:
+    return ServerConfig(port=0, device="cpu", data_dir=data_dir)
+
+
+@pytest.fixture(scope="session")
+def default_components(default_config: ServerConfig) -> Iterator[Components]:
+    components = load_components(default_config)
+    yield components
+    components.close()
+
+
+@pytest.fixture(scope="session")
+def server(default_config: ServerConfig, default_components: Components) -> Iterator[ServerThread]:
+    """The default model (50257 x 256, 1024 x 256, seed 123) on CPU."""
+    running = ServerThread(default_config, default_components)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_server() -> Iterator[ServerThread]:
+    running = start_server(TINY_CONFIG)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def small_limits_server(default_components: Components) -> Iterator[ServerThread]:
+    """The default model behind tight request limits."""
+    config = replace(
+        default_components.config,
+        max_message_bytes=1 << 20,
+        max_tokens_per_request=2048,
+        max_texts_per_request=3,
+        max_batch_size=16,
+    )
+    running = ServerThread(config, replace(default_components, config=config))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def reference_encoding(tmp_path_factory: pytest.TempPathFactory) -> tiktoken.Encoding:
+    """tiktoken.get_encoding("gpt2") itself, its download cache filled offline from verified files."""
+    cache = tmp_path_factory.mktemp("tiktoken-cache")
+    files = find_gpt2_bpe_files(None, {"TIKTOKEN_CACHE_DIR": str(cache)})
+    for url, content in ((GPT2_VOCAB_BPE_URL, files.vocab_bpe), (GPT2_ENCODER_JSON_URL, files.encoder_json)):
+        (cache / hashlib.sha1(url.encode()).hexdigest()).write_bytes(content)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TIKTOKEN_CACHE_DIR", str(cache))
+        tiktoken.registry.ENCODINGS.pop("gpt2", None)
+        return tiktoken.get_encoding("gpt2")

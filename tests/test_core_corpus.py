@@ -1,0 +1,57 @@
+"""Corpus names never reach outside --data-dir."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from embedserve.server.core import CorpusStore, InvalidInput, NotFound, load_gpt2_tokenizer
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> CorpusStore:
+    root = tmp_path / "data"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.txt").write_text("Hello <|endoftext|> world")
+    (root / "sub" / "b.txt").write_text("nested")
+    (tmp_path / "secret.txt").write_text("outside")
+    os.symlink(tmp_path / "secret.txt", root / "escape.txt")
+    os.symlink(tmp_path, root / "escape_dir")
+    os.symlink(root / "a.txt", root / "alias.txt")
+    (root / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    return CorpusStore(root, load_gpt2_tokenizer(None, {}))
+
+
+def test_names_resolve_inside_the_folder(store: CorpusStore) -> None:
+    assert store.tokens("a.txt").tolist() == [15496, 220, 50256, 995]
+    assert store.tokens("sub/b.txt").tolist() == store.tokens("./sub/b.txt").tolist()
+    assert store.tokens("alias.txt").tolist() == store.tokens("a.txt").tolist()
+
+
+@pytest.mark.parametrize("name", ["../secret.txt", "sub/../../secret.txt", "/etc/passwd", "", "a\0b", "..\\secret.txt"])
+def test_names_that_leave_the_folder_are_invalid(store: CorpusStore, name: str) -> None:
+    with pytest.raises(InvalidInput):
+        store.resolve(name)
+
+
+@pytest.mark.parametrize("name", ["escape.txt", "escape_dir/secret.txt", "missing.txt", "sub", "a.txt/x"])
+def test_symlinks_out_and_missing_files_are_not_found(store: CorpusStore, name: str) -> None:
+    with pytest.raises(NotFound):
+        store.tokens(name)
+
+
+def test_non_utf8_is_invalid_and_no_data_dir_is_not_found(store: CorpusStore) -> None:
+    with pytest.raises(InvalidInput, match="not UTF-8"):
+        store.tokens("latin1.txt")
+    with pytest.raises(NotFound, match="no --data-dir"):
+        CorpusStore(None, load_gpt2_tokenizer(None, {})).tokens("a.txt")
+
+
+def test_changed_files_are_tokenized_again(store: CorpusStore) -> None:
+    assert store.data_dir is not None
+    first = store.tokens("sub/b.txt")
+    path = store.data_dir / "sub" / "b.txt"
+    path.write_text("nested and longer now")
+    assert store.tokens("sub/b.txt").tolist() != first.tolist()

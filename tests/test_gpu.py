@@ -1,0 +1,63 @@
+"""On a CUDA machine: the model lives on the GPU and answers exactly as on the CPU."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from embedserve.client import AsyncClient
+from embedserve.server import ServerConfig
+from embedserve.server.core import EmbeddingModel, resolve_device, seeded_embedding_tables
+
+from .conftest import start_server
+from .test_core_embedding import NOTEBOOK_ROWS_2_3_5_1
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+
+def test_auto_device_is_cuda_and_tables_live_there() -> None:
+    device = resolve_device("auto")
+    assert device.type == "cuda"
+    assert device.index is not None
+    model = EmbeddingModel(seeded_embedding_tables(6, 3, 4, 123), device)
+    assert model._token.device == device
+    got = model.embed(np.array([2, 3, 5, 1]), include_positional=False)
+    np.testing.assert_allclose(got.numpy(), NOTEBOOK_ROWS_2_3_5_1, atol=1e-4)
+
+
+def test_cuda_embeddings_equal_cpu_bit_for_bit() -> None:
+    tables = seeded_embedding_tables(50257, 256, 1024, 123)
+    cpu = EmbeddingModel(tables, torch.device("cpu"))
+    gpu = EmbeddingModel(tables, resolve_device("cuda"))
+    ids = np.random.default_rng(0).integers(0, 50257, size=(8, 1024)).astype(np.int32)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        assert torch.equal(gpu.embed(ids, output_dtype=dtype), cpu.embed(ids, output_dtype=dtype))
+    assert torch.equal(gpu.embed(ids[0, :100], position_offset=900), cpu.embed(ids[0, :100], position_offset=900))
+
+
+async def test_default_server_on_cuda_serves_the_notebook_flow() -> None:
+    running = start_server(replace(ServerConfig(), port=0, device="auto"))
+    try:
+        torch.manual_seed(123)
+        token_layer, pos_layer = torch.nn.Embedding(50257, 256), torch.nn.Embedding(1024, 256)
+        text = "In the heart of the city stood the old library, a relic from a bygone era. " * 20
+        async with AsyncClient(running.target) as client:
+            info = await client.info()
+            assert info.device.startswith("cuda:")
+            batches = [
+                b
+                async for b in client.stream_batches(
+                    text=text, batch_size=8, max_length=4, stride=4, shuffle=True, seed=1, include_embeddings=True
+                )
+            ]
+        for batch in batches:
+            expected = token_layer(torch.from_numpy(batch.inputs.astype(np.int64))) + pos_layer(torch.arange(4))
+            np.testing.assert_array_equal(batch.embeddings, expected.detach().numpy())
+    finally:
+        running.stop()

@@ -1,0 +1,289 @@
+"""The whole stack over gRPC: a real server on an ephemeral port and the async client."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import numpy as np
+import pytest
+import tiktoken
+import torch
+
+from embedserve.client import (
+    AsyncClient,
+    Batch,
+    EmbedServeError,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+)
+from embedserve.v1 import embedding_pb2, embedding_pb2_grpc, tensor_pb2
+
+from .conftest import ServerThread
+from .notebook_reference import create_dataloader_v1
+from .test_core_embedding import NOTEBOOK_ROWS_2_3_5_1
+from .test_core_windows import FIRST_BATCH
+
+
+def _notebook_tables() -> tuple[torch.nn.Embedding, torch.nn.Embedding]:
+    torch.manual_seed(123)
+    return torch.nn.Embedding(50257, 256), torch.nn.Embedding(1024, 256)
+
+
+async def test_notebook_flow_tokenize_batches_embeddings(server: ServerThread, verdict_text: str) -> None:
+    token_layer, pos_layer = _notebook_tables()
+    async with AsyncClient(server.target) as client:
+        ids = await client.tokenize(verdict_text)
+        assert len(ids) == 5154
+        batches = [
+            batch
+            async for batch in client.stream_batches(
+                corpus="the-verdict.txt", batch_size=8, max_length=4, stride=4, shuffle=False,
+                include_embeddings=True,
+            )
+        ]
+    assert len(batches) == 161 == batches[0].num_batches
+    first = batches[0]
+    assert first.index == 0
+    assert first.inputs.tolist() == FIRST_BATCH
+    assert first.targets[:, :-1].tolist() == [row[1:] for row in FIRST_BATCH]
+    assert first.embeddings is not None
+    assert first.embeddings.shape == (8, 4, 256)
+    expected = token_layer(torch.tensor(FIRST_BATCH)) + pos_layer(torch.arange(4))
+    np.testing.assert_array_equal(first.embeddings, expected.detach().numpy())
+    assert [b.index for b in batches] == list(range(161))
+
+
+async def test_inline_text_and_corpus_give_the_same_batches(server: ServerThread, verdict_text: str) -> None:
+    settings = {"batch_size": 4, "max_length": 16, "stride": 8, "shuffle": True, "seed": 5}
+    async with AsyncClient(server.target) as client:
+        inline = [b async for b in client.stream_batches(text=verdict_text, **settings)]  # type: ignore[arg-type]
+        named = [b async for b in client.stream_batches(corpus="the-verdict.txt", **settings)]  # type: ignore[arg-type]
+    assert len(inline) == len(named) > 0
+    for a, b in zip(inline, named, strict=True):
+        np.testing.assert_array_equal(a.inputs, b.inputs)
+
+
+@pytest.mark.parametrize("seed", [0, 123])
+async def test_shuffle_order_equals_the_dataloader(
+    server: ServerThread, verdict_text: str, reference_encoding: tiktoken.Encoding, seed: int
+) -> None:
+    loader = create_dataloader_v1(
+        verdict_text, reference_encoding, batch_size=8, max_length=32, stride=16, shuffle=True, drop_last=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    async with AsyncClient(server.target) as client:
+        got = [
+            b
+            async for b in client.stream_batches(
+                text=verdict_text, batch_size=8, max_length=32, stride=16, shuffle=True, seed=seed, drop_last=True
+            )
+        ]
+    expected = list(loader)
+    assert len(got) == len(expected)
+    for batch, (x, y) in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(batch.inputs, x.numpy())
+        np.testing.assert_array_equal(batch.targets, y.numpy())
+        inputs, targets = batch.to_torch()
+        assert inputs.dtype == torch.int64
+        assert torch.equal(inputs, x)
+        assert torch.equal(targets, y)
+
+
+async def test_tiny_model_golden_rows(tiny_server: ServerThread) -> None:
+    async with AsyncClient(tiny_server.target) as client:
+        rows = await client.embed([2, 3, 5, 1], include_positional=False)
+        info = await client.info()
+    assert rows.shape == (4, 3)
+    np.testing.assert_allclose(rows, NOTEBOOK_ROWS_2_3_5_1, atol=1e-4)
+    assert (info.vocab_size, info.dim, info.context_length) == (6, 3, 4)
+    assert info.weights_source == "seed:123"
+
+
+async def test_embed_options_and_dtypes(server: ServerThread) -> None:
+    token_layer, pos_layer = _notebook_tables()
+    ids = np.array([[40, 367, 2885], [1807, 3619, 402]], dtype=np.int64)
+    expected = (token_layer(torch.from_numpy(ids)) + pos_layer(torch.arange(7, 10))).detach()
+    async with AsyncClient(server.target) as client:
+        full = await client.embed(ids, position_offset=7)
+        half = await client.embed(ids, position_offset=7, dtype="float16")
+        brain = await client.embed(ids, position_offset=7, dtype="bfloat16")
+        plain = await client.embed(ids[0].tolist(), include_positional=False)
+    np.testing.assert_array_equal(full, expected.numpy())
+    assert half.dtype == np.float16
+    np.testing.assert_array_equal(half, expected.half().numpy())
+    assert brain.dtype == np.float32
+    np.testing.assert_array_equal(brain, expected.bfloat16().float().numpy())
+    np.testing.assert_array_equal(plain, token_layer(torch.from_numpy(ids[0])).detach().numpy())
+
+
+async def test_embed_stream_keeps_order(server: ServerThread) -> None:
+    rng = np.random.default_rng(0)
+    windows = [rng.integers(0, 50257, size=(rng.integers(1, 5), rng.integers(1, 40))) for _ in range(25)]
+    async with AsyncClient(server.target) as client:
+        expected = [await client.embed(w) for w in windows]
+
+        async def produce() -> AsyncIterator[np.ndarray]:
+            for w in windows:
+                await asyncio.sleep(0)
+                yield w
+
+        from_sync = [e async for e in client.embed_stream(windows)]
+        from_async = [e async for e in client.embed_stream(produce())]
+    for got in (from_sync, from_async):
+        assert len(got) == len(expected)
+        for a, b in zip(got, expected, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+async def test_embed_stream_echoes_sequence_ids(server: ServerThread) -> None:
+    async with grpc.aio.insecure_channel(server.target) as channel:
+        stub = embedding_pb2_grpc.EmbeddingServiceStub(channel)
+        requests = [
+            embedding_pb2.EmbedStreamRequest(
+                token_ids=tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_INT32, shape=[1], data=np.int32([i]).tobytes()),
+                sequence_id=1000 + i,
+            )
+            for i in range(5)
+        ]
+        replies = [r async for r in stub.EmbedStream(iter(requests))]
+    assert [r.sequence_id for r in replies] == [1000, 1001, 1002, 1003, 1004]
+
+
+async def test_tokenize_batch_detokenize_and_specials(server: ServerThread, reference_encoding: tiktoken.Encoding) -> None:
+    texts = ["Hello, world.", "", "Akwirw ier", "<|endoftext|> special"]
+    async with AsyncClient(server.target) as client:
+        with pytest.raises(InvalidArgumentError, match="disallowed special token") as raised:
+            await client.tokenize_batch(texts)
+        assert raised.value.code is grpc.StatusCode.INVALID_ARGUMENT
+        allowed = await client.tokenize_batch(texts, allowed_special={"<|endoftext|>"})
+        assert await client.tokenize_batch(texts, allowed_special="all") == allowed
+        assert allowed == [reference_encoding.encode(t, allowed_special="all") for t in texts]
+        assert await client.detokenize(allowed[0]) == "Hello, world."
+        assert await client.detokenize(allowed[3]) == texts[3]
+
+
+async def _status(call: object) -> grpc.StatusCode:
+    with pytest.raises(EmbedServeError) as raised:
+        if hasattr(call, "__aiter__"):
+            async for _ in call:  # type: ignore[attr-defined]
+                pass
+        else:
+            await call  # type: ignore[misc]
+    return raised.value.code
+
+
+async def test_bad_input_gets_clear_statuses_and_the_server_stays_up(server: ServerThread) -> None:
+    async with AsyncClient(server.target) as client:
+        with pytest.raises(InvalidArgumentError, match=r"token id 50257 at position \[0, 1\]"):
+            await client.embed([[1, 50257, 2]])
+        with pytest.raises(InvalidArgumentError, match=r"token id -3 at position \[2\]"):
+            await client.embed([0, 1, -3])
+        with pytest.raises(InvalidArgumentError, match="exceeds the context length 1024"):
+            await client.embed(np.zeros((1, 1000), dtype=np.int32), position_offset=30)
+        with pytest.raises(InvalidArgumentError, match="empty"):
+            await client.embed(np.zeros((0,), dtype=np.int32))
+        with pytest.raises(InvalidArgumentError, match="texts is empty"):
+            await client.tokenize_batch([])
+        for bad in ({"batch_size": 0}, {"max_length": -4}, {"stride": 0}):
+            settings = {"text": "word " * 100, "batch_size": 2, "max_length": 4, "stride": 4, **bad}
+            assert await _status(client.stream_batches(**settings)) is grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgumentError, match="needs at least 257"):
+            async for _ in client.stream_batches(text="too short"):
+                pass
+        with pytest.raises(InvalidArgumentError, match="exceeds the context length"):
+            async for _ in client.stream_batches(text="word " * 3000, max_length=2000, include_embeddings=True):
+                pass
+        with pytest.raises(NotFoundError, match="not found"):
+            async for _ in client.stream_batches(corpus="no-such-corpus.txt"):
+                pass
+        for escape in ("../outside.txt", "/etc/passwd", "nested/../../x"):
+            assert await _status(client.stream_batches(corpus=escape)) in (
+                grpc.StatusCode.INVALID_ARGUMENT,
+                grpc.StatusCode.NOT_FOUND,
+            )
+        assert (await client.embed([1, 2])).shape == (2, 256)
+        assert await client.tokenize("still alive") == [24219, 6776]
+
+
+async def test_malformed_tensors_are_invalid_argument(server: ServerThread) -> None:
+    bad_tensors = [
+        tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_INT32, shape=[2, 2], data=b"\0" * 12),
+        tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_FLOAT32, shape=[1], data=b"\0" * 4),
+        tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_INT32, shape=[-1], data=b""),
+        tensor_pb2.Tensor(dtype=77, shape=[1], data=b"\0" * 4),
+        tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_INT64, shape=[2**40, 2**40], data=b""),
+    ]
+    async with grpc.aio.insecure_channel(server.target) as channel:
+        stub = embedding_pb2_grpc.EmbeddingServiceStub(channel)
+        for tensor in bad_tensors:
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await stub.Embed(embedding_pb2.EmbedRequest(token_ids=tensor))
+            assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT, tensor
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stub.Embed(
+                embedding_pb2.EmbedRequest(
+                    token_ids=tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_INT32, shape=[1], data=b"\0" * 4),
+                    options=embedding_pb2.EmbedOptions(output_dtype=tensor_pb2.DTYPE_INT32),
+                )
+            )
+        assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_request_limits_name_the_limit(small_limits_server: ServerThread) -> None:
+    async with AsyncClient(small_limits_server.target) as client:
+        info = await client.info()
+        assert info.limits.max_tokens_per_request == 2048
+        with pytest.raises(InvalidArgumentError, match="--max-tokens-per-request 2048"):
+            await client.embed(np.zeros((3, 700), dtype=np.int32))
+        with pytest.raises(InvalidArgumentError, match="--max-message-bytes 1048576"):
+            await client.embed(np.zeros((2, 1000), dtype=np.int32))
+        with pytest.raises(InvalidArgumentError, match="--max-texts-per-request 3"):
+            await client.tokenize_batch(["a", "b", "c", "d"])
+        with pytest.raises(InvalidArgumentError, match="--max-batch-size 16"):
+            async for _ in client.stream_batches(text="word " * 2000, batch_size=17, max_length=4, stride=4):
+                pass
+        with pytest.raises(InvalidArgumentError, match="--max-message-bytes"):
+            async for _ in client.stream_batches(
+                text="word " * 5000, batch_size=16, max_length=256, stride=256, include_embeddings=True
+            ):
+                pass
+        # The transport's own limit: a request larger than the server accepts.
+        with pytest.raises(ResourceExhaustedError):
+            await client.tokenize("x" * (2 << 20))
+        assert await client.tokenize("fine") == [38125]
+
+
+async def test_client_side_message_limit(server: ServerThread) -> None:
+    async with AsyncClient(server.target, max_message_bytes=64 * 1024) as client:
+        with pytest.raises(ResourceExhaustedError):
+            await client.embed(np.zeros((1, 128), dtype=np.int32))
+
+
+async def test_closing_a_stream_early_cancels_it(server: ServerThread) -> None:
+    async with AsyncClient(server.target) as client:
+        stream = client.stream_batches(text="word " * 5000, batch_size=2, max_length=8, stride=1)
+        seen: list[Batch] = []
+        async for batch in stream:
+            seen.append(batch)
+            if len(seen) == 3:
+                break
+        await stream.aclose()  # type: ignore[attr-defined]
+        assert [b.index for b in seen] == [0, 1, 2]
+        assert await client.tokenize("ok") == [482]
+
+
+async def test_timeouts_are_deadline_exceeded(server: ServerThread) -> None:
+    async with AsyncClient(server.target, timeout=1e-6) as client:
+        with pytest.raises(EmbedServeError) as raised:
+            await client.tokenize("x" * 100_000)
+    assert raised.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+async def test_unreachable_server_is_unavailable() -> None:
+    async with AsyncClient("127.0.0.1:1", timeout=2) as client:
+        with pytest.raises(EmbedServeError) as raised:
+            await client.info()
+    assert raised.value.code is grpc.StatusCode.UNAVAILABLE
