@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import itertools
 import types
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Sequence,
+)
 from typing import Any, Literal, TypeVar
 
 import grpc
 import numpy as np
 import numpy.typing as npt
-
 from embedserve.v1 import (
     batches_pb2,
     batches_pb2_grpc,
@@ -104,7 +112,7 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
-        await self._channel.close()
+        await self._channel.close(grace=None)
 
     async def _unary(self, call: Callable[..., Awaitable[_T]], request: Any) -> _T:
         try:
@@ -128,7 +136,7 @@ class AsyncClient:
         reply = await self._unary(self._tokenizer.Tokenize, request)
         flat = from_tensor_pb(reply.token_ids).tolist()
         bounds = np.cumsum([0, *reply.lengths]).tolist()
-        return [flat[start:end] for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
+        return [flat[start:end] for start, end in itertools.pairwise(bounds)]
 
     async def tokenize(self, text: str, *, allowed_special: Iterable[str] | Literal["all"] = ()) -> list[int]:
         return (await self.tokenize_batch([text], allowed_special=allowed_special))[0]
@@ -155,7 +163,7 @@ class AsyncClient:
         drop_last: bool = True,
         include_embeddings: bool = False,
         embeddings_dtype: EmbeddingDtype = "float32",
-    ) -> AsyncIterator[Batch]:
+    ) -> AsyncGenerator[Batch, None]:
         """Sliding-window batches of `text` or of a corpus in the server's --data-dir.
 
         Defaults follow the notebook's create_dataloader_v1; with shuffle, the
@@ -218,7 +226,7 @@ class AsyncClient:
         include_positional: bool = True,
         position_offset: int = 0,
         dtype: EmbeddingDtype = "float32",
-    ) -> AsyncIterator[npt.NDArray[Any]]:
+    ) -> AsyncGenerator[npt.NDArray[Any], None]:
         """Embeddings of each window, in order, over one bidirectional stream."""
         options = _embed_options(include_positional, position_offset, dtype)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import types
-from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Coroutine, Generator, Iterable, Sequence
 from typing import Any, Literal, TypeVar
 
 import numpy.typing as npt
@@ -54,7 +54,7 @@ class Client:
     def _run(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
-    def _iterate(self, iterator: AsyncIterator[_T]) -> Iterator[_T]:
+    def _iterate(self, iterator: AsyncGenerator[_T, None]) -> Generator[_T, None, None]:
         async def next_item() -> tuple[bool, _T | None]:
             try:
                 return True, await anext(iterator)
@@ -69,7 +69,7 @@ class Client:
                 yield item  # type: ignore[misc]
         finally:
             if not self._loop.is_closed():
-                self._run(iterator.aclose())  # type: ignore[attr-defined]
+                self._run(iterator.aclose())
 
     def close(self) -> None:
         if self._loop.is_closed():
@@ -111,7 +111,7 @@ class Client:
         drop_last: bool = True,
         include_embeddings: bool = False,
         embeddings_dtype: EmbeddingDtype = "float32",
-    ) -> Iterator[Batch]:
+    ) -> Generator[Batch, None, None]:
         return self._iterate(
             self._async.stream_batches(
                 text=text,
@@ -148,7 +148,7 @@ class Client:
         include_positional: bool = True,
         position_offset: int = 0,
         dtype: EmbeddingDtype = "float32",
-    ) -> Iterator[npt.NDArray[Any]]:
+    ) -> Generator[npt.NDArray[Any], None, None]:
         return self._iterate(
             self._async.embed_stream(
                 windows, include_positional=include_positional, position_offset=position_offset, dtype=dtype

@@ -13,10 +13,9 @@ from collections.abc import Mapping
 
 import numpy as np
 import numpy.typing as npt
-
 from embedserve.v1 import tensor_pb2
 
-NUMPY_DTYPES: Mapping[int, np.dtype[np.generic]] = {
+NUMPY_DTYPES: Mapping[tensor_pb2.Dtype.ValueType, np.dtype[np.generic]] = {
     tensor_pb2.DTYPE_INT32: np.dtype("<i4"),
     tensor_pb2.DTYPE_INT64: np.dtype("<i8"),
     tensor_pb2.DTYPE_FLOAT32: np.dtype("<f4"),
@@ -25,7 +24,7 @@ NUMPY_DTYPES: Mapping[int, np.dtype[np.generic]] = {
     # Carried as its raw 16-bit patterns; see from_tensor_pb.
     tensor_pb2.DTYPE_BFLOAT16: np.dtype("<u2"),
 }
-DTYPE_BY_NAME: Mapping[str, int] = {
+DTYPE_BY_NAME: Mapping[str, tensor_pb2.Dtype.ValueType] = {
     "int32": tensor_pb2.DTYPE_INT32,
     "int64": tensor_pb2.DTYPE_INT64,
     "float32": tensor_pb2.DTYPE_FLOAT32,
@@ -33,14 +32,16 @@ DTYPE_BY_NAME: Mapping[str, int] = {
     "bfloat16": tensor_pb2.DTYPE_BFLOAT16,
     "uint16": tensor_pb2.DTYPE_UINT16,
 }
-NAME_BY_DTYPE: Mapping[int, str] = {value: name for name, value in DTYPE_BY_NAME.items()}
+NAME_BY_DTYPE: Mapping[tensor_pb2.Dtype.ValueType, str] = {
+    value: name for name, value in DTYPE_BY_NAME.items()
+}
 
 
 class TensorFormatError(ValueError):
     """A Tensor message whose dtype, shape and bytes do not agree."""
 
 
-def dtype_name(dtype: int) -> str:
+def dtype_name(dtype: tensor_pb2.Dtype.ValueType) -> str:
     try:
         return NAME_BY_DTYPE[dtype]
     except KeyError:
@@ -52,7 +53,9 @@ def to_tensor_pb(array: npt.ArrayLike, dtype: str | None = None) -> tensor_pb2.T
     values = np.asarray(array)
     name = dtype or values.dtype.name
     if name not in DTYPE_BY_NAME or name == "bfloat16":
-        raise TensorFormatError(f"cannot send {values.dtype} arrays; use one of int32, int64, float32, float16, uint16")
+        raise TensorFormatError(
+            f"cannot send {values.dtype} arrays; use one of int32, int64, float32, float16, uint16"
+        )
     wire = NUMPY_DTYPES[DTYPE_BY_NAME[name]]
     if values.dtype != wire:
         if not np.can_cast(values.dtype, wire, casting="same_kind"):

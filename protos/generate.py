@@ -52,7 +52,9 @@ def generate(out_dir: Path) -> list[Path]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=PROTO_ROOT, help="output root (default: protos/)")
     written = generate(parser.parse_args().out)
     for path in written:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 import torch
-
 from embedserve.client.tensor import TensorFormatError, dtype_name, from_tensor_pb
 from embedserve.v1 import tensor_pb2
 
@@ -31,7 +30,7 @@ def token_ids_from_pb(tensor: tensor_pb2.Tensor, field: str = "token_ids") -> np
         raise InvalidInput(f"{field}: {exc}") from None
 
 
-def output_dtype_from_pb(dtype: int, field: str = "output_dtype") -> torch.dtype:
+def output_dtype_from_pb(dtype: tensor_pb2.Dtype.ValueType, field: str = "output_dtype") -> torch.dtype:
     if dtype == tensor_pb2.DTYPE_UNSPECIFIED:
         return torch.float32
     try:
@@ -60,5 +59,7 @@ def tensor_pb_from_torch(tensor: torch.Tensor) -> tensor_pb2.Tensor:
 
 def tensor_pb_from_numpy(array: npt.NDArray[np.int32]) -> tensor_pb2.Tensor:
     return tensor_pb2.Tensor(
-        dtype=tensor_pb2.DTYPE_INT32, shape=list(array.shape), data=np.ascontiguousarray(array, "<i4").tobytes()
+        dtype=tensor_pb2.DTYPE_INT32,
+        shape=list(array.shape),
+        data=np.ascontiguousarray(array, "<i4").tobytes(),
     )

@@ -11,7 +11,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import grpc
-
 from embedserve.v1 import batches_pb2_grpc, embedding_pb2_grpc, tokenizer_pb2_grpc
 
 from .config import DEFAULT_CONTEXT_LENGTH, DEFAULT_DIM, DEFAULT_VOCAB_SIZE, ServerConfig

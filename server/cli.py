@@ -1,10 +1,10 @@
 """`embedserve`: run the server, or call one from a terminal.
 
-    embedserve serve [--port 50051 ...]
-    embedserve tokenize "Hello, world"
-    embedserve batches --file the-verdict.txt --batch-size 8 --max-length 4 --stride 4 --no-shuffle
-    embedserve embed 40 367 2885 1464
-    embedserve info
+embedserve serve [--port 50051 ...]
+embedserve tokenize "Hello, world"
+embedserve batches --file the-verdict.txt --batch-size 8 --max-length 4 --stride 4 --no-shuffle
+embedserve embed 40 367 2885 1464
+embedserve info
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import numpy as np
 from .config import add_server_arguments, config_from_namespace
 
 DEFAULT_TARGET = "127.0.0.1:50051"
-
 
 
 def _add_client_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
@@ -44,7 +43,9 @@ def _run_serve(args: argparse.Namespace) -> int:
     from .core import StartupError
 
     config = config_from_namespace(args)
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         asyncio.run(serve(config))
     except StartupError as exc:
@@ -96,7 +97,9 @@ def _run_embed(args: argparse.Namespace) -> int:
     from embedserve.client import Client
 
     with Client(args.target, timeout=args.timeout) as client:
-        vectors = client.embed(args.ids, include_positional=not args.no_positional, position_offset=args.offset)
+        vectors = client.embed(
+            args.ids, include_positional=not args.no_positional, position_offset=args.offset
+        )
     print(f"shape {list(vectors.shape)}")
     with np.printoptions(precision=4, suppress=True, edgeitems=4, linewidth=120):
         print(vectors)
@@ -132,7 +135,9 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     tokenize.add_argument("--allow-special", action="store_true", help="encode <|endoftext|> as its token")
     handlers["tokenize"] = _run_tokenize
 
-    batches = commands.add_parser("batches", help="stream sliding-window batches; print shapes and the first batch")
+    batches = commands.add_parser(
+        "batches", help="stream sliding-window batches; print shapes and the first batch"
+    )
     source = batches.add_mutually_exclusive_group(required=True)
     source.add_argument("--file", help="local text file, sent inline")
     source.add_argument("--corpus", help="corpus name in the server's --data-dir")
@@ -151,7 +156,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     embed.add_argument("--no-positional", action="store_true", help="token embeddings only")
     handlers["embed"] = _run_embed
 
-    info = commands.add_parser("info", help="print the server's model and limits")
+    commands.add_parser("info", help="print the server's model and limits")
     handlers["info"] = _run_info
 
     for name in ("tokenize", "batches", "embed", "info"):
@@ -166,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(os.environ)
     args = parser.parse_args(argv)
     try:
-        return args.handlers[args.command](args)
+        return int(args.handlers[args.command](args))
     except EmbedServeError as exc:
         print(f"embedserve {args.command}: {exc}", file=sys.stderr)
         return 1

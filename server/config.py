@@ -57,7 +57,10 @@ def _optional_str(value: str) -> str | None:
 _FLAGS: Mapping[str, tuple[Callable[[str], Any], str]] = {
     "host": (str, "address to listen on"),
     "port": (int, "port to listen on (0 picks a free one)"),
-    "vocab_size": (_optional_int, f"token embedding rows (default {DEFAULT_VOCAB_SIZE}, or the weights file's)"),
+    "vocab_size": (
+        _optional_int,
+        f"token embedding rows (default {DEFAULT_VOCAB_SIZE}, or the weights file's)",
+    ),
     "dim": (_optional_int, f"embedding width (default {DEFAULT_DIM}, or the weights file's)"),
     "context_length": (
         _optional_int,
@@ -72,7 +75,8 @@ _FLAGS: Mapping[str, tuple[Callable[[str], Any], str]] = {
     ),
     "position_embedding_key": (
         _optional_str,
-        "key of the positional table in --weights (default: wpe.weight, transformer.wpe.weight or pos_emb.weight)",
+        "key of the positional table in --weights "
+        "(default: wpe.weight, transformer.wpe.weight or pos_emb.weight)",
     ),
     "data_dir": (_optional_path, "folder whose files StreamBatches serves as corpora by name"),
     "bpe_dir": (_optional_path, "folder holding GPT-2's vocab.bpe and encoder.json (offline tokenizer)"),

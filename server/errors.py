@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Concatenate, NoReturn, ParamSpec, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 
 from .core import EmbedServeCoreError, InvalidInput, NotFound, NotReady, Overloaded, StartupError
 
 _LOGGER = logging.getLogger(__name__)
+Context = grpc.aio.ServicerContext[Any, Any]
 
 STATUS_BY_ERROR: tuple[tuple[type[EmbedServeCoreError], grpc.StatusCode], ...] = (
     (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),  # LimitExceeded included: retrying cannot help
@@ -29,7 +29,7 @@ def status_for(error: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], method: str, error: Exception) -> NoReturn:
+async def _abort(context: Context, method: str, error: Exception) -> NoReturn:
     code = status_for(error)
     if code is grpc.StatusCode.INTERNAL:
         _LOGGER.exception("%s failed", method, exc_info=error)
@@ -40,21 +40,16 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], method: str, error
 _Servicer = TypeVar("_Servicer")
 _Request = TypeVar("_Request")
 _Reply = TypeVar("_Reply")
-_P = ParamSpec("_P")
 
 
 def unary_errors(
-    handler: Callable[Concatenate[_Servicer, _Request, grpc.aio.ServicerContext[Any, Any], _P], Awaitable[_Reply]],
-) -> Callable[Concatenate[_Servicer, _Request, grpc.aio.ServicerContext[Any, Any], _P], Awaitable[_Reply]]:
+    handler: Callable[[_Servicer, _Request, Context], Awaitable[_Reply]],
+) -> Callable[[_Servicer, _Request, Context], Awaitable[_Reply]]:
     """Maps errors a unary handler raises to status codes (aborts pass through)."""
 
-    @functools.wraps(handler)
-    async def wrapper(
-        self: _Servicer, request: _Request, context: grpc.aio.ServicerContext[Any, Any], *args: _P.args,
-        **kwargs: _P.kwargs,
-    ) -> _Reply:
+    async def wrapper(self: _Servicer, request: _Request, context: Context) -> _Reply:
         try:
-            return await handler(self, request, context, *args, **kwargs)
+            return await handler(self, request, context)
         except grpc.aio.AbortError:
             raise
         except Exception as error:
@@ -64,17 +59,13 @@ def unary_errors(
 
 
 def stream_errors(
-    handler: Callable[Concatenate[_Servicer, _Request, grpc.aio.ServicerContext[Any, Any], _P], AsyncIterator[_Reply]],
-) -> Callable[Concatenate[_Servicer, _Request, grpc.aio.ServicerContext[Any, Any], _P], AsyncIterator[_Reply]]:
+    handler: Callable[[_Servicer, _Request, Context], AsyncIterator[_Reply]],
+) -> Callable[[_Servicer, _Request, Context], AsyncIterator[_Reply]]:
     """The same for handlers that stream their replies."""
 
-    @functools.wraps(handler)
-    async def wrapper(
-        self: _Servicer, request: _Request, context: grpc.aio.ServicerContext[Any, Any], *args: _P.args,
-        **kwargs: _P.kwargs,
-    ) -> AsyncIterator[_Reply]:
+    async def wrapper(self: _Servicer, request: _Request, context: Context) -> AsyncIterator[_Reply]:
         try:
-            async for reply in handler(self, request, context, *args, **kwargs):
+            async for reply in handler(self, request, context):
                 yield reply
         except grpc.aio.AbortError:
             raise

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator
 from typing import Any
 
-import grpc
 import numpy as np
-
 from embedserve.v1 import (
     batches_pb2,
     batches_pb2_grpc,
@@ -31,9 +30,8 @@ from .core import (
     plan_windows,
 )
 from .core.tokenizer import ENDOFTEXT
-from .errors import stream_errors, unary_errors
+from .errors import Context, stream_errors, unary_errors
 
-Context = grpc.aio.ServicerContext[Any, Any]
 # Room for a reply's fields besides its tensors' bytes.
 _REPLY_OVERHEAD_BYTES = 4096
 
@@ -41,7 +39,8 @@ _REPLY_OVERHEAD_BYTES = 4096
 def _check_reply_bytes(nbytes: int, config: ServerConfig, what: str) -> None:
     if nbytes + _REPLY_OVERHEAD_BYTES > config.max_message_bytes:
         raise LimitExceeded(
-            f"{what} would be {nbytes} bytes, over the server's --max-message-bytes {config.max_message_bytes}"
+            f"{what} would be {nbytes} bytes, "
+            f"over the server's --max-message-bytes {config.max_message_bytes}"
         )
 
 
@@ -51,7 +50,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         self._config = config
 
     @unary_errors
-    async def Tokenize(  # noqa: N802
+    async def Tokenize(
         self, request: tokenizer_pb2.TokenizeRequest, context: Context
     ) -> tokenizer_pb2.TokenizeResponse:
         texts = list(request.texts)
@@ -67,7 +66,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         return tokenizer_pb2.TokenizeResponse(token_ids=_codec.tensor_pb_from_numpy(ids), lengths=lengths)
 
     @unary_errors
-    async def Detokenize(  # noqa: N802
+    async def Detokenize(
         self, request: tokenizer_pb2.DetokenizeRequest, context: Context
     ) -> tokenizer_pb2.DetokenizeResponse:
         ids = _codec.token_ids_from_pb(request.token_ids).reshape(-1)
@@ -76,7 +75,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
             raise InvalidInput(f"lengths {lengths} do not add up to the {ids.size} token IDs")
         self._tokenizer.check_ids(ids)
         bounds = np.cumsum([0, *lengths])
-        texts = [self._tokenizer.decode(ids[start:end]) for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
+        texts = [self._tokenizer.decode(ids[start:end]) for start, end in itertools.pairwise(bounds.tolist())]
         return tokenizer_pb2.DetokenizeResponse(texts=texts)
 
 
@@ -98,7 +97,7 @@ class BatchesServicer(batches_pb2_grpc.BatchesServiceServicer):
         raise InvalidInput("the request names no source: set text or corpus")
 
     @stream_errors
-    async def StreamBatches(  # noqa: N802
+    async def StreamBatches(
         self, request: batches_pb2.StreamBatchesRequest, context: Context
     ) -> AsyncIterator[batches_pb2.StreamBatchesResponse]:
         embeddings_dtype = _codec.output_dtype_from_pb(request.embeddings_dtype, "embeddings_dtype")
@@ -146,7 +145,9 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
         self._tokenizer = tokenizer
         self._config = config
 
-    async def _embed(self, token_ids: tensor_pb2.Tensor, options: embedding_pb2.EmbedOptions) -> tensor_pb2.Tensor:
+    async def _embed(
+        self, token_ids: tensor_pb2.Tensor, options: embedding_pb2.EmbedOptions
+    ) -> tensor_pb2.Tensor:
         ids = _codec.token_ids_from_pb(token_ids)
         output_dtype = _codec.output_dtype_from_pb(options.output_dtype)
         include_positional = options.include_positional if options.HasField("include_positional") else True
@@ -157,7 +158,9 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
             max_tokens=self._config.max_tokens_per_request,
         )
         _check_reply_bytes(
-            ids.size * self._model.dim * output_dtype.itemsize, self._config, f"the embeddings of {ids.size} tokens"
+            ids.size * self._model.dim * output_dtype.itemsize,
+            self._config,
+            f"the embeddings of {ids.size} tokens",
         )
         embeddings = await self._model.embed_async(
             ids,
@@ -168,11 +171,13 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
         return _codec.tensor_pb_from_torch(embeddings)
 
     @unary_errors
-    async def Embed(self, request: embedding_pb2.EmbedRequest, context: Context) -> embedding_pb2.EmbedResponse:  # noqa: N802
+    async def Embed(
+        self, request: embedding_pb2.EmbedRequest, context: Context
+    ) -> embedding_pb2.EmbedResponse:
         return embedding_pb2.EmbedResponse(embeddings=await self._embed(request.token_ids, request.options))
 
     @stream_errors
-    async def EmbedStream(  # noqa: N802
+    async def EmbedStream(
         self, request_iterator: AsyncIterator[embedding_pb2.EmbedStreamRequest], context: Context
     ) -> AsyncIterator[embedding_pb2.EmbedStreamResponse]:
         async for request in request_iterator:
@@ -180,7 +185,7 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
             yield embedding_pb2.EmbedStreamResponse(embeddings=embeddings, sequence_id=request.sequence_id)
 
     @unary_errors
-    async def Info(  # noqa: N802
+    async def Info(
         self, request: embedding_pb2.EmbeddingServiceInfoRequest, context: Context
     ) -> embedding_pb2.EmbeddingServiceInfoResponse:
         return embedding_pb2.EmbeddingServiceInfoResponse(

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
+import re
 import shutil
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -13,7 +18,6 @@ from pathlib import Path
 import grpc
 import pytest
 import tiktoken
-
 from embedserve.server import ServerConfig
 from embedserve.server.app import Components, build_server, load_components
 from embedserve.server.core.tokenizer import GPT2_ENCODER_JSON_URL, GPT2_VOCAB_BPE_URL, find_gpt2_bpe_files
@@ -122,3 +126,24 @@ def reference_encoding(tmp_path_factory: pytest.TempPathFactory) -> tiktoken.Enc
         patch.setenv("TIKTOKEN_CACHE_DIR", str(cache))
         tiktoken.registry.ENCODINGS.pop("gpt2", None)
         return tiktoken.get_encoding("gpt2")
+
+
+def start_cli_server(*flags: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], int]:
+    """`python -m embedserve.server serve` as a child process on a free port; returns it and the port."""
+    env = {**os.environ, **(env or {}), "EMBEDSERVE_PORT": "0"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "embedserve.server", "serve", *flags],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stderr is not None
+    deadline = time.monotonic() + 60
+    for line in process.stderr:
+        found = re.search(r"listening on .*:(\d+)$", line.strip())
+        if found:
+            return process, int(found.group(1))
+        if time.monotonic() > deadline:
+            break
+    process.kill()
+    raise AssertionError(f"server did not start: {process.stderr.read()}")

@@ -39,5 +39,10 @@ def create_dataloader_v1(
 ) -> DataLoader[Any]:
     dataset = GPTDatasetV1(txt, tokenizer, max_length, stride)
     return DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, num_workers=0, generator=generator
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=drop_last,
+        num_workers=0,
+        generator=generator,
     )

@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from embedserve.server.core import CorpusStore, InvalidInput, NotFound, load_gpt2_tokenizer
 
 
@@ -30,7 +29,9 @@ def test_names_resolve_inside_the_folder(store: CorpusStore) -> None:
     assert store.tokens("alias.txt").tolist() == store.tokens("a.txt").tolist()
 
 
-@pytest.mark.parametrize("name", ["../secret.txt", "sub/../../secret.txt", "/etc/passwd", "", "a\0b", "..\\secret.txt"])
+@pytest.mark.parametrize(
+    "name", ["../secret.txt", "sub/../../secret.txt", "/etc/passwd", "", "a\0b", "..\\secret.txt"]
+)
 def test_names_that_leave_the_folder_are_invalid(store: CorpusStore, name: str) -> None:
     with pytest.raises(InvalidInput):
         store.resolve(name)

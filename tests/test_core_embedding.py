@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from embedserve.server.core import (
     EmbeddingModel,
     InvalidInput,
@@ -17,6 +16,7 @@ from embedserve.server.core import (
     load_embedding_tables,
     seeded_embedding_tables,
 )
+from safetensors.torch import save_file
 
 NOTEBOOK_ROWS_2_3_5_1 = [
     [1.2753, -0.2010, -0.1606],
@@ -65,17 +65,25 @@ def test_input_embeddings_are_token_plus_position() -> None:
 @pytest.mark.parametrize(
     ("ids", "kwargs", "message"),
     [
-        (np.array([[1, 2], [3, 6]]), {}, r"token id 6 at position \[1, 1\] is outside the vocabulary \[0, 6\)"),
+        (
+            np.array([[1, 2], [3, 6]]),
+            {},
+            r"token id 6 at position \[1, 1\] is outside the vocabulary \[0, 6\)",
+        ),
         (np.array([0, -1]), {}, r"token id -1 at position \[1\]"),
         (np.array([1, 2, 3]), {"position_offset": 2}, "exceeds the context length 4"),
-        (np.array([1, 2, 3, 4, 5]), {}, "sequence length 5 \\+ position_offset 0 exceeds the context length 4"),
+        (
+            np.array([1, 2, 3, 4, 5]),
+            {},
+            "sequence length 5 \\+ position_offset 0 exceeds the context length 4",
+        ),
         (np.array([1]), {"position_offset": -1}, "position_offset must be >= 0"),
         (np.zeros((2, 0), dtype=np.int32), {}, "empty"),
         (np.zeros((1, 1, 1), dtype=np.int32), {}, r"must be \[T\] or \[B, T\]"),
         (np.array([0.5]), {}, "must be integers"),
     ],
 )
-def test_check_refuses_bad_input(ids: np.ndarray, kwargs: dict[str, int], message: str) -> None:
+def test_check_refuses_bad_input(ids: np.ndarray, kwargs: dict[str, Any], message: str) -> None:
     model = EmbeddingModel(seeded_embedding_tables(6, 3, 4, 123), torch.device("cpu"))
     with pytest.raises(InvalidInput, match=message):
         model.check(ids, **kwargs)
@@ -115,7 +123,9 @@ def test_custom_keys_and_clear_errors(tmp_path: Path) -> None:
     path = tmp_path / "custom.safetensors"
     tables = load_embedding_tables(path, token_key="emb.tok", position_key="emb.pos", dim=4)
     assert tables.token.shape == (10, 4)
-    with pytest.raises(StartupError, match=r"no token embedding table under wte.weight or .* \(keys: emb.pos, emb.tok"):
+    with pytest.raises(
+        StartupError, match=r"no token embedding table under wte.weight or .* \(keys: emb.pos, emb.tok"
+    ):
         load_embedding_tables(path)
     with pytest.raises(StartupError, match="the file's dim is 4 but --dim is 256"):
         load_embedding_tables(path, token_key="emb.tok", position_key="emb.pos", dim=256)

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tiktoken
-
 from embedserve.server.core import GPT2_BPE_SHA256, InvalidInput, StartupError, Tokenizer, load_gpt2_tokenizer
 from embedserve.server.core.tokenizer import (
     GPT2_ENCODER_JSON_URL,
@@ -32,7 +31,9 @@ def tokenizer() -> Tokenizer:
     return load_gpt2_tokenizer(None, {})
 
 
-def test_pattern_and_vocabulary_match_tiktoken(tokenizer: Tokenizer, reference_encoding: tiktoken.Encoding) -> None:
+def test_pattern_and_vocabulary_match_tiktoken(
+    tokenizer: Tokenizer, reference_encoding: tiktoken.Encoding
+) -> None:
     assert reference_encoding._pat_str == GPT2_PAT_STR
     assert tokenizer._encoding._mergeable_ranks == reference_encoding._mergeable_ranks
     assert tokenizer._encoding._special_tokens == reference_encoding._special_tokens
@@ -40,13 +41,17 @@ def test_pattern_and_vocabulary_match_tiktoken(tokenizer: Tokenizer, reference_e
 
 
 @pytest.mark.parametrize("text", SAMPLES)
-def test_encoding_is_tiktokens(tokenizer: Tokenizer, reference_encoding: tiktoken.Encoding, text: str) -> None:
+def test_encoding_is_tiktokens(
+    tokenizer: Tokenizer, reference_encoding: tiktoken.Encoding, text: str
+) -> None:
     expected = reference_encoding.encode(text, allowed_special={"<|endoftext|>"})
     assert tokenizer.encode(text, {"<|endoftext|>"}).tolist() == expected
     assert tokenizer.decode(np.asarray(expected)) == reference_encoding.decode(expected)
 
 
-def test_the_verdict_is_5154_tokens(tokenizer: Tokenizer, reference_encoding: tiktoken.Encoding, verdict_text: str) -> None:
+def test_the_verdict_is_5154_tokens(
+    tokenizer: Tokenizer, reference_encoding: tiktoken.Encoding, verdict_text: str
+) -> None:
     ids = tokenizer.encode(verdict_text)
     assert len(ids) == 5154
     assert ids.dtype == np.int32
@@ -81,7 +86,10 @@ def test_sources_in_order_bpe_dir_then_cache_then_package(tmp_path: Path) -> Non
     cache.mkdir()
     env = {"TIKTOKEN_CACHE_DIR": str(cache)}
     assert tiktoken_cache_dir(env) == cache
-    for url, content in ((GPT2_VOCAB_BPE_URL, packaged.vocab_bpe), (GPT2_ENCODER_JSON_URL, packaged.encoder_json)):
+    for url, content in (
+        (GPT2_VOCAB_BPE_URL, packaged.vocab_bpe),
+        (GPT2_ENCODER_JSON_URL, packaged.encoder_json),
+    ):
         (cache / hashlib.sha1(url.encode()).hexdigest()).write_bytes(content)
     assert find_gpt2_bpe_files(None, env).source.startswith("tiktoken-cache:")
 
@@ -94,7 +102,9 @@ def test_sources_in_order_bpe_dir_then_cache_then_package(tmp_path: Path) -> Non
 def test_mismatching_files_are_refused(tmp_path: Path) -> None:
     packaged = find_gpt2_bpe_files(None, {})
     _write_pair(tmp_path / "bad", packaged.vocab_bpe + b"x", packaged.encoder_json)
-    with pytest.raises(StartupError, match=rf"not GPT-2's vocab.bpe: sha256 \w+, expected {GPT2_BPE_SHA256['vocab.bpe']}"):
+    with pytest.raises(
+        StartupError, match=rf"not GPT-2's vocab.bpe: sha256 \w+, expected {GPT2_BPE_SHA256['vocab.bpe']}"
+    ):
         find_gpt2_bpe_files(tmp_path / "bad", {})
     with pytest.raises(StartupError, match="lacks"):
         find_gpt2_bpe_files(tmp_path / "missing", {})

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import tiktoken
 import torch
-
 from embedserve.server.core import InvalidInput, LimitExceeded, count_windows, gather_windows, plan_windows
 
 from .notebook_reference import GPTDatasetV1, create_dataloader_v1
@@ -35,11 +34,16 @@ def test_first_batch_of_the_verdict(reference_encoding: tiktoken.Encoding, verdi
     )
     inputs, targets = batches[0]
     assert inputs.tolist() == FIRST_BATCH
-    assert targets.tolist() == [[*row[1:], nxt] for row, nxt in zip(FIRST_BATCH, [1807, 10899, 15632, 922, 568, 1049, 284, 287], strict=True)]
+    assert targets.tolist() == [
+        [*row[1:], nxt]
+        for row, nxt in zip(FIRST_BATCH, [1807, 10899, 15632, 922, 568, 1049, 284, 287], strict=True)
+    ]
     assert len(batches) == 161
 
 
-@pytest.mark.parametrize(("max_length", "stride"), [(4, 4), (4, 1), (256, 128), (2, 5), (1024, 1), (5153, 1), (100, 7)])
+@pytest.mark.parametrize(
+    ("max_length", "stride"), [(4, 4), (4, 1), (256, 128), (2, 5), (1024, 1), (5153, 1), (100, 7)]
+)
 def test_window_count_equals_gptdatasetv1(
     reference_encoding: tiktoken.Encoding, verdict_text: str, max_length: int, stride: int
 ) -> None:
@@ -82,7 +86,12 @@ def test_batches_equal_the_notebook_dataloader(
     expected = [(x.numpy(), y.numpy()) for x, y in loader]
     tokens = np.asarray(reference_encoding.encode(text, allowed_special={"<|endoftext|>"}), dtype=np.int32)
     got = _all_batches(
-        tokens, max_length=max_length, stride=stride, batch_size=batch_size, shuffle=shuffle, seed=seed,
+        tokens,
+        max_length=max_length,
+        stride=stride,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        seed=seed,
         drop_last=drop_last,
     )
     assert len(got) == len(expected)
@@ -114,4 +123,4 @@ def test_drop_last_counts_like_the_dataloader() -> None:
 def test_bad_settings(settings: dict[str, int], error: type[Exception], message: str) -> None:
     base = {"num_tokens": 100, "max_length": 4, "stride": 4, "batch_size": 2, "seed": 0}
     with pytest.raises(error, match=message):
-        plan_windows(**{**base, **settings}, shuffle=True, drop_last=True, max_batch_size=4096)  # type: ignore[arg-type]
+        plan_windows(**{**base, **settings}, shuffle=True, drop_last=True, max_batch_size=4096)

@@ -7,7 +7,6 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-
 from embedserve.client import AsyncClient
 from embedserve.server import ServerConfig
 from embedserve.server.core import EmbeddingModel, resolve_device, seeded_embedding_tables
@@ -38,7 +37,9 @@ def test_cuda_embeddings_equal_cpu_bit_for_bit() -> None:
     ids = np.random.default_rng(0).integers(0, 50257, size=(8, 1024)).astype(np.int32)
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         assert torch.equal(gpu.embed(ids, output_dtype=dtype), cpu.embed(ids, output_dtype=dtype))
-    assert torch.equal(gpu.embed(ids[0, :100], position_offset=900), cpu.embed(ids[0, :100], position_offset=900))
+    assert torch.equal(
+        gpu.embed(ids[0, :100], position_offset=900), cpu.embed(ids[0, :100], position_offset=900)
+    )
 
 
 async def test_default_server_on_cuda_serves_the_notebook_flow() -> None:
@@ -53,11 +54,19 @@ async def test_default_server_on_cuda_serves_the_notebook_flow() -> None:
             batches = [
                 b
                 async for b in client.stream_batches(
-                    text=text, batch_size=8, max_length=4, stride=4, shuffle=True, seed=1, include_embeddings=True
+                    text=text,
+                    batch_size=8,
+                    max_length=4,
+                    stride=4,
+                    shuffle=True,
+                    seed=1,
+                    include_embeddings=True,
                 )
             ]
         for batch in batches:
-            expected = token_layer(torch.from_numpy(batch.inputs.astype(np.int64))) + pos_layer(torch.arange(4))
+            expected = token_layer(torch.from_numpy(batch.inputs.astype(np.int64))) + pos_layer(
+                torch.arange(4)
+            )
             np.testing.assert_array_equal(batch.embeddings, expected.detach().numpy())
     finally:
         running.stop()

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import tiktoken
 import torch
-
 from embedserve.client import (
     AsyncClient,
     Batch,
@@ -40,7 +39,11 @@ async def test_notebook_flow_tokenize_batches_embeddings(server: ServerThread, v
         batches = [
             batch
             async for batch in client.stream_batches(
-                corpus="the-verdict.txt", batch_size=8, max_length=4, stride=4, shuffle=False,
+                corpus="the-verdict.txt",
+                batch_size=8,
+                max_length=4,
+                stride=4,
+                shuffle=False,
                 include_embeddings=True,
             )
         ]
@@ -71,14 +74,26 @@ async def test_shuffle_order_equals_the_dataloader(
     server: ServerThread, verdict_text: str, reference_encoding: tiktoken.Encoding, seed: int
 ) -> None:
     loader = create_dataloader_v1(
-        verdict_text, reference_encoding, batch_size=8, max_length=32, stride=16, shuffle=True, drop_last=True,
+        verdict_text,
+        reference_encoding,
+        batch_size=8,
+        max_length=32,
+        stride=16,
+        shuffle=True,
+        drop_last=True,
         generator=torch.Generator().manual_seed(seed),
     )
     async with AsyncClient(server.target) as client:
         got = [
             b
             async for b in client.stream_batches(
-                text=verdict_text, batch_size=8, max_length=32, stride=16, shuffle=True, seed=seed, drop_last=True
+                text=verdict_text,
+                batch_size=8,
+                max_length=32,
+                stride=16,
+                shuffle=True,
+                seed=seed,
+                drop_last=True,
             )
         ]
     expected = list(loader)
@@ -143,7 +158,9 @@ async def test_embed_stream_echoes_sequence_ids(server: ServerThread) -> None:
         stub = embedding_pb2_grpc.EmbeddingServiceStub(channel)
         requests = [
             embedding_pb2.EmbedStreamRequest(
-                token_ids=tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_INT32, shape=[1], data=np.int32([i]).tobytes()),
+                token_ids=tensor_pb2.Tensor(
+                    dtype=tensor_pb2.DTYPE_INT32, shape=[1], data=np.array([i], dtype=np.int32).tobytes()
+                ),
                 sequence_id=1000 + i,
             )
             for i in range(5)
@@ -152,7 +169,9 @@ async def test_embed_stream_echoes_sequence_ids(server: ServerThread) -> None:
     assert [r.sequence_id for r in replies] == [1000, 1001, 1002, 1003, 1004]
 
 
-async def test_tokenize_batch_detokenize_and_specials(server: ServerThread, reference_encoding: tiktoken.Encoding) -> None:
+async def test_tokenize_batch_detokenize_and_specials(
+    server: ServerThread, reference_encoding: tiktoken.Encoding
+) -> None:
     texts = ["Hello, world.", "", "Akwirw ier", "<|endoftext|> special"]
     async with AsyncClient(server.target) as client:
         with pytest.raises(InvalidArgumentError, match="disallowed special token") as raised:
@@ -165,13 +184,14 @@ async def test_tokenize_batch_detokenize_and_specials(server: ServerThread, refe
         assert await client.detokenize(allowed[3]) == texts[3]
 
 
-async def _status(call: object) -> grpc.StatusCode:
+async def _drain(stream: AsyncIterator[Batch]) -> None:
+    async for _ in stream:
+        pass
+
+
+async def _stream_status(stream: AsyncIterator[Batch]) -> grpc.StatusCode:
     with pytest.raises(EmbedServeError) as raised:
-        if hasattr(call, "__aiter__"):
-            async for _ in call:  # type: ignore[attr-defined]
-                pass
-        else:
-            await call  # type: ignore[misc]
+        await _drain(stream)
     return raised.value.code
 
 
@@ -189,18 +209,15 @@ async def test_bad_input_gets_clear_statuses_and_the_server_stays_up(server: Ser
             await client.tokenize_batch([])
         for bad in ({"batch_size": 0}, {"max_length": -4}, {"stride": 0}):
             settings = {"text": "word " * 100, "batch_size": 2, "max_length": 4, "stride": 4, **bad}
-            assert await _status(client.stream_batches(**settings)) is grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[arg-type]
+            assert await _stream_status(client.stream_batches(**settings)) is grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[arg-type]
         with pytest.raises(InvalidArgumentError, match="needs at least 257"):
-            async for _ in client.stream_batches(text="too short"):
-                pass
+            await _drain(client.stream_batches(text="too short"))
         with pytest.raises(InvalidArgumentError, match="exceeds the context length"):
-            async for _ in client.stream_batches(text="word " * 3000, max_length=2000, include_embeddings=True):
-                pass
+            await _drain(client.stream_batches(text="word " * 3000, max_length=2000, include_embeddings=True))
         with pytest.raises(NotFoundError, match="not found"):
-            async for _ in client.stream_batches(corpus="no-such-corpus.txt"):
-                pass
+            await _drain(client.stream_batches(corpus="no-such-corpus.txt"))
         for escape in ("../outside.txt", "/etc/passwd", "nested/../../x"):
-            assert await _status(client.stream_batches(corpus=escape)) in (
+            assert await _stream_status(client.stream_batches(corpus=escape)) in (
                 grpc.StatusCode.INVALID_ARGUMENT,
                 grpc.StatusCode.NOT_FOUND,
             )
@@ -213,7 +230,7 @@ async def test_malformed_tensors_are_invalid_argument(server: ServerThread) -> N
         tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_INT32, shape=[2, 2], data=b"\0" * 12),
         tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_FLOAT32, shape=[1], data=b"\0" * 4),
         tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_INT32, shape=[-1], data=b""),
-        tensor_pb2.Tensor(dtype=77, shape=[1], data=b"\0" * 4),
+        tensor_pb2.Tensor(dtype=77, shape=[1], data=b"\0" * 4),  # type: ignore[arg-type]
         tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_INT64, shape=[2**40, 2**40], data=b""),
     ]
     async with grpc.aio.insecure_channel(server.target) as channel:
@@ -243,13 +260,13 @@ async def test_request_limits_name_the_limit(small_limits_server: ServerThread) 
         with pytest.raises(InvalidArgumentError, match="--max-texts-per-request 3"):
             await client.tokenize_batch(["a", "b", "c", "d"])
         with pytest.raises(InvalidArgumentError, match="--max-batch-size 16"):
-            async for _ in client.stream_batches(text="word " * 2000, batch_size=17, max_length=4, stride=4):
-                pass
+            await _drain(client.stream_batches(text="word " * 2000, batch_size=17, max_length=4, stride=4))
         with pytest.raises(InvalidArgumentError, match="--max-message-bytes"):
-            async for _ in client.stream_batches(
-                text="word " * 5000, batch_size=16, max_length=256, stride=256, include_embeddings=True
-            ):
-                pass
+            await _drain(
+                client.stream_batches(
+                    text="word " * 5000, batch_size=16, max_length=256, stride=256, include_embeddings=True
+                )
+            )
         # The transport's own limit: a request larger than the server accepts.
         with pytest.raises(ResourceExhaustedError):
             await client.tokenize("x" * (2 << 20))
@@ -270,7 +287,7 @@ async def test_closing_a_stream_early_cancels_it(server: ServerThread) -> None:
             seen.append(batch)
             if len(seen) == 3:
                 break
-        await stream.aclose()  # type: ignore[attr-defined]
+        await stream.aclose()
         assert [b.index for b in seen] == [0, 1, 2]
         assert await client.tokenize("ok") == [482]
 

@@ -71,7 +71,9 @@ def _read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
             return dict(load_file(str(path), device="cpu"))
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise StartupError(f"--weights {path}: cannot read it as safetensors or a torch state dict: {exc}")
+        raise StartupError(
+            f"--weights {path}: cannot read it as safetensors or a torch state dict: {exc}"
+        ) from None
     if not isinstance(loaded, Mapping):
         raise StartupError(f"--weights {path}: holds a {type(loaded).__name__}, not a state dict")
     for nested in _NESTED_STATE_DICT_KEYS:
@@ -81,8 +83,9 @@ def _read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
     return {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
 
 
-def _pick(state: Mapping[str, torch.Tensor], wanted: str | None, candidates: tuple[str, ...], what: str,
-          path: Path) -> torch.Tensor:
+def _pick(
+    state: Mapping[str, torch.Tensor], wanted: str | None, candidates: tuple[str, ...], what: str, path: Path
+) -> torch.Tensor:
     names = (wanted,) if wanted else candidates
     for name in names:
         if name in state:
@@ -146,7 +149,9 @@ def resolve_device(name: str) -> torch.device:
 class EmbeddingModel:
     """The two tables resident on one device; lookups run in one worker thread."""
 
-    def __init__(self, tables: EmbeddingTables, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, tables: EmbeddingTables, device: torch.device, dtype: torch.dtype = torch.float32
+    ) -> None:
         self.device = device
         self.dtype = dtype
         self.source = tables.source

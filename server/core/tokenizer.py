@@ -169,7 +169,7 @@ class Tokenizer:
     def special_tokens(self) -> frozenset[str]:
         return frozenset(self._encoding.special_tokens_set)
 
-    def _check_allowed(self, allowed_special: AllowedSpecial) -> AllowedSpecial:
+    def _check_allowed(self, allowed_special: AllowedSpecial) -> Literal["all"] | set[str]:
         if allowed_special == "all":
             return "all"
         unknown = sorted(set(allowed_special) - self.special_tokens)

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The whole check, from a clean clone: installs into .venv on first run, then
+# lints (ruff, hadolint), type-checks (mypy) and runs the test suite (pytest).
+# Extra arguments go to pytest, e.g. `bash tests/run.sh -k embed -x`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash .ci/bootstrap dev
+bin=.venv/bin
+
+"$bin/ruff" check .
+"$bin/ruff" format --check .
+
+# mypy cannot follow setuptools' editable-install finder, so it checks a tree
+# of links laid out as the installed package is.
+stage=.typecheck/embedserve
+mkdir -p "$stage"
+ln -sfn ../../protos/embedserve/__init__.py "$stage/__init__.py"
+ln -sfn ../../protos/embedserve/py.typed "$stage/py.typed"
+ln -sfn ../../protos/embedserve/v1 "$stage/v1"
+ln -sfn ../../server "$stage/server"
+ln -sfn ../../client "$stage/client"
+MYPYPATH=.typecheck "$bin/mypy" -p embedserve
+MYPYPATH=.typecheck "$bin/mypy" tests protos/generate.py
+
+if [ "${CI:-}" = true ]; then
+  export EMBEDSERVE_REQUIRE_BUF=1
+fi
+"$bin/python" -m pytest "$@"

