@@ -230,13 +230,20 @@ class AsyncClient:
         """Embeddings of each window, in order, over one bidirectional stream."""
         options = _embed_options(include_positional, position_offset, dtype)
 
+        # grpc consumes the request iterator in a task of its own and turns an
+        # exception there into a bare cancellation; keep it and raise it here.
+        producer_error: list[BaseException] = []
+
         async def requests() -> AsyncIterator[embedding_pb2.EmbedStreamRequest]:
             sequence_id = 0
-            async for window in _as_async_iterator(windows):
-                yield embedding_pb2.EmbedStreamRequest(
-                    token_ids=_token_ids_pb(window), options=options, sequence_id=sequence_id
-                )
-                sequence_id += 1
+            try:
+                async for window in _as_async_iterator(windows):
+                    yield embedding_pb2.EmbedStreamRequest(
+                        token_ids=_token_ids_pb(window), options=options, sequence_id=sequence_id
+                    )
+                    sequence_id += 1
+            except Exception as error:
+                producer_error.append(error)
 
         call = self._embedding.EmbedStream(requests(), timeout=self.stream_timeout)
         try:
@@ -246,6 +253,8 @@ class AsyncClient:
             raise error_from_rpc(error) from None
         finally:
             call.cancel()
+        if producer_error:
+            raise producer_error[0]
 
     async def info(self) -> EmbeddingInfo:
         reply = await self._unary(self._embedding.Info, embedding_pb2.EmbeddingServiceInfoRequest())

@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import types
-from collections.abc import AsyncGenerator, Coroutine, Generator, Iterable, Sequence
+import weakref
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Generator, Iterable, Sequence
 from typing import Any, Literal, TypeVar
 
 import numpy.typing as npt
@@ -18,6 +19,15 @@ from ._async import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TARGET, AsyncClient, Embe
 from ._values import Batch, EmbeddingInfo
 
 _T = TypeVar("_T")
+_END = object()
+
+
+def _stop_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
+    if loop.is_closed():
+        return
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join()
+    loop.close()
 
 
 class Client:
@@ -32,9 +42,13 @@ class Client:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
+        if timeout <= 0 or stream_timeout <= 0:
+            raise ValueError("timeouts must be positive")
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="embedserve-client", daemon=True)
         self._thread.start()
+        # A Client that is never closed still stops its thread when collected.
+        self._finalizer = weakref.finalize(self, _stop_loop, self._loop, self._thread)
 
         async def make() -> AsyncClient:
             return AsyncClient(
@@ -52,6 +66,9 @@ class Client:
         return self._async.target
 
     def _run(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
+        if threading.current_thread() is self._thread:
+            coroutine.close()
+            raise RuntimeError("a Client cannot be called from its own event-loop thread")
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
     def _iterate(self, iterator: AsyncGenerator[_T, None]) -> Generator[_T, None, None]:
@@ -75,9 +92,7 @@ class Client:
         if self._loop.is_closed():
             return
         self._run(self._async.close())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
+        self._finalizer()
 
     def __enter__(self) -> Client:
         return self
@@ -149,9 +164,16 @@ class Client:
         position_offset: int = 0,
         dtype: EmbeddingDtype = "float32",
     ) -> Generator[npt.NDArray[Any], None, None]:
+        """Pulls `windows` in a worker thread, so a slow or blocking iterable stalls only this stream."""
+        source = iter(windows)
+
+        async def pulled() -> AsyncIterator[npt.ArrayLike]:
+            while (window := await asyncio.to_thread(next, source, _END)) is not _END:
+                yield window  # type: ignore[misc]
+
         return self._iterate(
             self._async.embed_stream(
-                windows, include_positional=include_positional, position_offset=position_offset, dtype=dtype
+                pulled(), include_positional=include_positional, position_offset=position_offset, dtype=dtype
             )
         )
 

@@ -37,6 +37,9 @@ NAME_BY_DTYPE: Mapping[tensor_pb2.Dtype.ValueType, str] = {
 }
 
 
+MAX_DIMENSIONS = 8
+
+
 class TensorFormatError(ValueError):
     """A Tensor message whose dtype, shape and bytes do not agree."""
 
@@ -72,12 +75,14 @@ def tensor_shape(tensor: tensor_pb2.Tensor, max_elements: int | None = None) -> 
     if itemsize is None:
         raise TensorFormatError(f"unknown tensor dtype {tensor.dtype}")
     shape = tuple(int(d) for d in tensor.shape)
+    if len(shape) > MAX_DIMENSIONS:
+        raise TensorFormatError(f"tensor has {len(shape)} dimensions, more than {MAX_DIMENSIONS}")
     if any(d < 0 for d in shape):
         raise TensorFormatError(f"tensor shape {list(shape)} has a negative dimension")
     elements = math.prod(shape)
     if max_elements is not None and elements > max_elements:
         raise TensorFormatError(f"tensor shape {list(shape)} has {elements} elements, over {max_elements}")
-    if elements * itemsize != len(tensor.data):
+    if elements * itemsize != len(tensor.data) or (elements == 0 and any(d > 2**40 for d in shape)):
         raise TensorFormatError(
             f"tensor of shape {list(shape)} and dtype {NAME_BY_DTYPE[tensor.dtype]} needs "
             f"{elements * itemsize} bytes, got {len(tensor.data)}"

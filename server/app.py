@@ -44,6 +44,11 @@ class Components:
 
 def load_components(config: ServerConfig, environ: Mapping[str, str] | None = None) -> Components:
     """Loads the tokenizer and the embedding tables; StartupError says what is wrong."""
+    for name in ("max_message_bytes", "max_tokens_per_request", "max_texts_per_request", "max_batch_size"):
+        if getattr(config, name) <= 0:
+            raise StartupError(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
+    if not 0 <= config.port < 65536:
+        raise StartupError(f"--port must be in [0, 65535], got {config.port}")
     started = time.perf_counter()
     tokenizer = load_gpt2_tokenizer(config.bpe_dir, os.environ if environ is None else environ)
     if config.weights is not None:

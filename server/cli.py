@@ -30,10 +30,14 @@ def _add_client_arguments(parser: argparse.ArgumentParser, environ: Mapping[str,
         default=environ.get("EMBEDSERVE_TARGET", DEFAULT_TARGET),
         help=f"server address (default: {DEFAULT_TARGET}); env EMBEDSERVE_TARGET",
     )
+    try:
+        timeout = float(environ.get("EMBEDSERVE_TIMEOUT", "30"))
+    except ValueError:
+        parser.error(f"EMBEDSERVE_TIMEOUT={environ['EMBEDSERVE_TIMEOUT']!r} is not a number of seconds")
     parser.add_argument(
         "--timeout",
         type=float,
-        default=float(environ.get("EMBEDSERVE_TIMEOUT", "30")),
+        default=timeout,
         help="seconds before a call gives up (default: 30); env EMBEDSERVE_TIMEOUT",
     )
 

@@ -81,8 +81,11 @@ _FLAGS: Mapping[str, tuple[Callable[[str], Any], str]] = {
     "data_dir": (_optional_path, "folder whose files StreamBatches serves as corpora by name"),
     "bpe_dir": (_optional_path, "folder holding GPT-2's vocab.bpe and encoder.json (offline tokenizer)"),
     "max_message_bytes": (int, "largest gRPC message sent or received"),
-    "max_tokens_per_request": (int, "most token IDs in one Embed call or EmbedStream window"),
-    "max_texts_per_request": (int, "most texts in one Tokenize call"),
+    "max_tokens_per_request": (
+        int,
+        "most token IDs in one Embed call, EmbedStream window or Detokenize call",
+    ),
+    "max_texts_per_request": (int, "most texts in one Tokenize or Detokenize call"),
     "max_batch_size": (int, "largest StreamBatches batch_size"),
     "log_level": (str, "DEBUG, INFO, WARNING or ERROR"),
 }

@@ -49,6 +49,13 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         self._tokenizer = tokenizer
         self._config = config
 
+    def _check_text_count(self, count: int) -> None:
+        if count > self._config.max_texts_per_request:
+            raise LimitExceeded(
+                f"{count} texts are over the server's --max-texts-per-request "
+                f"{self._config.max_texts_per_request}"
+            )
+
     @unary_errors
     async def Tokenize(
         self, request: tokenizer_pb2.TokenizeRequest, context: Context
@@ -56,26 +63,37 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         texts = list(request.texts)
         if not texts:
             raise InvalidInput("texts is empty")
-        if len(texts) > self._config.max_texts_per_request:
-            raise LimitExceeded(
-                f"{len(texts)} texts are over the server's --max-texts-per-request "
-                f"{self._config.max_texts_per_request}"
-            )
+        self._check_text_count(len(texts))
         allowed = "all" if request.allow_all_special else frozenset(request.allowed_special)
         ids, lengths = await asyncio.to_thread(self._tokenizer.encode_batch, texts, allowed)
+        _check_reply_bytes(ids.nbytes + 10 * len(lengths), self._config, f"the {ids.size} token IDs")
         return tokenizer_pb2.TokenizeResponse(token_ids=_codec.tensor_pb_from_numpy(ids), lengths=lengths)
+
+    def _decode_all(self, ids: np.ndarray[Any, Any], lengths: list[int]) -> list[str]:
+        self._tokenizer.check_ids(ids)
+        bounds = np.cumsum([0, *lengths]).tolist()
+        texts = [self._tokenizer.decode(ids[start:end]) for start, end in itertools.pairwise(bounds)]
+        _check_reply_bytes(sum(len(t) for t in texts) * 4, self._config, f"the text of {ids.size} token IDs")
+        return texts
 
     @unary_errors
     async def Detokenize(
         self, request: tokenizer_pb2.DetokenizeRequest, context: Context
     ) -> tokenizer_pb2.DetokenizeResponse:
         ids = _codec.token_ids_from_pb(request.token_ids).reshape(-1)
+        if ids.size > self._config.max_tokens_per_request:
+            raise LimitExceeded(
+                f"{ids.size} token IDs are over the server's --max-tokens-per-request "
+                f"{self._config.max_tokens_per_request}"
+            )
         lengths = list(request.lengths) or [ids.size]
+        self._check_text_count(len(lengths))
         if any(n < 0 for n in lengths) or sum(lengths) != ids.size:
-            raise InvalidInput(f"lengths {lengths} do not add up to the {ids.size} token IDs")
-        self._tokenizer.check_ids(ids)
-        bounds = np.cumsum([0, *lengths])
-        texts = [self._tokenizer.decode(ids[start:end]) for start, end in itertools.pairwise(bounds.tolist())]
+            raise InvalidInput(
+                f"lengths must be non-negative and add up to the {ids.size} token IDs; "
+                f"{len(lengths)} lengths add up to {sum(lengths)}"
+            )
+        texts = await asyncio.to_thread(self._decode_all, ids, lengths)
         return tokenizer_pb2.DetokenizeResponse(texts=texts)
 
 
@@ -121,6 +139,11 @@ class BatchesServicer(batches_pb2_grpc.BatchesServiceServicer):
                     "so the windows have no positional embedding"
                 )
             reply_bytes += tokens_per_batch * self._model.dim * embeddings_dtype.itemsize
+            if int(tokens.max()) >= self._model.vocab_size:
+                raise InvalidInput(
+                    f"the source has token id {int(tokens.max())}, outside the embedding model's vocabulary "
+                    f"[0, {self._model.vocab_size}); stream it without include_embeddings"
+                )
         _check_reply_bytes(reply_bytes, self._config, f"a batch of {plan.batch_size} x {plan.max_length}")
 
         for index in range(plan.num_batches):

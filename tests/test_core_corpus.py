@@ -19,6 +19,7 @@ def store(tmp_path: Path) -> CorpusStore:
     os.symlink(tmp_path / "secret.txt", root / "escape.txt")
     os.symlink(tmp_path, root / "escape_dir")
     os.symlink(root / "a.txt", root / "alias.txt")
+    os.symlink(root / "loop.txt", root / "loop.txt")
     (root / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     return CorpusStore(root, load_gpt2_tokenizer(None, {}))
 
@@ -37,7 +38,9 @@ def test_names_that_leave_the_folder_are_invalid(store: CorpusStore, name: str) 
         store.resolve(name)
 
 
-@pytest.mark.parametrize("name", ["escape.txt", "escape_dir/secret.txt", "missing.txt", "sub", "a.txt/x"])
+@pytest.mark.parametrize(
+    "name", ["escape.txt", "escape_dir/secret.txt", "missing.txt", "sub", "a.txt/x", "x" * 5000, "loop.txt"]
+)
 def test_symlinks_out_and_missing_files_are_not_found(store: CorpusStore, name: str) -> None:
     with pytest.raises(NotFound):
         store.tokens(name)

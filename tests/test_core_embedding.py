@@ -89,6 +89,13 @@ def test_check_refuses_bad_input(ids: np.ndarray, kwargs: dict[str, Any], messag
         model.check(ids, **kwargs)
 
 
+def test_embed_itself_refuses_out_of_range_ids() -> None:
+    # Even without check(): on CUDA such an index would poison the device.
+    model = EmbeddingModel(seeded_embedding_tables(6, 3, 4, 123), torch.device("cpu"))
+    with pytest.raises(InvalidInput, match="token id 6"):
+        model.embed(np.array([[1, 6]]))
+
+
 def test_long_sequences_without_positions_are_fine_and_limits_hold() -> None:
     model = EmbeddingModel(seeded_embedding_tables(6, 3, 4, 123), torch.device("cpu"))
     model.check(np.arange(6).repeat(3), include_positional=False)

@@ -7,7 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from embedserve.client import AsyncClient
+from embedserve.client import AsyncClient, InvalidArgumentError
 from embedserve.server import ServerConfig
 from embedserve.server.core import EmbeddingModel, resolve_device, seeded_embedding_tables
 
@@ -68,5 +68,25 @@ async def test_default_server_on_cuda_serves_the_notebook_flow() -> None:
                 torch.arange(4)
             )
             np.testing.assert_array_equal(batch.embeddings, expected.detach().numpy())
+    finally:
+        running.stop()
+
+
+async def test_out_of_range_ids_never_reach_the_device() -> None:
+    # An index past the table is a device-side assert on CUDA that breaks every later call.
+    running = start_server(
+        replace(ServerConfig(), port=0, vocab_size=6, dim=3, context_length=4, device="cuda")
+    )
+    try:
+        async with AsyncClient(running.target) as client:
+            with pytest.raises(InvalidArgumentError):
+                await client.embed([[1, 6]])
+            with pytest.raises(InvalidArgumentError):
+                async for _ in client.stream_batches(
+                    text="word " * 50, batch_size=2, max_length=4, stride=4, include_embeddings=True
+                ):
+                    pass
+            rows = await client.embed([2, 3, 5, 1], include_positional=False)
+        np.testing.assert_allclose(rows, NOTEBOOK_ROWS_2_3_5_1, atol=1e-4)
     finally:
         running.stop()

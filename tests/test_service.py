@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -18,7 +20,7 @@ from embedserve.client import (
     NotFoundError,
     ResourceExhaustedError,
 )
-from embedserve.v1 import embedding_pb2, embedding_pb2_grpc, tensor_pb2
+from embedserve.v1 import embedding_pb2, embedding_pb2_grpc, tensor_pb2, tokenizer_pb2, tokenizer_pb2_grpc
 
 from .conftest import ServerThread
 from .notebook_reference import create_dataloader_v1
@@ -304,3 +306,108 @@ async def test_unreachable_server_is_unavailable() -> None:
         with pytest.raises(EmbedServeError) as raised:
             await client.info()
     assert raised.value.code is grpc.StatusCode.UNAVAILABLE
+
+
+async def test_batches_with_embeddings_refuse_ids_past_a_small_vocabulary(tiny_server: ServerThread) -> None:
+    # GPT-2 IDs run to 50256; the tiny model has 6 rows. On CUDA an out-of-range
+    # lookup would poison the device for every later call.
+    async with AsyncClient(tiny_server.target) as client:
+        with pytest.raises(InvalidArgumentError, match=r"outside the embedding model's vocabulary \[0, 6\)"):
+            await _drain(
+                client.stream_batches(
+                    text="word " * 50, batch_size=2, max_length=4, stride=4, include_embeddings=True
+                )
+            )
+        plain = [
+            b async for b in client.stream_batches(text="word " * 50, batch_size=2, max_length=4, stride=4)
+        ]
+        assert plain
+        assert (await client.embed([2, 3, 5, 1], include_positional=False)).shape == (4, 3)
+
+
+async def test_hostile_shapes_and_names_are_not_internal(server: ServerThread) -> None:
+    hostile = [
+        tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_INT32, shape=[0, 2**62], data=b""),
+        tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_INT32, shape=[1] * 65, data=b"\0" * 4),
+    ]
+    async with grpc.aio.insecure_channel(server.target) as channel:
+        stub = embedding_pb2_grpc.EmbeddingServiceStub(channel)
+        for tensor in hostile:
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await stub.Embed(embedding_pb2.EmbedRequest(token_ids=tensor))
+            assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    async with AsyncClient(server.target) as client:
+        assert await _stream_status(client.stream_batches(corpus="x" * 5000)) is grpc.StatusCode.NOT_FOUND
+    async with grpc.aio.insecure_channel(server.target) as channel:
+        tokenizer = tokenizer_pb2_grpc.TokenizerServiceStub(channel)
+        many_empty_texts = tokenizer_pb2.DetokenizeRequest(
+            token_ids=tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_INT32, shape=[0], data=b""), lengths=[0] * 5000
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await tokenizer.Detokenize(many_empty_texts)
+        assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "--max-texts-per-request 4096" in (raised.value.details() or "")
+
+
+async def test_corpus_escapes_are_refused_even_when_the_target_exists(
+    server: ServerThread, data_dir: Path
+) -> None:
+    (data_dir.parent / "outside.txt").write_text("secret " * 100)
+    async with AsyncClient(server.target) as client:
+        for escape in ("../outside.txt", f"{data_dir.parent}/outside.txt", "nested/../../outside.txt"):
+            assert await _stream_status(client.stream_batches(corpus=escape, max_length=4, stride=4)) in (
+                grpc.StatusCode.INVALID_ARGUMENT,
+                grpc.StatusCode.NOT_FOUND,
+            )
+
+
+async def test_embed_stream_raises_the_producers_own_error(server: ServerThread) -> None:
+    async def failing() -> AsyncIterator[list[int]]:
+        yield [1, 2]
+        raise RuntimeError("producer broke")
+
+    async with AsyncClient(server.target) as client:
+        received: list[object] = []
+
+        async def collect() -> None:
+            async for embeddings in client.embed_stream(failing()):
+                received.append(embeddings)
+
+        with pytest.raises(RuntimeError, match="producer broke"):
+            await collect()
+        assert len(received) == 1
+        with pytest.raises(TypeError, match="must be integers"):
+            await _drain_any(client.embed_stream([[0.5, 1.5]]))
+        assert (await client.embed([1])).shape == (1, 256)
+
+
+async def _drain_any(stream: AsyncIterator[object]) -> None:
+    async for _ in stream:
+        pass
+
+
+async def test_a_cancelled_stream_stops_generating_on_the_server(
+    server: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from embedserve.server import services
+    from embedserve.server.core import gather_windows
+
+    gathered = 0
+    original = gather_windows
+
+    def counting(*args: Any) -> Any:
+        nonlocal gathered
+        gathered += 1
+        return original(*args)
+
+    monkeypatch.setattr(services, "gather_windows", counting)
+    async with AsyncClient(server.target) as client:
+        stream = client.stream_batches(text="word " * 5000, batch_size=2, max_length=8, stride=1)
+        first = await anext(stream)
+        assert first.num_batches > 2000
+        await stream.aclose()
+        await asyncio.sleep(0.5)
+        after_close = gathered
+        await asyncio.sleep(0.5)
+    assert gathered == after_close
+    assert gathered < 100

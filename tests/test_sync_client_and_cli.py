@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import signal
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -170,3 +173,47 @@ def test_serve_refuses_bad_startup_config_clearly(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "--weights" in result.stderr
     assert "no such file" in result.stderr
+
+
+def test_sync_embed_stream_pulls_in_a_worker_thread(server: ServerThread) -> None:
+    with Client(server.target) as client:
+
+        def windows() -> Iterator[list[int]]:
+            for text in ("one", "two words", "three more words"):
+                yield client.tokenize(text)  # the same Client, called from the producer
+
+        shapes = [e.shape for e in client.embed_stream(windows())]
+        assert shapes == [(1, 256), (2, 256), (3, 256)]
+
+        def broken() -> Iterator[list[int]]:
+            yield [1]
+            raise RuntimeError("producer broke")
+
+        with pytest.raises(RuntimeError, match="producer broke"):
+            list(client.embed_stream(broken()))
+
+
+def test_sync_clients_leave_no_threads_behind(server: ServerThread) -> None:
+    before = threading.active_count()
+    with pytest.raises(ValueError, match="positive"):
+        Client(server.target, timeout=0)
+    for _ in range(3):
+        client = Client(server.target)
+        client.info()
+        del client
+    gc.collect()
+    with Client(server.target) as client:
+        client.info()
+    assert threading.active_count() == before
+
+
+def test_nonsense_limits_and_environment_are_refused_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
+    from embedserve.server.app import load_components
+    from embedserve.server.core import StartupError
+
+    with pytest.raises(StartupError, match="--max-batch-size must be positive"):
+        load_components(ServerConfig(max_batch_size=0, device="cpu"))
+    monkeypatch.setenv("EMBEDSERVE_TIMEOUT", "abc")
+    with pytest.raises(SystemExit) as exited:
+        main(["info"])
+    assert exited.value.code == 2

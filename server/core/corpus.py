@@ -45,16 +45,20 @@ class CorpusStore:
         candidate = self._root.joinpath(*relative.parts)
         try:
             resolved = candidate.resolve(strict=True)
-        except (FileNotFoundError, NotADirectoryError, RuntimeError):
-            raise NotFound(f"corpus {name!r} not found in the data folder") from None
-        if not resolved.is_relative_to(self._root) or not resolved.is_file():
+            inside = resolved.is_relative_to(self._root) and resolved.is_file()
+        except (OSError, RuntimeError):  # missing, unreadable, name too long, symlink loop
+            inside = False
+        if not inside:
             raise NotFound(f"corpus {name!r} not found in the data folder")
         return resolved
 
     def tokens(self, name: str) -> TokenIds:
         """The corpus's GPT-2 token IDs (<|endoftext|> allowed, as the notebook encodes)."""
         path = self.resolve(name)
-        stat = path.stat()
+        try:
+            stat = path.stat()
+        except OSError as exc:
+            raise NotFound(f"corpus {name!r} cannot be read: {exc.strerror}") from None
         key = (path, stat.st_mtime_ns, stat.st_size)
         with self._lock:
             if key in self._cache:
@@ -64,6 +68,8 @@ class CorpusStore:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as exc:
             raise InvalidInput(f"corpus {name!r} is not UTF-8 text: {exc}") from None
+        except OSError as exc:
+            raise NotFound(f"corpus {name!r} cannot be read: {exc.strerror}") from None
         ids = self._tokenizer.encode(text, allowed_special={ENDOFTEXT})
         ids.setflags(write=False)
         with self._lock:

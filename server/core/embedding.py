@@ -215,7 +215,13 @@ class EmbeddingModel:
         include_positional: bool = True,
         output_dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
-        """[B, T] (or [T]) IDs -> [B, T, D] (or [T, D]) on the CPU. Call check() first."""
+        """[B, T] (or [T]) IDs -> [B, T, D] (or [T, D]) on the CPU. Call check() first for full messages.
+
+        The range check here is cheap and always runs: an index past the table
+        is a device-side assert on CUDA, which poisons the context for good.
+        """
+        if token_ids.size and (int(token_ids.min()) < 0 or int(token_ids.max()) >= self.vocab_size):
+            self.check(token_ids, include_positional=False)
         with torch.inference_mode():
             # Decoded requests are read-only views of the message; torch wants writable memory.
             host_ids = token_ids if token_ids.flags.writeable else token_ids.copy()

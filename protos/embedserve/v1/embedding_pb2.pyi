@@ -168,9 +168,9 @@ class RequestLimits(_message.Message):
     max_message_bytes: _builtins.int
     """Largest gRPC message either side accepts."""
     max_tokens_per_request: _builtins.int
-    """Most token IDs in one Embed / EmbedStream window / Tokenize batch."""
+    """Most token IDs in one Embed call, EmbedStream window or Detokenize request."""
     max_texts_per_request: _builtins.int
-    """Most texts in one Tokenize request."""
+    """Most texts in one Tokenize or Detokenize request."""
     max_batch_size: _builtins.int
     """Most windows in one StreamBatches batch."""
     def __init__(
