@@ -26,9 +26,23 @@ from ._errors import (
 )
 from ._sync import Client
 from ._values import Batch, EmbeddingInfo, RequestLimits, to_torch
+from ._word_vectors import (
+    AnalogyResult,
+    AsyncWordVectors,
+    Query,
+    SyncWordVectors,
+    WordNotFoundError,
+    WordVectorsInfo,
+)
 
 __all__ = [
+    "AnalogyResult",
     "AsyncClient",
+    "AsyncWordVectors",
+    "Query",
+    "SyncWordVectors",
+    "WordNotFoundError",
+    "WordVectorsInfo",
     "Batch",
     "CallCancelledError",
     "Client",

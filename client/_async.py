@@ -30,6 +30,7 @@ from embedserve.v1 import (
 
 from ._errors import error_from_rpc
 from ._values import Batch, EmbeddingInfo, RequestLimits
+from ._word_vectors import AsyncWordVectors
 from .tensor import DTYPE_BY_NAME, NAME_BY_DTYPE, from_tensor_pb, to_tensor_pb
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -102,6 +103,8 @@ class AsyncClient:
         self._tokenizer = tokenizer_pb2_grpc.TokenizerServiceStub(self._channel)
         self._batches = batches_pb2_grpc.BatchesServiceStub(self._channel)
         self._embedding = embedding_pb2_grpc.EmbeddingServiceStub(self._channel)
+        self.word_vectors = AsyncWordVectors(self._channel, lambda: self.timeout)
+        """gensim-style word-vector queries (most_similar, similarity, ...) on the server's model."""
 
     async def __aenter__(self) -> AsyncClient:
         return self

@@ -17,6 +17,7 @@ import numpy.typing as npt
 
 from ._async import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TARGET, AsyncClient, EmbeddingDtype
 from ._values import Batch, EmbeddingInfo
+from ._word_vectors import SyncWordVectors
 
 _T = TypeVar("_T")
 _END = object()
@@ -60,6 +61,8 @@ class Client:
             )
 
         self._async = self._run(make())
+        self.word_vectors = SyncWordVectors(self._async.word_vectors, self._run)
+        """gensim-style word-vector queries, as on AsyncClient.word_vectors but without await."""
 
     @property
     def target(self) -> str:

@@ -30,6 +30,14 @@ def token_ids_from_pb(tensor: tensor_pb2.Tensor, field: str = "token_ids") -> np
         raise InvalidInput(f"{field}: {exc}") from None
 
 
+def array_from_pb(tensor: tensor_pb2.Tensor, field: str) -> npt.NDArray[np.generic]:
+    """Decodes any tensor; a malformed one is InvalidInput."""
+    try:
+        return from_tensor_pb(tensor)
+    except TensorFormatError as exc:
+        raise InvalidInput(f"{field}: {exc}") from None
+
+
 def output_dtype_from_pb(dtype: tensor_pb2.Dtype.ValueType, field: str = "output_dtype") -> torch.dtype:
     if dtype == tensor_pb2.DTYPE_UNSPECIFIED:
         return torch.float32

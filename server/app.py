@@ -11,7 +11,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import grpc
-from embedserve.v1 import batches_pb2_grpc, embedding_pb2_grpc, tokenizer_pb2_grpc
+from embedserve.v1 import batches_pb2_grpc, embedding_pb2_grpc, tokenizer_pb2_grpc, word_vectors_pb2_grpc
+from grpc_health.v1 import _async as health_aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from .config import DEFAULT_CONTEXT_LENGTH, DEFAULT_DIM, DEFAULT_VOCAB_SIZE, ServerConfig
 from .core import (
@@ -24,7 +26,10 @@ from .core import (
     resolve_device,
     seeded_embedding_tables,
 )
+from .core.vector_sources import default_cache_dir, load_word_vectors
+from .core.word_vector_slot import WordVectorSlot
 from .services import BatchesServicer, EmbeddingServicer, TokenizerServicer
+from .word_vectors_service import WordVectorsServicer
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -37,14 +42,23 @@ class Components:
     tokenizer: Tokenizer
     model: EmbeddingModel
     corpora: CorpusStore
+    word_vectors: WordVectorSlot
 
     def close(self) -> None:
         self.model.close()
+        self.word_vectors.close()
 
 
 def load_components(config: ServerConfig, environ: Mapping[str, str] | None = None) -> Components:
     """Loads the tokenizer and the embedding tables; StartupError says what is wrong."""
-    for name in ("max_message_bytes", "max_tokens_per_request", "max_texts_per_request", "max_batch_size"):
+    for name in (
+        "max_message_bytes",
+        "max_tokens_per_request",
+        "max_texts_per_request",
+        "max_batch_size",
+        "max_topn",
+        "max_queries_per_request",
+    ):
         if getattr(config, name) <= 0:
             raise StartupError(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
     if not 0 <= config.port < 65536:
@@ -69,7 +83,15 @@ def load_components(config: ServerConfig, environ: Mapping[str, str] | None = No
         )
     if config.data_dir is not None and not config.data_dir.is_dir():
         raise StartupError(f"--data-dir {config.data_dir} is not a folder")
-    model = EmbeddingModel(tables, resolve_device(config.device))
+    device = resolve_device(config.device)
+    model = EmbeddingModel(tables, device)
+    cache_dir = config.cache_dir or default_cache_dir(os.environ if environ is None else environ)
+    word_vectors = WordVectorSlot(
+        config.word_vectors,
+        lambda: load_word_vectors(
+            config.word_vectors, cache_dir=cache_dir, device=device, max_topn=config.max_topn
+        ),
+    )
     _LOGGER.info(
         "embedding %d x %d + positional %d x %d from %s on %s, loaded in %.2f s",
         model.vocab_size,
@@ -80,7 +102,7 @@ def load_components(config: ServerConfig, environ: Mapping[str, str] | None = No
         model.device,
         time.perf_counter() - started,
     )
-    return Components(config, tokenizer, model, CorpusStore(config.data_dir, tokenizer))
+    return Components(config, tokenizer, model, CorpusStore(config.data_dir, tokenizer), word_vectors)
 
 
 def channel_options(config: ServerConfig) -> list[tuple[str, int]]:
@@ -89,6 +111,37 @@ def channel_options(config: ServerConfig) -> list[tuple[str, int]]:
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
+
+
+TOKENIZER_SERVICE = "embedserve.v1.TokenizerService"
+BATCHES_SERVICE = "embedserve.v1.BatchesService"
+EMBEDDING_SERVICE = "embedserve.v1.EmbeddingService"
+WORD_VECTORS_SERVICE = "embedserve.v1.WordVectorsService"
+_HEALTH_UPDATES: set[asyncio.Task[None]] = set()
+
+
+def _track_health(health: health_aio.HealthServicer, served: list[str], word_vectors: WordVectorSlot) -> None:
+    """grpc.health.v1: every service SERVING, WordVectors NOT_SERVING until its model is loaded."""
+    loop = asyncio.get_running_loop()
+    serving = health_pb2.HealthCheckResponse.SERVING
+    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+
+    def set_status(name: str, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+        task = loop.create_task(health.set(name, status))
+        _HEALTH_UPDATES.add(task)
+        task.add_done_callback(_HEALTH_UPDATES.discard)
+
+    for name in ["", *served]:
+        set_status(name, serving)
+    if not word_vectors.enabled:
+        return
+    set_status(WORD_VECTORS_SERVICE, not_serving)
+
+    def on_loaded(ready: bool) -> None:
+        loop.call_soon_threadsafe(set_status, WORD_VECTORS_SERVICE, serving if ready else not_serving)
+
+    word_vectors.add_done_callback(on_loaded)
+    word_vectors.start()
 
 
 def build_server(config: ServerConfig, components: Components | None = None) -> tuple[grpc.aio.Server, int]:
@@ -108,6 +161,14 @@ def build_server(config: ServerConfig, components: Components | None = None) -> 
     embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server(
         EmbeddingServicer(components.model, components.tokenizer, config), server
     )
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    served = [TOKENIZER_SERVICE, BATCHES_SERVICE, EMBEDDING_SERVICE]
+    if components.word_vectors.enabled:
+        word_vectors_pb2_grpc.add_WordVectorsServiceServicer_to_server(
+            WordVectorsServicer(components.word_vectors, config), server
+        )
+    _track_health(health, served, components.word_vectors)
     try:
         port = server.add_insecure_port(config.address)
     except RuntimeError as exc:

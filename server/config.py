@@ -33,6 +33,10 @@ class ServerConfig:
     max_tokens_per_request: int = 1 << 20
     max_texts_per_request: int = 4096
     max_batch_size: int = 4096
+    word_vectors: str = "glove-6b-50d"
+    cache_dir: Path | None = None
+    max_topn: int = 10000
+    max_queries_per_request: int = 4096
     log_level: str = "INFO"
 
     @property
@@ -87,6 +91,14 @@ _FLAGS: Mapping[str, tuple[Callable[[str], Any], str]] = {
     ),
     "max_texts_per_request": (int, "most texts in one Tokenize or Detokenize call"),
     "max_batch_size": (int, "largest StreamBatches batch_size"),
+    "word_vectors": (
+        str,
+        "glove-6b-50d (offline default), a gensim-data name, a vectors file (word2vec .bin/.txt, GloVe .txt, "
+        "fastText .vec, gensim .kv), or none",
+    ),
+    "cache_dir": (_optional_path, "where converted word vectors are kept (default: ~/.cache/embedserve)"),
+    "max_topn": (int, "largest topn of a MostSimilar query"),
+    "max_queries_per_request": (int, "most queries, pairs or words in one WordVectors call"),
     "log_level": (str, "DEBUG, INFO, WARNING or ERROR"),
 }
 

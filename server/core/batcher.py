@@ -1,0 +1,81 @@
+"""Coalesces concurrent requests into one call of a batch function run off the event loop.
+
+An idle batcher runs a request at once; requests that arrive while a batch is
+running wait and then go together into the next one (up to `max_items`). The
+queue is bounded: past `max_queue` waiting items a request is Overloaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from typing import Generic, TypeVar
+
+from .errors import Overloaded
+
+_In = TypeVar("_In")
+_Out = TypeVar("_Out")
+
+
+class MicroBatcher(Generic[_In, _Out]):
+    def __init__(
+        self,
+        run: Callable[[list[_In]], list[_Out]],
+        *,
+        executor: Executor,
+        max_items: int = 1024,
+        max_queue: int = 65536,
+    ) -> None:
+        self._run = run
+        self._executor = executor
+        self._max_items = max_items
+        self._max_queue = max_queue
+        self._pending: deque[tuple[Sequence[_In], asyncio.Future[list[_Out]]]] = deque()
+        self._queued = 0
+        self._drainer: asyncio.Task[None] | None = None
+        self.batches_run = 0
+
+    async def submit(self, items: Sequence[_In]) -> list[_Out]:
+        """The batch function's outputs for these items, in order."""
+        if not items:
+            return []
+        if self._queued + len(items) > self._max_queue:
+            raise Overloaded(
+                f"{self._queued} items are already queued (limit {self._max_queue}); retry later"
+            )
+        future: asyncio.Future[list[_Out]] = asyncio.get_running_loop().create_future()
+        self._pending.append((items, future))
+        self._queued += len(items)
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._pending:
+            taken: list[tuple[Sequence[_In], asyncio.Future[list[_Out]]]] = []
+            count = 0
+            while self._pending and (not taken or count + len(self._pending[0][0]) <= self._max_items):
+                items, future = self._pending.popleft()
+                self._queued -= len(items)
+                if not future.done():  # a cancelled caller's items are dropped
+                    taken.append((items, future))
+                    count += len(items)
+            if not taken:
+                continue
+            flat = [item for items, _ in taken for item in items]
+            try:
+                outputs = await loop.run_in_executor(self._executor, self._run, flat)
+            except Exception as error:
+                for _, future in taken:
+                    if not future.done():
+                        future.set_exception(error)
+                continue
+            self.batches_run += 1
+            start = 0
+            for items, future in taken:
+                if not future.done():
+                    future.set_result(outputs[start : start + len(items)])
+                start += len(items)

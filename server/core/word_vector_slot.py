@@ -1,0 +1,80 @@
+"""A word-vector model that loads in the background while the server already answers."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from .errors import NotReady
+from .vectors import WordVectors
+
+_LOGGER = logging.getLogger(__name__)
+
+
+class WordVectorSlot:
+    """Holds the model once loaded; until then (or after a failed load) every use is NotReady."""
+
+    def __init__(self, spec: str, load: Callable[[], WordVectors | None]) -> None:
+        self.spec = spec
+        self._load = load
+        self._model: WordVectors | None = None
+        self._error: str | None = None
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._started = False
+        self._callbacks: list[Callable[[bool], None]] = []
+        # The one thread that runs vector scans; batchers of every server share it.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedserve-vectors")
+
+    @property
+    def enabled(self) -> bool:
+        return self.spec != "none"
+
+    def load_now(self) -> None:
+        try:
+            self._model = self._load()
+        except Exception as exc:
+            self._error = str(exc)
+            _LOGGER.error("word vectors %s failed to load: %s", self.spec, exc)
+        finally:
+            self._done.set()
+
+    def start(self) -> None:
+        """Loads in a background thread (once); callbacks run there when it is done."""
+        with self._lock:
+            if self._started:
+                return
+            self._started = True
+
+        def run() -> None:
+            self.load_now()
+            with self._lock:
+                callbacks, self._callbacks = self._callbacks, []
+            for callback in callbacks:
+                callback(self._model is not None)
+
+        threading.Thread(target=run, name="embedserve-vector-load", daemon=True).start()
+
+    def add_done_callback(self, callback: Callable[[bool], None]) -> None:
+        """callback(ready) once loading ends; at once if it already has."""
+        with self._lock:
+            if not self._done.is_set():
+                self._callbacks.append(callback)
+                return
+        callback(self._model is not None)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
+
+    @property
+    def model(self) -> WordVectors:
+        if self._model is not None:
+            return self._model
+        if self._error is not None:
+            raise NotReady(f"word vectors {self.spec!r} failed to load: {self._error}")
+        raise NotReady(f"word vectors {self.spec!r} are still loading")
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,179 @@
+"""The WordVectors servicer: decode, call the core (batched), encode."""
+
+from __future__ import annotations
+
+import asyncio
+from importlib import resources
+
+import numpy as np
+from embedserve.v1 import tensor_pb2, word_vectors_pb2, word_vectors_pb2_grpc
+
+from . import _codec
+from .config import ServerConfig
+from .core import InvalidInput, LimitExceeded
+from .core.batcher import MicroBatcher
+from .core.vectors import PreparedQuery, SimilarityQuery, Term
+from .core.word_vector_slot import WordVectorSlot
+from .errors import Context, unary_errors
+
+_METHODS = {
+    word_vectors_pb2.SIMILARITY_METHOD_UNSPECIFIED: "add",
+    word_vectors_pb2.SIMILARITY_METHOD_COS_ADD: "add",
+    word_vectors_pb2.SIMILARITY_METHOD_COS_MUL: "mul",
+}
+
+
+def _float32_pb(values: list[float]) -> tensor_pb2.Tensor:
+    array = np.asarray(values, dtype="<f4")
+    return tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_FLOAT32, shape=[len(values)], data=array.tobytes())
+
+
+def _term(term: word_vectors_pb2.QueryTerm) -> Term:
+    weight = term.weight if term.HasField("weight") else None
+    kind = term.WhichOneof("term")
+    if kind == "word":
+        return Term(word=term.word, weight=weight)
+    if kind == "vector":
+        if term.vector.dtype not in (tensor_pb2.DTYPE_FLOAT32, tensor_pb2.DTYPE_FLOAT16):
+            raise InvalidInput("a raw vector must be float32 or float16")
+        return Term(vector=_codec.array_from_pb(term.vector, "vector").astype(np.float32), weight=weight)
+    raise InvalidInput("a query term has neither a word nor a vector")
+
+
+def _query(query: word_vectors_pb2.SimilarityQuery) -> SimilarityQuery:
+    if query.method not in _METHODS:
+        raise InvalidInput(f"unknown similarity method {query.method}")
+    method = _METHODS[query.method]
+    for term in query.positive if method == "mul" else ():
+        if term.HasField("weight"):
+            raise InvalidInput("weights apply to 3CosAdd only")
+    return SimilarityQuery(
+        positive=tuple(_term(t) for t in query.positive),
+        negative=tuple(_term(t) for t in query.negative),
+        topn=query.topn if query.HasField("topn") else 10,
+        restrict_vocab=query.restrict_vocab if query.HasField("restrict_vocab") else None,
+        method=method,  # type: ignore[arg-type]
+    )
+
+
+class WordVectorsServicer(word_vectors_pb2_grpc.WordVectorsServiceServicer):
+    def __init__(self, slot: WordVectorSlot, config: ServerConfig) -> None:
+        self._slot = slot
+        self._config = config
+        self._batcher: MicroBatcher[PreparedQuery, list[tuple[str, float]]] | None = None
+
+    def _check_count(self, count: int, what: str) -> None:
+        if count == 0:
+            raise InvalidInput(f"{what} is empty")
+        if count > self._config.max_queries_per_request:
+            raise LimitExceeded(
+                f"{count} {what} are over the server's --max-queries-per-request "
+                f"{self._config.max_queries_per_request}"
+            )
+
+    @unary_errors
+    async def GetVectors(
+        self, request: word_vectors_pb2.GetVectorsRequest, context: Context
+    ) -> word_vectors_pb2.GetVectorsResponse:
+        self._check_count(len(request.words), "words")
+        vectors, missing = self._slot.model.get_vectors(list(request.words))
+        return word_vectors_pb2.GetVectorsResponse(
+            vectors=tensor_pb2.Tensor(
+                dtype=tensor_pb2.DTYPE_FLOAT32,
+                shape=list(vectors.shape),
+                data=vectors.astype("<f4").tobytes(),
+            ),
+            missing_words=missing,
+        )
+
+    @unary_errors
+    async def MostSimilar(
+        self, request: word_vectors_pb2.MostSimilarRequest, context: Context
+    ) -> word_vectors_pb2.MostSimilarResponse:
+        self._check_count(len(request.queries), "queries")
+        model = self._slot.model
+        prepared = model.prepare([_query(q) for q in request.queries])
+        if self._batcher is None:
+            self._batcher = MicroBatcher(model.search, executor=self._slot.executor, max_items=1024)
+        ranked = await self._batcher.submit(prepared)
+        return word_vectors_pb2.MostSimilarResponse(
+            results=[
+                word_vectors_pb2.RankedWords(words=[w for w, _ in r], scores=_float32_pb([s for _, s in r]))
+                for r in ranked
+            ]
+        )
+
+    def _pairs(self, pairs: list[word_vectors_pb2.WordPair]) -> list[tuple[str, str]]:
+        self._check_count(len(pairs), "pairs")
+        return [(p.first, p.second) for p in pairs]
+
+    @unary_errors
+    async def Similarity(
+        self, request: word_vectors_pb2.SimilarityRequest, context: Context
+    ) -> word_vectors_pb2.SimilarityResponse:
+        similarities = self._slot.model.similarity(self._pairs(list(request.pairs)))
+        return word_vectors_pb2.SimilarityResponse(similarities=_float32_pb(similarities))
+
+    @unary_errors
+    async def Distance(
+        self, request: word_vectors_pb2.DistanceRequest, context: Context
+    ) -> word_vectors_pb2.DistanceResponse:
+        cosine, euclidean = self._slot.model.distance(self._pairs(list(request.pairs)))
+        return word_vectors_pb2.DistanceResponse(cosine=_float32_pb(cosine), euclidean=_float32_pb(euclidean))
+
+    @unary_errors
+    async def DoesntMatch(
+        self, request: word_vectors_pb2.DoesntMatchRequest, context: Context
+    ) -> word_vectors_pb2.DoesntMatchResponse:
+        self._check_count(len(request.words), "words")
+        return word_vectors_pb2.DoesntMatchResponse(word=self._slot.model.doesnt_match(list(request.words)))
+
+    @unary_errors
+    async def EvaluateAnalogies(
+        self, request: word_vectors_pb2.EvaluateAnalogiesRequest, context: Context
+    ) -> word_vectors_pb2.EvaluateAnalogiesResponse:
+        model = self._slot.model
+        questions = request.questions or _bundled_questions()
+        restrict = request.restrict_vocab if request.HasField("restrict_vocab") else 300000
+        if restrict <= 0:
+            raise InvalidInput(f"restrict_vocab must be positive, got {restrict}")
+        case_insensitive = request.case_insensitive if request.HasField("case_insensitive") else True
+        report = await asyncio.get_running_loop().run_in_executor(
+            self._slot.executor,
+            lambda: model.evaluate_analogies(
+                questions, restrict_vocab=restrict, case_insensitive=case_insensitive
+            ),
+        )
+        return word_vectors_pb2.EvaluateAnalogiesResponse(
+            accuracy=report.accuracy,
+            sections=[
+                word_vectors_pb2.AnalogySection(name=s.name, correct=s.correct, incorrect=s.incorrect)
+                for s in report.sections
+            ],
+            correct=report.correct,
+            incorrect=report.incorrect,
+            questions=report.questions,
+            out_of_vocabulary=report.out_of_vocabulary,
+        )
+
+    @unary_errors
+    async def Info(
+        self, request: word_vectors_pb2.WordVectorsServiceInfoRequest, context: Context
+    ) -> word_vectors_pb2.WordVectorsServiceInfoResponse:
+        model = self._slot.model
+        return word_vectors_pb2.WordVectorsServiceInfoResponse(
+            model=model.name,
+            vocab_size=model.vocab_size,
+            dim=model.dim,
+            source=model.source,
+            device=str(model.device),
+            max_topn=model.max_topn,
+            max_queries_per_request=self._config.max_queries_per_request,
+        )
+
+
+def _bundled_questions() -> str:
+    try:
+        return (resources.files("gensim") / "test" / "test_data" / "questions-words.txt").read_text()
+    except (ModuleNotFoundError, FileNotFoundError):
+        raise InvalidInput("no questions given, and gensim's questions-words.txt is not installed") from None
