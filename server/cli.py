@@ -5,6 +5,9 @@ embedserve tokenize "Hello, world"
 embedserve batches --file the-verdict.txt --batch-size 8 --max-length 4 --stride 4 --no-shuffle
 embedserve embed 40 367 2885 1464
 embedserve info
+embedserve similar king woman --negative man -n 10
+embedserve similarity woman man
+embedserve analogies
 """
 
 from __future__ import annotations
@@ -123,6 +126,47 @@ def _run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_similar(args: argparse.Namespace) -> int:
+    from embedserve.client import Client
+
+    with Client(args.target, timeout=args.timeout) as client:
+        method = client.word_vectors.most_similar_cosmul if args.cosmul else client.word_vectors.most_similar
+        ranked = method(
+            positive=args.words, negative=args.negative, topn=args.n, restrict_vocab=args.restrict_vocab
+        )
+    for word, score in ranked:
+        print(f"{word}\t{score:.4f}")
+    return 0
+
+
+def _run_similarity(args: argparse.Namespace) -> int:
+    from embedserve.client import Client
+
+    with Client(args.target, timeout=args.timeout) as client:
+        similarity = client.word_vectors.similarity(args.first, args.second)
+        cosine, euclidean = client.word_vectors.distance_batch([(args.first, args.second)])
+    print(
+        f"similarity {similarity:.4f}  cosine distance {cosine[0]:.4f}  euclidean distance {euclidean[0]:.4f}"
+    )
+    return 0
+
+
+def _run_analogies(args: argparse.Namespace) -> int:
+    from embedserve.client import Client
+
+    questions = Path(args.file).read_text(encoding="utf-8") if args.file else None
+    with Client(args.target, timeout=args.timeout) as client:
+        result = client.word_vectors.evaluate_word_analogies(questions, restrict_vocab=args.restrict_vocab)
+    for name, correct, incorrect in result.sections:
+        total = correct + incorrect
+        print(f"{name}: {correct / total if total else 0:.1%} ({correct}/{total})")
+    print(f"Total accuracy: {result.accuracy:.1%} ({result.correct}/{result.correct + result.incorrect})")
+    print(
+        f"questions with out-of-vocabulary words, skipped: {result.out_of_vocabulary} of {result.questions}"
+    )
+    return 0
+
+
 def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="embedserve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -163,7 +207,27 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     commands.add_parser("info", help="print the server's model and limits")
     handlers["info"] = _run_info
 
-    for name in ("tokenize", "batches", "embed", "info"):
+    similar = commands.add_parser("similar", help="most similar words (king woman --negative man)")
+    similar.add_argument("words", nargs="+", metavar="WORD", help="positive words")
+    similar.add_argument("--negative", nargs="*", default=[], metavar="WORD", help="negative words")
+    similar.add_argument("-n", type=int, default=10, help="how many (default 10)")
+    similar.add_argument("--restrict-vocab", type=int, default=None, help="search only the first N words")
+    similar.add_argument(
+        "--cosmul", action="store_true", help="3CosMul (most_similar_cosmul) instead of 3CosAdd"
+    )
+    handlers["similar"] = _run_similar
+
+    similarity = commands.add_parser("similarity", help="cosine similarity and distances of two words")
+    similarity.add_argument("first")
+    similarity.add_argument("second")
+    handlers["similarity"] = _run_similarity
+
+    analogies = commands.add_parser("analogies", help="analogy accuracy (gensim evaluate_word_analogies)")
+    analogies.add_argument("--file", help="questions file (default: gensim's questions-words.txt)")
+    analogies.add_argument("--restrict-vocab", type=int, default=300000)
+    handlers["analogies"] = _run_analogies
+
+    for name in ("tokenize", "batches", "embed", "info", "similar", "similarity", "analogies"):
         _add_client_arguments(commands.choices[name], environ)
     parser.set_defaults(handlers=handlers)
     return parser

@@ -24,7 +24,9 @@ from embedserve.server.core.tokenizer import GPT2_ENCODER_JSON_URL, GPT2_VOCAB_B
 
 VERDICT_PATH = Path(__file__).resolve().parents[2] / "shared" / "data" / "the-verdict.txt"
 # The notebook's tiny example: 6 tokens, 3 dimensions, torch.manual_seed(123).
-TINY_CONFIG = ServerConfig(port=0, vocab_size=6, dim=3, context_length=4, seed=123, device="cpu")
+TINY_CONFIG = ServerConfig(
+    port=0, vocab_size=6, dim=3, context_length=4, seed=123, device="cpu", word_vectors="none"
+)
 
 
 class ServerThread:
@@ -74,8 +76,14 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def default_config(data_dir: Path) -> ServerConfig:
-    return ServerConfig(port=0, device="cpu", data_dir=data_dir)
+def vector_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One converted-vectors cache for the whole session (GloVe converts once)."""
+    return tmp_path_factory.mktemp("vector-cache")
+
+
+@pytest.fixture(scope="session")
+def default_config(data_dir: Path, vector_cache: Path) -> ServerConfig:
+    return ServerConfig(port=0, device="cpu", data_dir=data_dir, cache_dir=vector_cache)
 
 
 @pytest.fixture(scope="session")

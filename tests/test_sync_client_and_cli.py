@@ -90,7 +90,20 @@ def test_cli_client_commands(
     assert "INVALID_ARGUMENT" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", [[], ["serve"], ["tokenize"], ["batches"], ["embed"], ["info"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        [],
+        ["serve"],
+        ["tokenize"],
+        ["batches"],
+        ["embed"],
+        ["info"],
+        ["similar"],
+        ["similarity"],
+        ["analogies"],
+    ],
+)
 def test_help_everywhere(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
         main([*command, "--help"])
@@ -116,6 +129,10 @@ def test_every_flag_reads_its_environment_variable() -> None:
         "EMBEDSERVE_MAX_TOKENS_PER_REQUEST": "10",
         "EMBEDSERVE_MAX_TEXTS_PER_REQUEST": "11",
         "EMBEDSERVE_MAX_BATCH_SIZE": "12",
+        "EMBEDSERVE_WORD_VECTORS": "none",
+        "EMBEDSERVE_CACHE_DIR": "/cache",
+        "EMBEDSERVE_MAX_TOPN": "13",
+        "EMBEDSERVE_MAX_QUERIES_PER_REQUEST": "14",
         "EMBEDSERVE_LOG_LEVEL": "DEBUG",
     }
     config = parse_server_config([], environ)
@@ -136,6 +153,10 @@ def test_every_flag_reads_its_environment_variable() -> None:
         max_tokens_per_request=10,
         max_texts_per_request=11,
         max_batch_size=12,
+        word_vectors="none",
+        cache_dir=Path("/cache"),
+        max_topn=13,
+        max_queries_per_request=14,
         log_level="DEBUG",
     )
     assert parse_server_config(["--port", "7000"], environ).port == 7000
@@ -194,7 +215,10 @@ def test_sync_embed_stream_pulls_in_a_worker_thread(server: ServerThread) -> Non
 
 
 def test_sync_clients_leave_no_threads_behind(server: ServerThread) -> None:
-    before = threading.active_count()
+    def client_threads() -> int:
+        return sum(t.name == "embedserve-client" for t in threading.enumerate())
+
+    before = client_threads()
     with pytest.raises(ValueError, match="positive"):
         Client(server.target, timeout=0)
     for _ in range(3):
@@ -204,7 +228,7 @@ def test_sync_clients_leave_no_threads_behind(server: ServerThread) -> None:
     gc.collect()
     with Client(server.target) as client:
         client.info()
-    assert threading.active_count() == before
+    assert client_threads() == before
 
 
 def test_nonsense_limits_and_environment_are_refused_clearly(monkeypatch: pytest.MonkeyPatch) -> None:

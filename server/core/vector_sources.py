@@ -31,12 +31,12 @@ import numpy as np
 import torch
 
 from .errors import StartupError
-from .vectors import FloatArray, WordVectors, unit_normalize
+from .vectors import FloatArray, WordVectors
 
 _LOGGER = logging.getLogger(__name__)
 
 DEFAULT_WORD_VECTORS = "glove-6b-50d"
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2
 
 
 def default_cache_dir(environ: Mapping[str, str]) -> Path:
@@ -134,19 +134,19 @@ def _write_cache(folder: Path, loaded: _Loaded, name: str) -> None:
         count, dim = loaded.vectors.shape
         _LOGGER.info("converting %s (%d x %d) into %s", name, count, dim, folder)
         vectors = np.lib.format.open_memmap(staging / "vectors.npy", "w+", np.float32, (count, dim))
-        unit = np.lib.format.open_memmap(staging / "unit.npy", "w+", np.float32, (count, dim))
+        norms = np.lib.format.open_memmap(staging / "norms.npy", "w+", np.float32, (count,))
         step = 100_000
         last_log = time.monotonic()
         for start in range(0, count, step):
             block = np.asarray(loaded.vectors[start : start + step], dtype=np.float32)
             vectors[start : start + step] = block
-            unit[start : start + step] = unit_normalize(block, np.linalg.norm(block, axis=1))
+            norms[start : start + step] = np.linalg.norm(block, axis=1)
             if time.monotonic() - last_log > 2:
                 _LOGGER.info("converting %s: %d of %d vectors", name, min(start + step, count), count)
                 last_log = time.monotonic()
         vectors.flush()
-        unit.flush()
-        del vectors, unit
+        norms.flush()
+        del vectors, norms
         (staging / "words.json").write_text(json.dumps(loaded.words, ensure_ascii=False))
         meta = {"format": _CACHE_FORMAT, "name": name, "source": loaded.source, "count": count, "dim": dim}
         (staging / "meta.json").write_text(json.dumps(meta))
@@ -185,7 +185,7 @@ def load_word_vectors(
     model = WordVectors(
         words,
         np.load(folder / "vectors.npy", mmap_mode="r"),
-        unit=np.load(folder / "unit.npy", mmap_mode="r"),
+        norms=np.load(folder / "norms.npy", mmap_mode="r"),
         name=spec,
         source=str(meta["source"]),
         device=device,

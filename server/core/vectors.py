@@ -4,8 +4,10 @@ Queries follow gensim's code line by line where it decides the answer: how
 terms are normalised and weighted (most_similar's get_mean_vector, cosmul's
 Levy & Goldberg objective), which inputs are left out of the results, and the
 topn and restrict_vocab rules. The search itself is one matrix product of the
-queries against the unit-normalised vocabulary, in row blocks with a running
-top-k, so no [queries x vocabulary] score matrix is ever held in memory.
+queries against the vocabulary, in row blocks with a running top-k, so no
+[queries x vocabulary] score matrix is ever held in memory. Scores are formed in
+gensim's order, dot(vectors, query) / norms, so they agree with gensim's to
+float32 rounding.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ FloatArray = npt.NDArray[np.float32]
 Method = Literal["add", "mul"]
 # gensim's epsilon in most_similar_cosmul's denominator.
 COSMUL_EPSILON = 0.000001
-_Scorer = Callable[[torch.Tensor], torch.Tensor]
+_Scorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,7 @@ class AnalogyReport:
 
 
 class WordVectors:
-    """A vocabulary, its raw vectors, and their unit-normalised copy on a torch device."""
+    """A vocabulary and its raw vectors, resident on a torch device with their norms."""
 
     def __init__(
         self,
@@ -101,7 +103,7 @@ class WordVectors:
         name: str,
         source: str,
         device: torch.device,
-        unit: FloatArray | None = None,
+        norms: FloatArray | None = None,
         block_rows: int = 32768,
         max_topn: int = 10000,
     ) -> None:
@@ -115,15 +117,16 @@ class WordVectors:
         for index, word in enumerate(self.words):
             self.key_to_index.setdefault(word, index)
         self.vectors = vectors
-        self.norms: FloatArray = np.linalg.norm(vectors, axis=1)
+        self.norms: FloatArray = np.linalg.norm(vectors, axis=1) if norms is None else norms
         self._block_rows = block_rows
         self.max_topn = max_topn
-        if unit is None:
-            unit = unit_normalize(vectors, self.norms)
         with warnings.catch_warnings():
             # Memory-mapped caches are read-only; nothing here writes to them.
             warnings.simplefilter("ignore", UserWarning)
-            self._unit = torch.from_numpy(unit).to(device)
+            self._vectors = torch.from_numpy(vectors).to(device)
+            self._norms = torch.from_numpy(self.norms).to(device)
+        # gensim would score a zero vector NaN; here it is never returned.
+        self._zero_rows = torch.from_numpy(self.norms == 0).to(device) if np.any(self.norms == 0) else None
 
     @property
     def vocab_size(self) -> int:
@@ -284,8 +287,8 @@ class WordVectors:
         queries = torch.from_numpy(np.stack([p.add_vector for p in group if p.add_vector is not None]))
         queries = queries.to(self.device)
 
-        def score(block: torch.Tensor) -> torch.Tensor:
-            return torch.mm(queries, block.T)
+        def score(block: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+            return torch.mm(queries, block.T) / norms
 
         return score
 
@@ -307,8 +310,8 @@ class WordVectors:
 
         positive_index, negative_index = padded(positive_columns), padded(negative_columns)
 
-        def score(block: torch.Tensor) -> torch.Tensor:
-            shifted = (1 + torch.mm(term_matrix, block.T)) / 2  # [terms, rows]
+        def score(block: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+            shifted = (1 + torch.mm(term_matrix, block.T) / norms) / 2  # [terms, rows]
             shifted = torch.cat([shifted, torch.ones_like(shifted[:1])])
             numerator = shifted[positive_index].prod(dim=1)  # [queries, rows]
             denominator = shifted[negative_index].prod(dim=1) + COSMUL_EPSILON
@@ -330,7 +333,9 @@ class WordVectors:
         best_rows = torch.zeros((len(group), 0), dtype=torch.int64, device=self.device)
         for start in range(0, end, self._block_rows):
             stop = min(start + self._block_rows, end)
-            scores = score(self._unit[start:stop])
+            scores = score(self._vectors[start:stop], self._norms[start:stop])
+            if self._zero_rows is not None:
+                scores.masked_fill_(self._zero_rows[start:stop], -math.inf)
             for row, p in enumerate(group):
                 if p.end < stop:
                     scores[row, max(p.end - start, 0) :] = -math.inf
@@ -411,15 +416,3 @@ class WordVectors:
         return AnalogyReport(
             report_sections, total_correct, total_incorrect, questions_seen, out_of_vocabulary
         )
-
-
-def unit_normalize(vectors: FloatArray, norms: FloatArray, block_rows: int = 65536) -> FloatArray:
-    """vectors / norms row by row, in blocks so that a memory-mapped input is never copied whole."""
-    unit = np.empty(vectors.shape, dtype=np.float32)
-    for start in range(0, len(vectors), block_rows):
-        block_norms = norms[start : start + block_rows, None]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            unit[start : start + block_rows] = np.where(
-                block_norms > 0, vectors[start : start + block_rows] / block_norms, 0
-            )
-    return unit

@@ -1,0 +1,303 @@
+"""WordVectors answers as gensim's KeyedVectors does: same words, same order, scores within 1e-5."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterator
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from embedserve.server.core import InvalidInput, LimitExceeded, NotFound
+from embedserve.server.core.vector_sources import load_word_vectors
+from embedserve.server.core.vectors import SimilarityQuery, Term, WordVectors
+from gensim.models import KeyedVectors
+
+TEST_DATA = Path(str(resources.files("gensim") / "test" / "test_data"))
+CPU = torch.device("cpu")
+
+
+def _gensim_terms(items: list[Any]) -> tuple[Term, ...]:
+    terms = []
+    for item in items:
+        value, weight = (item[0], item[1]) if isinstance(item, tuple) else (item, None)
+        terms.append(
+            Term(word=value, weight=weight) if isinstance(value, str) else Term(vector=value, weight=weight)
+        )
+    return tuple(terms)
+
+
+def ours(
+    model: WordVectors,
+    positive: list[Any],
+    negative: list[Any],
+    topn: int,
+    restrict: int | None,
+    cosmul: bool = False,
+) -> list[tuple[str, float]]:
+    query = SimilarityQuery(
+        _gensim_terms(positive), _gensim_terms(negative), topn, restrict, "mul" if cosmul else "add"
+    )
+    return model.most_similar([query])[0]
+
+
+def assert_same_ranking(got: list[tuple[str, float]], expected: list[tuple[str, float]]) -> None:
+    """Same words in the same order, scores within 1e-5; where words differ, their scores tie within 1e-6.
+
+    gensim's own order among tied scores is arbitrary (an unstable argsort). The
+    tolerance is relative above 1: 3CosMul with raw vectors scores far above 1,
+    where float32 itself is coarser than 1e-5.
+    """
+    assert len(got) == len(expected), (got, expected)
+    for (word, score), (want_word, want_score) in zip(got, expected, strict=True):
+        scale = max(1.0, abs(want_score))
+        assert abs(score - want_score) < 1e-5 * scale, (got, expected)
+        if word != want_word:
+            assert abs(score - want_score) < 1e-6 * scale, (got, expected)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+FIXTURES: dict[str, tuple[str, Callable[[str], KeyedVectors]]] = {
+    "word2vec binary": ("euclidean_vectors.bin", lambda p: KeyedVectors.load_word2vec_format(p, binary=True)),
+    "fastText .vec": ("lee_fasttext.vec", lambda p: KeyedVectors.load_word2vec_format(p)),
+    "GloVe text, no header": (
+        "test_glove.txt",
+        lambda p: KeyedVectors.load_word2vec_format(p, no_header=True),
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(FIXTURES))
+def pair(request: pytest.FixtureRequest, cache: Path) -> tuple[WordVectors, KeyedVectors]:
+    filename, load_reference = FIXTURES[request.param]
+    path = TEST_DATA / filename
+    model = load_word_vectors(str(path), cache_dir=cache, device=CPU)
+    assert model is not None
+    return model, load_reference(str(path))
+
+
+def _random_queries(rng: np.random.Generator, kv: KeyedVectors, count: int) -> Iterator[dict[str, Any]]:
+    words = kv.index_to_key
+    for _ in range(count):
+        cosmul = bool(rng.random() < 0.35)
+
+        def term(weighted: bool, cosmul: bool = cosmul) -> Any:
+            value: Any = (
+                words[rng.integers(len(words))] if rng.random() < 0.8 else rng.normal(size=kv.vector_size)
+            )
+            if isinstance(value, np.ndarray):
+                # 3CosMul uses raw vectors unnormalised; long ones make its quotient ill-conditioned
+                # (a denominator near 1e-6), where no two float32 computations agree to 1e-5.
+                value = (value / np.linalg.norm(value) if cosmul else value).astype(np.float32)
+            return (value, float(rng.uniform(-2, 3))) if weighted and rng.random() < 0.3 else value
+
+        positive = [term(not cosmul) for _ in range(rng.integers(1 if cosmul else 0, 4))]
+        negative = [term(not cosmul) for _ in range(rng.integers(0 if positive else 1, 3))]
+        topn = int(rng.choice([1, 3, 10, 25]))
+        restrict = None if cosmul or rng.random() < 0.5 else int(rng.integers(1, len(words) + 50))
+        yield {
+            "positive": positive,
+            "negative": negative,
+            "topn": topn,
+            "restrict": restrict,
+            "cosmul": cosmul,
+        }
+
+
+def test_random_queries_match_gensim(pair: tuple[WordVectors, KeyedVectors]) -> None:
+    model, kv = pair
+    rng = np.random.default_rng(1234)
+    for q in _random_queries(rng, kv, 150):
+        if q["cosmul"]:
+            expected = kv.most_similar_cosmul(positive=q["positive"], negative=q["negative"], topn=q["topn"])
+        else:
+            expected = kv.most_similar(
+                positive=q["positive"], negative=q["negative"], topn=q["topn"], restrict_vocab=q["restrict"]
+            )
+        got = ours(model, q["positive"], q["negative"], q["topn"], q["restrict"], q["cosmul"])
+        assert_same_ranking(got, expected)
+
+
+def test_many_queries_in_one_scan_equal_one_at_a_time(pair: tuple[WordVectors, KeyedVectors]) -> None:
+    model, kv = pair
+    queries = [
+        SimilarityQuery(
+            _gensim_terms(q["positive"]),
+            _gensim_terms(q["negative"]),
+            q["topn"],
+            q["restrict"],
+            "mul" if q["cosmul"] else "add",
+        )
+        for q in _random_queries(np.random.default_rng(7), kv, 60)
+    ]
+    together = model.most_similar(queries)
+    for query, result in zip(queries, together, strict=True):
+        assert_same_ranking(result, model.most_similar([query])[0])
+
+
+def test_small_blocks_give_the_same_answers(pair: tuple[WordVectors, KeyedVectors]) -> None:
+    model, kv = pair
+    blocked = WordVectors(
+        model.words, np.asarray(model.vectors), name="b", source="b", device=CPU, block_rows=7
+    )
+    for q in _random_queries(np.random.default_rng(3), kv, 30):
+        args = (q["positive"], q["negative"], q["topn"], q["restrict"], q["cosmul"])
+        assert_same_ranking(ours(blocked, *args), ours(model, *args))
+
+
+def test_cosmul_honours_restrict_vocab_which_gensim_ignores(pair: tuple[WordVectors, KeyedVectors]) -> None:
+    model, kv = pair
+    word = kv.index_to_key[5]
+    everything = kv.most_similar_cosmul(positive=[word], topn=len(kv))
+    first_50 = [(w, s) for w, s in everything if kv.key_to_index[w] < 50][:10]
+    assert_same_ranking(ours(model, [word], [], 10, 50, cosmul=True), first_50)
+
+
+def test_pairs_and_odd_one_out_match_gensim(pair: tuple[WordVectors, KeyedVectors]) -> None:
+    model, kv = pair
+    words = kv.index_to_key[:40]
+    pairs = [(words[i], words[(i * 7 + 3) % 40]) for i in range(40)]
+    np.testing.assert_allclose(model.similarity(pairs), [kv.similarity(a, b) for a, b in pairs], atol=1e-6)
+    cosine, euclidean = model.distance(pairs)
+    np.testing.assert_allclose(cosine, [kv.distance(a, b) for a, b in pairs], atol=1e-6)
+    np.testing.assert_allclose(euclidean, [np.linalg.norm(kv[a] - kv[b]) for a, b in pairs], rtol=1e-6)
+    for start in range(0, 30, 5):
+        group = words[start : start + 5]
+        assert model.doesnt_match(group) == kv.doesnt_match(group)
+    vectors, missing = model.get_vectors([words[3], "no-such-word-xyz"])
+    np.testing.assert_array_equal(vectors[0], kv[words[3]])
+    assert missing == ["no-such-word-xyz"]
+
+
+def test_topn_zero_is_empty_like_gensim(pair: tuple[WordVectors, KeyedVectors]) -> None:
+    model, kv = pair
+    word = kv.index_to_key[0]
+    assert ours(model, [word], [], 0, None) == kv.most_similar(word, topn=0) == []
+    assert len(ours(model, [word], [], 10**4, None)) == len(kv) - 1
+
+
+def test_errors_are_clear(pair: tuple[WordVectors, KeyedVectors]) -> None:
+    model, kv = pair
+    word = kv.index_to_key[0]
+    with pytest.raises(NotFound, match="'nope1', 'nope2'"):
+        ours(model, [word, "nope1"], ["nope2", "nope1"], 10, None)
+    with pytest.raises(InvalidInput, match="at least one positive or negative term"):
+        ours(model, [], [], 10, None)
+    with pytest.raises(InvalidInput, match="3CosMul needs at least one positive"):
+        ours(model, [], [word], 10, None, cosmul=True)
+    with pytest.raises(InvalidInput, match="topn must be >= 0"):
+        ours(model, [word], [], -1, None)
+    with pytest.raises(LimitExceeded, match="--max-topn 10000"):
+        ours(model, [word], [], 10001, None)
+    with pytest.raises(InvalidInput, match="restrict_vocab must be >= 0"):
+        ours(model, [word], [], 10, -3)
+    with pytest.raises(InvalidInput, match=rf"this model's vectors are \[{kv.vector_size}\]"):
+        ours(model, [np.zeros(kv.vector_size + 1, dtype=np.float32)], [], 10, None)
+    with pytest.raises(InvalidInput, match="NaN"):
+        ours(model, [np.full(kv.vector_size, np.nan, dtype=np.float32)], [], 10, None)
+    with pytest.raises(NotFound, match="'ghost'"):
+        model.similarity([(word, "ghost")])
+    with pytest.raises(NotFound, match="'ghost'"):
+        model.doesnt_match([word, "ghost"])
+
+
+def test_convert_once_then_memory_map(tmp_path: Path) -> None:
+    source = tmp_path / "vectors.txt"
+    shutil.copy(TEST_DATA / "test_glove.txt", source)
+    cache = tmp_path / "cache"
+    first = load_word_vectors(str(source), cache_dir=cache, device=CPU)
+    (folder,) = cache.iterdir()
+    written = (folder / "vectors.npy").stat().st_mtime_ns
+    second = load_word_vectors(str(source), cache_dir=cache, device=CPU)
+    assert first is not None
+    assert second is not None
+    assert (folder / "vectors.npy").stat().st_mtime_ns == written
+    assert isinstance(second.vectors, np.memmap)
+    assert second.words == first.words
+    assert load_word_vectors("none", cache_dir=cache, device=CPU) is None
+    source.write_text(source.read_text().replace("the 0.418", "the 0.5", 1))
+    third = load_word_vectors(str(source), cache_dir=cache, device=CPU)
+    assert third is not None
+    assert len(list(cache.iterdir())) == 2
+    assert third.vectors[0, 0] == np.float32(0.5)
+
+
+def test_native_gensim_files_load(tmp_path: Path) -> None:
+    kv = KeyedVectors.load_word2vec_format(str(TEST_DATA / "euclidean_vectors.bin"), binary=True)
+    kv.save(str(tmp_path / "model.kv"))
+    model = load_word_vectors(str(tmp_path / "model.kv"), cache_dir=tmp_path / "cache", device=CPU)
+    assert model is not None
+    assert model.words == kv.index_to_key
+
+
+@pytest.fixture(scope="module")
+def glove(vector_cache: Path) -> WordVectors:
+    model = load_word_vectors("glove-6b-50d", cache_dir=vector_cache, device=CPU)
+    assert model is not None
+    return model
+
+
+@pytest.fixture(scope="module")
+def glove_reference(glove: WordVectors) -> KeyedVectors:
+    kv = KeyedVectors(glove.dim)
+    kv.add_vectors(glove.words, np.asarray(glove.vectors))
+    return kv
+
+
+def test_glove_king_woman_man_is_queen(glove: WordVectors, glove_reference: KeyedVectors) -> None:
+    assert (glove.vocab_size, glove.dim) == (400000, 50)
+    got = ours(glove, ["king", "woman"], ["man"], 10, None)
+    assert got[0][0] == "queen"
+    assert_same_ranking(
+        got, glove_reference.most_similar(positive=["king", "woman"], negative=["man"], topn=10)
+    )
+
+
+def test_glove_random_queries_match_gensim(glove: WordVectors, glove_reference: KeyedVectors) -> None:
+    for q in _random_queries(np.random.default_rng(99), glove_reference, 12):
+        if q["cosmul"]:
+            expected = glove_reference.most_similar_cosmul(
+                positive=q["positive"], negative=q["negative"], topn=q["topn"]
+            )
+        else:
+            expected = glove_reference.most_similar(
+                positive=q["positive"], negative=q["negative"], topn=q["topn"], restrict_vocab=q["restrict"]
+            )
+        assert_same_ranking(
+            ours(glove, q["positive"], q["negative"], q["topn"], q["restrict"], q["cosmul"]), expected
+        )
+
+
+def _questions_subset(sections: int) -> str:
+    """The first sections of questions-words.txt, every sixth question of each, to stay quick."""
+    kept: list[str] = []
+    seen = 0
+    for index, line in enumerate((TEST_DATA / "questions-words.txt").read_text().splitlines()):
+        if line.startswith(": "):
+            seen += 1
+            if seen > sections:
+                break
+            kept.append(line)
+        elif index % 6 == 0:
+            kept.append(line)
+    return "\n".join(kept) + "\n"
+
+
+def test_analogy_evaluation_equals_gensim(
+    glove: WordVectors, glove_reference: KeyedVectors, tmp_path: Path
+) -> None:
+    questions = tmp_path / "questions.txt"
+    questions.write_text(_questions_subset(sections=3))
+    score, sections = glove_reference.evaluate_word_analogies(str(questions), restrict_vocab=30000)
+    report = glove.evaluate_analogies(questions.read_text(), restrict_vocab=30000)
+    assert report.accuracy == pytest.approx(score)
+    expected = [(s["section"], len(s["correct"]), len(s["incorrect"])) for s in sections[:-1]]
+    assert [(s.name, s.correct, s.incorrect) for s in report.sections] == expected
+    assert report.correct + report.incorrect > 100

@@ -1,0 +1,174 @@
+"""WordVectors over gRPC: the notebook's questions on the GloVe default, batching, health, errors, CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from embedserve.client import (
+    AsyncClient,
+    Client,
+    EmbedServeError,
+    InvalidArgumentError,
+    NotFoundError,
+    Query,
+    UnavailableError,
+    WordNotFoundError,
+)
+from embedserve.server.app import Components
+from embedserve.server.cli import main
+from embedserve.server.core.word_vector_slot import WordVectorSlot
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from .conftest import ServerThread
+
+
+@pytest.fixture(scope="module")
+def loaded(server: ServerThread, default_components: Components) -> ServerThread:
+    assert default_components.word_vectors.wait(120), "GloVe did not load"
+    return server
+
+
+async def test_the_notebooks_questions_on_glove(loaded: ServerThread) -> None:
+    async with AsyncClient(loaded.target) as client:
+        wv = client.word_vectors
+        info = await wv.info()
+        assert (info.model, info.vocab_size, info.dim) == ("glove-6b-50d", 400000, 50)
+        computer = await wv.get_vector("computer")
+        assert computer.shape == (50,)
+        assert computer.dtype == np.float32
+        analogy = await wv.most_similar(positive=["king", "woman"], negative=["man"], topn=10)
+        assert analogy[0][0] == "queen"
+        assert len(analogy) == 10
+        assert (await wv.most_similar_cosmul(positive=["king", "woman"], negative=["man"]))[0][0] == "queen"
+        assert 0.5 < await wv.similarity("woman", "man") < 1
+        assert await wv.distance("woman", "man") == pytest.approx(
+            1 - await wv.similarity("woman", "man"), abs=1e-6
+        )
+        woman, man = await wv.get_vector("woman"), await wv.get_vector("man")
+        assert await wv.euclidean_distance("woman", "man") == pytest.approx(
+            float(np.linalg.norm(woman - man)), 1e-6
+        )
+        assert await wv.doesnt_match(["breakfast", "cereal", "dinner", "lunch"]) == "cereal"
+        by_vector = await wv.most_similar(positive=[computer], topn=3)
+        assert by_vector[0][0] == "computer"
+        weighted = await wv.most_similar(positive=[("king", 2.0), "woman"], negative=["man"], topn=3)
+        assert len(weighted) == 3
+
+
+async def test_batch_forms_and_concurrent_calls_agree(loaded: ServerThread) -> None:
+    words = ["france", "paris", "tokyo", "river", "music", "python", "green", "seven"]
+    async with AsyncClient(loaded.target) as client:
+        wv = client.word_vectors
+        single = [await wv.most_similar(positive=[w], topn=5) for w in words]
+        batch = await wv.most_similar_batch([Query(positive=[w], topn=5) for w in words])
+        concurrent = await asyncio.gather(*(wv.most_similar(positive=[w], topn=5) for w in words))
+        for a, b, c in zip(single, batch, concurrent, strict=True):
+            assert [w for w, _ in a] == [w for w, _ in b] == [w for w, _ in c]
+            np.testing.assert_allclose([s for _, s in a], [s for _, s in c], atol=1e-6)
+        similarities = await wv.similarity_batch([("woman", "man"), ("king", "queen")])
+        assert similarities[0] == pytest.approx(await wv.similarity("woman", "man"), abs=1e-7)
+
+
+async def test_errors_name_every_missing_word(loaded: ServerThread) -> None:
+    async with AsyncClient(loaded.target) as client:
+        wv = client.word_vectors
+        with pytest.raises(WordNotFoundError, match="'qwzx1', 'qwzx2'") as raised:
+            await wv.most_similar(positive=["king", "qwzx1"], negative=["qwzx2"])
+        assert isinstance(raised.value, KeyError)
+        assert isinstance(raised.value, NotFoundError)
+        assert raised.value.code is grpc.StatusCode.NOT_FOUND
+        with pytest.raises(KeyError):
+            await wv.get_vector("qwzx1")
+        vectors, missing = await wv.get_vectors(["king", "qwzx1"])
+        assert missing == ["qwzx1"]
+        assert not vectors[1].any()
+        with pytest.raises(InvalidArgumentError, match="at least one positive or negative term"):
+            await wv.most_similar()
+        with pytest.raises(InvalidArgumentError, match="topn must be >= 0"):
+            await wv.most_similar(positive=["king"], topn=-1)
+        with pytest.raises(InvalidArgumentError, match="--max-topn"):
+            await wv.most_similar(positive=["king"], topn=10**6)
+        with pytest.raises(InvalidArgumentError, match=r"vectors are \[50\]"):
+            await wv.most_similar(positive=[np.ones(3)])
+        with pytest.raises(InvalidArgumentError, match="queries is empty"):
+            await wv.most_similar_batch([])
+        assert await wv.most_similar(positive=["king"], topn=0) == []
+
+
+def test_sync_client_and_cli(
+    loaded: ServerThread, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    with Client(loaded.target) as client:
+        assert (
+            client.word_vectors.most_similar(positive=["king", "woman"], negative=["man"], topn=1)[0][0]
+            == "queen"
+        )
+        assert client.word_vectors.similarity("woman", "man") > 0.5
+    target = ["--target", loaded.target]
+    assert main(["similar", "king", "woman", "--negative", "man", "-n", "3", *target]) == 0
+    assert capsys.readouterr().out.splitlines()[0].startswith("queen\t")
+    assert main(["similarity", "woman", "man", *target]) == 0
+    assert "similarity 0." in capsys.readouterr().out
+    questions = tmp_path / "q.txt"
+    questions.write_text(
+        ": capital-common-countries\nAthens Greece Baghdad Iraq\nAthens Greece Bangkok Thailand\n"
+    )
+    assert main(["analogies", "--file", str(questions), *target]) == 0
+    out = capsys.readouterr().out
+    assert "capital-common-countries" in out
+    assert "Total accuracy" in out
+    assert main(["similar", "qwzx1", *target]) == 1
+    assert "NOT_FOUND" in capsys.readouterr().err
+
+
+async def test_health_is_not_serving_until_loaded_and_none_disables(default_components: Components) -> None:
+    gate = threading.Event()
+    real = default_components.word_vectors
+
+    def slow_load() -> object:
+        gate.wait(60)
+        real.wait(120)
+        return real.model
+
+    slot = WordVectorSlot("glove-6b-50d", slow_load)  # type: ignore[arg-type]
+    running = ServerThread(default_components.config, replace(default_components, word_vectors=slot))
+    try:
+        async with grpc.aio.insecure_channel(running.target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            service = "embedserve.v1.WordVectorsService"
+            check = await health.Check(health_pb2.HealthCheckRequest(service=service))
+            assert check.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            overall = await health.Check(health_pb2.HealthCheckRequest(service=""))
+            assert overall.status == health_pb2.HealthCheckResponse.SERVING
+            async with AsyncClient(running.target) as client:
+                with pytest.raises(UnavailableError, match="still loading"):
+                    await client.word_vectors.info()
+                gate.set()
+                assert await asyncio.to_thread(slot.wait, 60)
+                for _ in range(100):
+                    check = await health.Check(health_pb2.HealthCheckRequest(service=service))
+                    if check.status == health_pb2.HealthCheckResponse.SERVING:
+                        break
+                    await asyncio.sleep(0.05)
+                assert check.status == health_pb2.HealthCheckResponse.SERVING
+                assert (await client.word_vectors.info()).vocab_size == 400000
+    finally:
+        gate.set()
+        running.stop()
+
+    disabled = replace(default_components, word_vectors=WordVectorSlot("none", lambda: None))
+    running = ServerThread(default_components.config, disabled)
+    try:
+        async with AsyncClient(running.target) as client:
+            with pytest.raises(EmbedServeError) as raised:
+                await client.word_vectors.info()
+            assert raised.value.code is grpc.StatusCode.UNIMPLEMENTED
+            assert (await client.embed([1])).shape == (1, 256)
+    finally:
+        running.stop()
