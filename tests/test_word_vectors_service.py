@@ -25,7 +25,9 @@ from embedserve.server.cli import main
 from embedserve.server.core.word_vector_slot import WordVectorSlot
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from .conftest import ServerThread
+from .conftest import ServerThread, requires_glove
+
+pytestmark = requires_glove
 
 
 @pytest.fixture(scope="module")
