@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from embedserve.server.core import InvalidInput, LimitExceeded, NotFound
+from embedserve.server.core import InvalidInput, LimitExceeded, NotFound, StartupError
 from embedserve.server.core.vector_sources import load_word_vectors
 from embedserve.server.core.vectors import SimilarityQuery, Term, WordVectors
 from gensim.models import KeyedVectors
@@ -305,3 +305,38 @@ def test_analogy_evaluation_equals_gensim(
     expected = [(s["section"], len(s["correct"]), len(s["incorrect"])) for s in sections[:-1]]
     assert [(s.name, s.correct, s.incorrect) for s in report.sections] == expected
     assert report.correct + report.incorrect > 100
+
+
+def test_gzip_text_and_gensim_data_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gzip
+
+    import gensim.downloader
+
+    packed = tmp_path / "glove.txt.gz"
+    packed.write_bytes(gzip.compress((TEST_DATA / "test_glove.txt").read_bytes()))
+    model = load_word_vectors(str(packed), cache_dir=tmp_path / "cache", device=CPU)
+    assert model is not None
+    assert model.words[0] == "the"
+
+    reference = KeyedVectors.load_word2vec_format(str(TEST_DATA / "euclidean_vectors.bin"), binary=True)
+    requested: list[str] = []
+
+    def fake_load(name: str) -> KeyedVectors:  # gensim-data needs the network; this stands in for it
+        requested.append(name)
+        return reference
+
+    monkeypatch.setattr(gensim.downloader, "load", fake_load)
+    named = load_word_vectors("word2vec-tiny-test", cache_dir=tmp_path / "cache", device=CPU)
+    assert named is not None
+    assert named.source == "gensim-data:word2vec-tiny-test"
+    assert named.words == reference.index_to_key
+    again = load_word_vectors("word2vec-tiny-test", cache_dir=tmp_path / "cache", device=CPU)
+    assert again is not None
+    assert requested == ["word2vec-tiny-test"]  # the second start read the cache
+
+    def offline(name: str) -> KeyedVectors:
+        raise OSError("no network")
+
+    monkeypatch.setattr(gensim.downloader, "load", offline)
+    with pytest.raises(StartupError, match="not a file, and gensim-data could not provide it"):
+        load_word_vectors("word2vec-google-news-300", cache_dir=tmp_path / "cache", device=CPU)

@@ -28,7 +28,10 @@ FloatArray = npt.NDArray[np.float32]
 Method = Literal["add", "mul"]
 # gensim's epsilon in most_similar_cosmul's denominator.
 COSMUL_EPSILON = 0.000001
-_Scorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# (vocabulary block, its norms, a [queries, rows] buffer it may fill) -> scores
+_Scorer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# Columns per group in the two-stage top-k.
+_TOPK_GROUP = 64
 
 
 @dataclass(frozen=True)
@@ -287,8 +290,9 @@ class WordVectors:
         queries = torch.from_numpy(np.stack([p.add_vector for p in group if p.add_vector is not None]))
         queries = queries.to(self.device)
 
-        def score(block: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
-            return torch.mm(queries, block.T) / norms
+        def score(block: torch.Tensor, norms: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+            # Into a reused buffer: a fresh [queries, rows] tensor per block costs as much as the product.
+            return torch.mm(queries, block.T, out=out).div_(norms)
 
         return score
 
@@ -310,7 +314,7 @@ class WordVectors:
 
         positive_index, negative_index = padded(positive_columns), padded(negative_columns)
 
-        def score(block: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+        def score(block: torch.Tensor, norms: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
             shifted = (1 + torch.mm(term_matrix, block.T) / norms) / 2  # [terms, rows]
             shifted = torch.cat([shifted, torch.ones_like(shifted[:1])])
             numerator = shifted[positive_index].prod(dim=1)  # [queries, rows]
@@ -331,9 +335,14 @@ class WordVectors:
         k = min(max(p.topn for p in group), end)
         best_scores = torch.full((len(group), 0), -math.inf, device=self.device)
         best_rows = torch.zeros((len(group), 0), dtype=torch.int64, device=self.device)
+        buffer = torch.empty(len(group) * min(self._block_rows, end), device=self.device)
         for start in range(0, end, self._block_rows):
             stop = min(start + self._block_rows, end)
-            scores = score(self._vectors[start:stop], self._norms[start:stop])
+            scores = score(
+                self._vectors[start:stop],
+                self._norms[start:stop],
+                buffer[: len(group) * (stop - start)].view(len(group), stop - start),
+            )
             if self._zero_rows is not None:
                 scores.masked_fill_(self._zero_rows[start:stop], -math.inf)
             for row, p in enumerate(group):
@@ -342,7 +351,7 @@ class WordVectors:
                 for index in p.excluded:
                     if start <= index < stop:
                         scores[row, index - start] = -math.inf
-            block_scores, block_rows = torch.topk(scores, min(k, stop - start), dim=1)
+            block_scores, block_rows = _block_topk(scores, min(k, stop - start))
             best_scores = torch.cat([best_scores, block_scores], dim=1)
             best_rows = torch.cat([best_rows, block_rows + start], dim=1)
             best_scores, keep = torch.topk(best_scores, min(k, best_scores.shape[1]), dim=1)
@@ -416,3 +425,21 @@ class WordVectors:
         return AnalogyReport(
             report_sections, total_correct, total_incorrect, questions_seen, out_of_vocabulary
         )
+
+
+def _block_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk(scores, k, dim=1), in two stages when the rows are long.
+
+    The k best of a row lie in the k column groups with the largest maxima, so
+    a cheap max per group of 64 picks k groups and topk runs on those alone.
+    (Among exactly tied scores it may keep a different one, as topk itself may.)
+    """
+    rows, columns = scores.shape
+    if columns % _TOPK_GROUP or columns < 4 * _TOPK_GROUP * k:
+        return torch.topk(scores, k, dim=1, sorted=False)
+    grouped = scores.view(rows, columns // _TOPK_GROUP, _TOPK_GROUP)
+    best_groups = torch.topk(grouped.amax(dim=2), k, dim=1, sorted=False).indices
+    offsets = torch.arange(_TOPK_GROUP, device=scores.device)
+    candidates = (best_groups[:, :, None] * _TOPK_GROUP + offsets).view(rows, k * _TOPK_GROUP)
+    values, picked = torch.topk(scores.gather(1, candidates), k, dim=1, sorted=False)
+    return values, candidates.gather(1, picked)

@@ -1,0 +1,514 @@
+"""Benchmark: WordVectors.most_similar through a real server, against gensim and the bare GEMM.
+
+    .venv/bin/python bench/word_vectors.py [--smoke] [--json OUT] [--results bench/RESULTS.md]
+
+For each model (GloVe 6B 50d, 400k x 50, and random normal vectors, 1M x 300;
+100k x 300 with --smoke), on the same vectors and the same seeded random
+vocabulary words, it measures
+
+1. gensim: KeyedVectors.most_similar(word, topn=10), one call per word, on a subset;
+2. server: AsyncClient.word_vectors.most_similar_batch over gRPC on 127.0.0.1, against a
+   real in-process server (after a warm-up call), and the core's WordVectors.search alone,
+   off the server, on the same queries (to tell the scan from the gRPC path);
+3. the GEMM limit: a bare torch.mm of [queries x dim] by [dim x vocab] in blocks of
+   32768 vocabulary rows (as the server scans), no division, no top-k;
+4. verification: on the words gensim ran, the server's top-10 equals gensim's (a
+   different word only where gensim scores both within 1e-6) with scores within 1e-5.
+
+It prints a table, writes the figures as JSON (--json), appends a dated markdown
+section (--results), and exits 1 when a ranking does not match.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import torch
+from embedserve.client import AsyncClient, Query
+from embedserve.server import ServerConfig
+from embedserve.server.app import Components, build_server, load_components
+from embedserve.server.core.vectors import PreparedQuery, SimilarityQuery, Term, WordVectors
+from gensim.models import KeyedVectors
+
+TOPN = 10
+BLOCK_ROWS = 32768  # the server's WordVectors block_rows
+DEVICE = torch.device("cpu")  # set from --device
+SCORE_TOLERANCE = 1e-5
+TIE_TOLERANCE = 1e-6
+TARGET_GEMM_FRACTION = 0.70
+TARGET_SPEEDUP = {"glove-6b-50d": 5.0, "synthetic": 10.0}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much of each measurement to run."""
+
+    synthetic_rows: int
+    synthetic_dim: int
+    gensim_queries: int
+    batch: int  # queries per server call
+    calls: int  # timed server calls (after one warm-up call)
+    gemm_repeats: int
+
+
+FULL = Plan(
+    synthetic_rows=1_000_000, synthetic_dim=300, gensim_queries=50, batch=512, calls=4, gemm_repeats=3
+)
+SMOKE = Plan(synthetic_rows=100_000, synthetic_dim=300, gensim_queries=10, batch=256, calls=2, gemm_repeats=2)
+
+
+@dataclass
+class Result:
+    model: str
+    label: str
+    vocab_size: int
+    dim: int
+    batch: int
+    server_queries: int
+    gensim_queries: int
+    gensim_ms: float = math.nan
+    server_ms: float = math.nan
+    search_ms: float = math.nan  # WordVectors.search alone, in this process, no gRPC
+    gemm_ms: float = math.nan
+    gemm_gflops: float = math.nan
+    server_gflops: float = math.nan
+    speedup: float = math.nan  # gensim ms / server ms
+    gemm_fraction: float = math.nan  # GEMM-limit ms / server ms
+    target_speedup: float = math.nan
+    target_gemm_fraction: float = TARGET_GEMM_FRACTION
+    matched: int = 0
+    compared: int = 0
+    mismatches: list[str] = field(default_factory=list)
+    load_s: float = math.nan
+
+
+class ServerThread:
+    """A real grpc.aio server on 127.0.0.1:0 on its own event loop in a thread (as tests/conftest.py)."""
+
+    def __init__(self, config: ServerConfig, components: Components) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="bench-server", daemon=True)
+        self._thread.start()
+
+        async def start() -> tuple[grpc.aio.Server, int]:
+            server, port = build_server(config, components)
+            await server.start()
+            return server, port
+
+        self.server, self.port = asyncio.run_coroutine_threadsafe(start(), self._loop).result(timeout=60)
+        self.target = f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(None), self._loop).result(timeout=60)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=60)
+        self._loop.close()
+
+
+def cpu_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# Measurements
+
+
+def time_gensim(kv: KeyedVectors, words: list[str]) -> tuple[float, list[list[tuple[str, float]]]]:
+    """ms per query of kv.most_similar(word, topn=10), one word at a time, and its answers."""
+    kv.fill_norms()
+    kv.most_similar(positive=[words[0]], topn=TOPN)  # warm-up: page faults, BLAS start
+    answers = []
+    started = time.perf_counter()
+    for word in words:
+        answers.append(kv.most_similar(positive=[word], topn=TOPN))
+    return (time.perf_counter() - started) * 1000 / len(words), answers
+
+
+async def time_server(
+    target: str, warmup: list[str], batches: list[list[str]]
+) -> tuple[float, list[list[tuple[str, float]]]]:
+    """ms per query of most_similar_batch over gRPC (after one warm-up call), and the answers."""
+    async with AsyncClient(target, timeout=600) as client:
+        await client.word_vectors.most_similar_batch([Query(positive=[w], topn=TOPN) for w in warmup])
+        answers: list[list[tuple[str, float]]] = []
+        elapsed = 0.0
+        for words in batches:
+            queries = [Query(positive=[w], topn=TOPN) for w in words]
+            started = time.perf_counter()
+            answers.extend(await client.word_vectors.most_similar_batch(queries))
+            elapsed += time.perf_counter() - started
+    return elapsed * 1000 / sum(len(b) for b in batches), answers
+
+
+def time_search(model: WordVectors, batches: list[list[str]]) -> float:
+    """ms per query of the core's prepare + search alone (no gRPC), same batches."""
+    elapsed = 0.0
+    for words in batches:
+        queries = [SimilarityQuery(positive=(Term(w),), topn=TOPN) for w in words]
+        started = time.perf_counter()
+        prepared: list[PreparedQuery] = model.prepare(queries)
+        model.search(prepared)
+        elapsed += time.perf_counter() - started
+    return elapsed * 1000 / sum(len(b) for b in batches)
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_gemm(vectors: torch.Tensor, queries: torch.Tensor, repeats: int) -> float:
+    """ms per query of a bare [Q x D] @ [D x V] product in blocks of BLOCK_ROWS rows (best of repeats)."""
+    vectors, queries = vectors.to(DEVICE), queries.to(DEVICE)
+    count, rows = vectors.shape[0], queries.shape[0]
+    buffer = torch.empty(
+        rows * min(BLOCK_ROWS, count), dtype=torch.float32, device=DEVICE
+    )  # one output, reused
+    best = math.inf
+    with torch.inference_mode():
+        for repeat in range(repeats + 1):
+            started = time.perf_counter()
+            for start in range(0, count, BLOCK_ROWS):
+                stop = min(start + BLOCK_ROWS, count)
+                out = buffer[: rows * (stop - start)].view(rows, stop - start)
+                torch.mm(queries, vectors[start:stop].T, out=out)
+            _sync()
+            elapsed = time.perf_counter() - started
+            if repeat:  # the first pass is a warm-up
+                best = min(best, elapsed)
+    return best * 1000 / rows
+
+
+# Verification
+
+
+def gensim_score(kv: KeyedVectors, query_word: str, word: str) -> float:
+    """gensim's most_similar score of `word` for the query [query_word]."""
+    mean = kv.get_mean_vector([query_word], pre_normalize=True, post_normalize=True, ignore_missing=False)
+    index = kv.get_index(word)
+    return float(np.dot(kv.vectors[index], mean) / kv.norms[index])
+
+
+def compare(
+    kv: KeyedVectors, word: str, expected: list[tuple[str, float]], got: list[tuple[str, float]]
+) -> str | None:
+    """None when the rankings agree; else why not."""
+    if len(expected) != len(got):
+        return f"{word!r}: {len(got)} results, gensim {len(expected)}"
+    for position, ((want, want_score), (have, have_score)) in enumerate(zip(expected, got, strict=True)):
+        if abs(want_score - have_score) > SCORE_TOLERANCE:
+            return (
+                f"{word!r} #{position}: score {have_score:.8f} ({have!r}), gensim {want_score:.8f} ({want!r})"
+            )
+        if want != have:
+            tied = gensim_score(kv, word, have)
+            if abs(tied - want_score) >= TIE_TOLERANCE:
+                return (
+                    f"{word!r} #{position}: {have!r} (gensim scores it {tied:.8f}) "
+                    f"where gensim has {want!r} ({want_score:.8f})"
+                )
+    return None
+
+
+# One model
+
+
+def bench_model(
+    label: str,
+    key: str,
+    spec: str,
+    cache_dir: Path,
+    plan: Plan,
+    rng: np.random.Generator,
+    kv: KeyedVectors | None,
+) -> Result:
+    """Starts a server on `spec`, builds gensim's model from the server's arrays (unless given), measures."""
+    started = time.perf_counter()
+    config = ServerConfig(
+        port=0, device=str(DEVICE), word_vectors=spec, cache_dir=cache_dir, log_level="WARNING"
+    )
+    components = load_components(config)
+    running = None
+    try:
+        running = ServerThread(config, components)  # starts loading the vectors in the background
+        if not components.word_vectors.wait(600):
+            raise RuntimeError(f"{label}: word vectors still loading after 600 s")
+        model = components.word_vectors.model
+        load_s = time.perf_counter() - started
+        log(f"{label}: server ready ({model.vocab_size} x {model.dim}) in {load_s:.1f} s")
+        if kv is None:
+            kv = KeyedVectors(model.dim)
+            kv.add_vectors(model.words, np.asarray(model.vectors, dtype=np.float32))
+        if (len(kv), kv.vector_size) != (model.vocab_size, model.dim):
+            raise RuntimeError(f"{label}: gensim has {len(kv)} x {kv.vector_size}, the server another shape")
+
+        total = plan.batch * (plan.calls + 1)
+        picks = rng.choice(model.vocab_size, size=total, replace=total > model.vocab_size)
+        words = [model.words[i] for i in picks]
+        warmup, measured = words[: plan.batch], words[plan.batch :]
+        batches = [measured[i : i + plan.batch] for i in range(0, len(measured), plan.batch)]
+        result = Result(
+            model=key,
+            label=label,
+            vocab_size=model.vocab_size,
+            dim=model.dim,
+            batch=plan.batch,
+            server_queries=len(measured),
+            gensim_queries=plan.gensim_queries,
+            target_speedup=TARGET_SPEEDUP[key],
+            load_s=load_s,
+        )
+
+        log(f"{label}: gensim, {plan.gensim_queries} queries one at a time")
+        gensim_words = measured[: plan.gensim_queries]
+        result.gensim_ms, expected = time_gensim(kv, gensim_words)
+
+        log(f"{label}: server, {plan.calls} calls of {plan.batch} queries over gRPC")
+        result.server_ms, answers = asyncio.run(time_server(running.target, warmup, batches))
+
+        log(f"{label}: core search alone, same batches")
+        result.search_ms = time_search(model, batches)
+
+        log(f"{label}: bare GEMM [{plan.batch} x {model.dim}] x [{model.dim} x {model.vocab_size}]")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # a read-only memory map, never written
+            vectors = torch.from_numpy(np.asarray(model.vectors, dtype=np.float32))
+        unit = np.stack([model.unit_vector(w) for w in batches[0]]).astype(np.float32)
+        result.gemm_ms = time_gemm(vectors, torch.from_numpy(unit), plan.gemm_repeats)
+
+        flop_per_query = 2.0 * model.vocab_size * model.dim
+        result.gemm_gflops = flop_per_query / (result.gemm_ms / 1000) / 1e9
+        result.server_gflops = flop_per_query / (result.server_ms / 1000) / 1e9
+        result.speedup = result.gensim_ms / result.server_ms
+        result.gemm_fraction = result.gemm_ms / result.server_ms
+
+        for word, want, have in zip(gensim_words, expected, answers, strict=False):
+            result.compared += 1
+            problem = compare(kv, word, want, have)
+            if problem is None:
+                result.matched += 1
+            else:
+                result.mismatches.append(problem)
+        log(f"{label}: {result.matched} of {result.compared} rankings match gensim")
+        return result
+    finally:
+        if running is not None:
+            running.stop()
+        components.close()
+
+
+def synthetic_file(folder: Path, plan: Plan, rng: np.random.Generator) -> tuple[Path, KeyedVectors]:
+    """Random normal float32 vectors saved as a gensim native .kv file; returns it and the KeyedVectors."""
+    rows, dim = plan.synthetic_rows, plan.synthetic_dim
+    log(f"synthetic: generating {rows} x {dim} float32 normal vectors")
+    words = [f"w{i}" for i in range(rows)]
+    kv = KeyedVectors(dim)
+    kv.add_vectors(words, rng.standard_normal((rows, dim), dtype=np.float32))
+    path = folder / f"synthetic-{rows}x{dim}.kv"
+    kv.save(str(path))
+    return path, kv
+
+
+# Output
+
+
+COLUMNS = [
+    ("model", 22),
+    ("gensim ms/q", 11),
+    ("server ms/q", 11),
+    ("search ms/q", 11),
+    ("GEMM ms/q", 9),
+    ("server/gensim", 20),
+    ("server % GEMM", 20),
+    ("GEMM GFLOP/s", 12),
+    ("server GFLOP/s", 14),
+    ("verified", 9),
+]
+
+
+def table_rows(results: list[Result]) -> list[list[str]]:
+    rows = []
+    for r in results:
+        speed_ok = "ok" if r.speedup >= r.target_speedup else "MISS"
+        gemm_ok = "ok" if r.gemm_fraction >= r.target_gemm_fraction else "MISS"
+        rows.append(
+            [
+                f"{r.label} {r.vocab_size // 1000}k x {r.dim}",
+                f"{r.gensim_ms:.2f}",
+                f"{r.server_ms:.3f}",
+                f"{r.search_ms:.3f}",
+                f"{r.gemm_ms:.3f}",
+                f"{r.speedup:.1f}x (>={r.target_speedup:.0f}x {speed_ok})",
+                f"{100 * r.gemm_fraction:.0f}% (>={100 * r.target_gemm_fraction:.0f}% {gemm_ok})",
+                f"{r.gemm_gflops:.1f}",
+                f"{r.server_gflops:.1f}",
+                f"{r.matched}/{r.compared}",
+            ]
+        )
+    return rows
+
+
+def text_table(results: list[Result]) -> str:
+    widths = [max(w, *(len(row[i]) for row in table_rows(results))) for i, (_, w) in enumerate(COLUMNS)]
+    lines = ["  ".join(name.ljust(w) for (name, _), w in zip(COLUMNS, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    for row in table_rows(results):
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+    return "\n".join(lines)
+
+
+def markdown_table(results: list[Result]) -> str:
+    lines = ["| " + " | ".join(name for name, _ in COLUMNS) + " |"]
+    lines.append("|" + "|".join("---" for _ in COLUMNS) + "|")
+    for row in table_rows(results):
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cpu": cpu_model(),
+        "cores": cpu_cores(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+    }
+
+
+def append_results(path: Path, results: list[Result], info: dict[str, Any], smoke: bool, plan: Plan) -> None:
+    stamp = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    section = [
+        f"## {stamp}: bench/word_vectors.py{' --smoke' if smoke else ''}",
+        "",
+        f"- machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} "
+        f"({info['torch_threads']} threads), Python {info['python']}",
+        f"- smoke: {'yes' if smoke else 'no'}; {plan.batch} queries per server call, "
+        f"{plan.calls} timed calls after a warm-up; gensim on {plan.gensim_queries} of the same words; "
+        f"topn {TOPN}",
+        "- ms/q is per query; search = WordVectors.search alone (no gRPC); GEMM = bare torch.mm in "
+        f"{BLOCK_ROWS}-row blocks; server % GEMM = GEMM ms / server ms",
+        "",
+        markdown_table(results),
+        "",
+    ]
+    for r in results:
+        for problem in r.mismatches:
+            section.append(f"- mismatch ({r.label}): {problem}")
+    if any(r.mismatches for r in results):
+        section.append("")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    existing = path.read_text() if path.exists() else "# Benchmark results\n\n"
+    if existing and not existing.endswith("\n\n"):
+        existing = existing.rstrip("\n") + "\n\n"
+    path.write_text(existing + "\n".join(section) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--smoke", action="store_true", help="a quick run: 100k x 300 synthetic, fewer queries"
+    )
+    parser.add_argument("--json", type=Path, metavar="OUT", help="write the figures as JSON here")
+    parser.add_argument("--results", type=Path, metavar="MD", help="append a dated markdown section here")
+    parser.add_argument(
+        "--word-vectors", default="glove-6b-50d", help="the first model (default glove-6b-50d)"
+    )
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--device", default="cpu", help="torch device of the server and the GEMM (cpu, cuda)")
+    parser.add_argument("--verbose", action="store_true", help="the server's INFO logs")
+    args = parser.parse_args(argv)
+
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    torch.set_num_threads(cpu_cores())
+    plan = SMOKE if args.smoke else FULL
+    info = machine()
+    log(f"{info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['torch_threads']} threads)")
+    started = time.perf_counter()
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory(prefix="embedserve-bench-") as temp:
+        folder = Path(temp)
+        cache_dir = folder / "cache"
+        first = "glove-6b-50d" if args.word_vectors == "glove-6b-50d" else "synthetic"
+        label = "GloVe 6B 50d" if first == "glove-6b-50d" else Path(args.word_vectors).name
+        if args.word_vectors != "none":  # none: the synthetic model alone (e.g. where GloVe is not installed)
+            results.append(
+                bench_model(
+                    label, first, args.word_vectors, cache_dir, plan, np.random.default_rng(args.seed), None
+                )
+            )
+        rng = np.random.default_rng(args.seed + 1)
+        path, kv = synthetic_file(folder, plan, rng)
+        results.append(bench_model("random normal", "synthetic", str(path), cache_dir, plan, rng, kv))
+        del kv
+    elapsed = time.perf_counter() - started
+
+    print()
+    print(text_table(results))
+    print()
+    print(
+        f"targets: server >= {100 * TARGET_GEMM_FRACTION:.0f}% of the GEMM limit; server/gensim >= "
+        f"{TARGET_SPEEDUP['synthetic']:.0f}x on 1M x 300, >= {TARGET_SPEEDUP['glove-6b-50d']:.0f}x on GloVe"
+        + (" (smoke: the synthetic model is 100k x 300)" if args.smoke else "")
+    )
+    for r in results:
+        print(f"{r.label}: {r.matched} of {r.compared} rankings equal gensim's")
+        for problem in r.mismatches:
+            print(f"  MISMATCH {problem}")
+    print(f"total {elapsed:.0f} s")
+
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "smoke": args.smoke,
+            "machine": info,
+            "plan": asdict(plan),
+            "elapsed_s": elapsed,
+            "results": [asdict(r) for r in results],
+        }
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+    if args.results:
+        append_results(args.results, results, info, args.smoke, plan)
+    return 1 if any(r.mismatches for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
