@@ -1,4 +1,4 @@
-"""CI's seconds-long run of the WordVectors benchmark: it must run and agree with gensim; no time is asserted."""
+"""CI's seconds-long run of the WordVectors benchmark: it must agree with gensim; no time is asserted."""
 
 from __future__ import annotations
 
