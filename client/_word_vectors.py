@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import grpc
 import numpy as np
@@ -238,20 +238,78 @@ class AsyncWordVectors:
         )
 
 
+class _Runner(Protocol):
+    def __call__(self, coroutine: Coroutine[Any, Any, _T]) -> _T: ...
+
+
 class SyncWordVectors:
     """The same methods without await (for `Client.word_vectors`)."""
 
-    def __init__(self, inner: AsyncWordVectors, run: Callable[[Coroutine[Any, Any, Any]], Any]) -> None:
+    def __init__(self, inner: AsyncWordVectors, run: _Runner) -> None:
         self._inner = inner
         self._run = run
 
-    def __getattr__(self, name: str) -> Callable[..., Any]:
-        method = getattr(self._inner, name)
-        if not callable(method) or name.startswith("_"):
-            raise AttributeError(name)
+    def get_vectors(self, words: Sequence[str]) -> tuple[npt.NDArray[np.float32], list[str]]:
+        return self._run(self._inner.get_vectors(words))
 
-        def call(*args: Any, **kwargs: Any) -> Any:
-            return self._run(method(*args, **kwargs))
+    def get_vector(self, word: str) -> npt.NDArray[np.float32]:
+        return self._run(self._inner.get_vector(word))
 
-        call.__doc__ = method.__doc__
-        return call
+    def most_similar_batch(self, queries: Sequence[Query]) -> list[list[tuple[str, float]]]:
+        return self._run(self._inner.most_similar_batch(queries))
+
+    def most_similar(
+        self,
+        positive: Terms = None,
+        negative: Terms = None,
+        topn: int = 10,
+        restrict_vocab: int | None = None,
+    ) -> list[tuple[str, float]]:
+        return self._run(self._inner.most_similar(positive, negative, topn, restrict_vocab))
+
+    def most_similar_cosmul(
+        self,
+        positive: Terms = None,
+        negative: Terms = None,
+        topn: int = 10,
+        restrict_vocab: int | None = None,
+    ) -> list[tuple[str, float]]:
+        coroutine = self._inner.most_similar_cosmul(positive, negative, topn, restrict_vocab)
+        return self._run(coroutine)
+
+    def similar_by_word(
+        self, word: str, topn: int = 10, restrict_vocab: int | None = None
+    ) -> list[tuple[str, float]]:
+        return self._run(self._inner.similar_by_word(word, topn, restrict_vocab))
+
+    def similar_by_vector(
+        self, vector: npt.ArrayLike, topn: int = 10, restrict_vocab: int | None = None
+    ) -> list[tuple[str, float]]:
+        return self._run(self._inner.similar_by_vector(vector, topn, restrict_vocab))
+
+    def similarity_batch(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
+        return self._run(self._inner.similarity_batch(pairs))
+
+    def similarity(self, w1: str, w2: str) -> float:
+        return self._run(self._inner.similarity(w1, w2))
+
+    def distance_batch(self, pairs: Sequence[tuple[str, str]]) -> tuple[list[float], list[float]]:
+        return self._run(self._inner.distance_batch(pairs))
+
+    def distance(self, w1: str, w2: str) -> float:
+        return self._run(self._inner.distance(w1, w2))
+
+    def euclidean_distance(self, w1: str, w2: str) -> float:
+        return self._run(self._inner.euclidean_distance(w1, w2))
+
+    def doesnt_match(self, words: Sequence[str]) -> str:
+        return self._run(self._inner.doesnt_match(words))
+
+    def evaluate_word_analogies(
+        self, questions: str | None = None, restrict_vocab: int = 300000, case_insensitive: bool = True
+    ) -> AnalogyResult:
+        coroutine = self._inner.evaluate_word_analogies(questions, restrict_vocab, case_insensitive)
+        return self._run(coroutine)
+
+    def info(self) -> WordVectorsInfo:
+        return self._run(self._inner.info())

@@ -20,7 +20,7 @@ ln -sfn ../../protos/embedserve/v1 "$stage/v1"
 ln -sfn ../../server "$stage/server"
 ln -sfn ../../client "$stage/client"
 MYPYPATH=.typecheck "$bin/mypy" -p embedserve
-MYPYPATH=.typecheck "$bin/mypy" tests protos/generate.py
+MYPYPATH=.typecheck "$bin/mypy" tests protos/generate.py bench/word_vectors.py
 
 if [ "${CI:-}" = true ]; then
   export EMBEDSERVE_REQUIRE_BUF=1
