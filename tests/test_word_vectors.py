@@ -340,3 +340,18 @@ def test_gzip_text_and_gensim_data_names(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(gensim.downloader, "load", offline)
     with pytest.raises(StartupError, match="not a file, and gensim-data could not provide it"):
         load_word_vectors("word2vec-google-news-300", cache_dir=tmp_path / "cache", device=CPU)
+
+
+def test_slow_reads_log_progress(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from embedserve.server.core import vector_sources
+
+    caplog.set_level("INFO", logger="embedserve.server.core.vector_sources")
+    with vector_sources._progress_log("word vectors slow.bin", every_seconds=0.05):
+        import time
+
+        time.sleep(0.3)
+    assert any("word vectors slow.bin: still reading after" in r.message for r in caplog.records)
+    load_word_vectors(str(TEST_DATA / "test_glove.txt"), cache_dir=tmp_path, device=CPU)
+    messages = [r.message for r in caplog.records]
+    assert any(m.startswith("reading word vectors") for m in messages)
+    assert any(m.startswith("converting") for m in messages)

@@ -14,6 +14,7 @@ server processes on one machine share one copy in the page cache.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -21,8 +22,9 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,6 +115,25 @@ def _read_with_gensim(spec: str) -> _Loaded:
     return _Loaded([str(k) for k in kv.index_to_key], np.asarray(kv.vectors, dtype=np.float32), source)
 
 
+@contextlib.contextmanager
+def _progress_log(what: str, every_seconds: float = 10.0) -> Iterator[None]:
+    """Logs every few seconds while a long read runs (gensim's readers report no progress of their own)."""
+    done = threading.Event()
+    started = time.monotonic()
+
+    def report() -> None:
+        while not done.wait(every_seconds):
+            _LOGGER.info("%s: still reading after %.0f s", what, time.monotonic() - started)
+
+    reporter = threading.Thread(target=report, name="embedserve-progress", daemon=True)
+    reporter.start()
+    try:
+        yield
+    finally:
+        done.set()
+        reporter.join()
+
+
 def _cache_key(spec: str) -> str:
     path = Path(spec)
     identity = spec
@@ -166,7 +187,9 @@ def load_word_vectors(
     started = time.perf_counter()
     folder = cache_dir / _cache_key(spec)
     if not (folder / "meta.json").is_file():
-        loaded = _read_glove_package() if spec == DEFAULT_WORD_VECTORS else _read_with_gensim(spec)
+        _LOGGER.info("reading word vectors %s (first use; converted once into %s)", spec, cache_dir)
+        with _progress_log(f"word vectors {spec}"):
+            loaded = _read_glove_package() if spec == DEFAULT_WORD_VECTORS else _read_with_gensim(spec)
         try:
             _write_cache(folder, loaded, spec)
         except OSError as exc:
