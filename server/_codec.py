@@ -63,11 +63,3 @@ def tensor_pb_from_torch(tensor: torch.Tensor) -> tensor_pb2.Tensor:
         shape=list(contiguous.shape),
         data=raw.numpy().tobytes(),
     )
-
-
-def tensor_pb_from_numpy(array: npt.NDArray[np.int32]) -> tensor_pb2.Tensor:
-    return tensor_pb2.Tensor(
-        dtype=tensor_pb2.DTYPE_INT32,
-        shape=list(array.shape),
-        data=np.ascontiguousarray(array, "<i4").tobytes(),
-    )

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
+from embedserve.client.tensor import to_tensor_pb
 from embedserve.v1 import (
     batches_pb2,
     batches_pb2_grpc,
@@ -67,12 +67,10 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         allowed = "all" if request.allow_all_special else frozenset(request.allowed_special)
         ids, lengths = await asyncio.to_thread(self._tokenizer.encode_batch, texts, allowed)
         _check_reply_bytes(ids.nbytes + 10 * len(lengths), self._config, f"the {ids.size} token IDs")
-        return tokenizer_pb2.TokenizeResponse(token_ids=_codec.tensor_pb_from_numpy(ids), lengths=lengths)
+        return tokenizer_pb2.TokenizeResponse(token_ids=to_tensor_pb(ids, "int32"), lengths=lengths)
 
     def _decode_all(self, ids: np.ndarray[Any, Any], lengths: list[int]) -> list[str]:
-        self._tokenizer.check_ids(ids)
-        bounds = np.cumsum([0, *lengths]).tolist()
-        texts = [self._tokenizer.decode(ids[start:end]) for start, end in itertools.pairwise(bounds)]
+        texts = self._tokenizer.decode_batch(ids, lengths)
         _check_reply_bytes(sum(len(t) for t in texts) * 4, self._config, f"the text of {ids.size} token IDs")
         return texts
 
@@ -150,8 +148,8 @@ class BatchesServicer(batches_pb2_grpc.BatchesServiceServicer):
             inputs, targets = gather_windows(tokens, plan.batch_starts(index), plan.max_length)
             reply = batches_pb2.StreamBatchesResponse(
                 index=index,
-                inputs=_codec.tensor_pb_from_numpy(inputs),
-                targets=_codec.tensor_pb_from_numpy(targets),
+                inputs=to_tensor_pb(inputs, "int32"),
+                targets=to_tensor_pb(targets, "int32"),
                 num_batches=plan.num_batches,
                 num_windows=plan.num_windows,
                 num_tokens=plan.num_tokens,

@@ -6,6 +6,7 @@ import asyncio
 from importlib import resources
 
 import numpy as np
+from embedserve.client.tensor import to_tensor_pb
 from embedserve.v1 import tensor_pb2, word_vectors_pb2, word_vectors_pb2_grpc
 
 from . import _codec
@@ -24,8 +25,7 @@ _METHODS = {
 
 
 def _float32_pb(values: list[float]) -> tensor_pb2.Tensor:
-    array = np.asarray(values, dtype="<f4")
-    return tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_FLOAT32, shape=[len(values)], data=array.tobytes())
+    return to_tensor_pb(np.asarray(values, dtype=np.float32))
 
 
 def _term(term: word_vectors_pb2.QueryTerm) -> Term:
@@ -78,11 +78,7 @@ class WordVectorsServicer(word_vectors_pb2_grpc.WordVectorsServiceServicer):
         self._check_count(len(request.words), "words")
         vectors, missing = self._slot.model.get_vectors(list(request.words))
         return word_vectors_pb2.GetVectorsResponse(
-            vectors=tensor_pb2.Tensor(
-                dtype=tensor_pb2.DTYPE_FLOAT32,
-                shape=list(vectors.shape),
-                data=vectors.astype("<f4").tobytes(),
-            ),
+            vectors=to_tensor_pb(vectors),
             missing_words=missing,
         )
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import itertools
 import json
 import logging
 import os
@@ -215,6 +216,13 @@ class Tokenizer:
     def decode(self, ids: npt.NDArray[np.integer]) -> str:
         self.check_ids(ids)
         return str(self._encoding.decode(ids.astype(np.int64).tolist()))
+
+    def decode_batch(self, ids: npt.NDArray[np.integer], lengths: Sequence[int]) -> list[str]:
+        """Decodes consecutive runs of `ids` of the given lengths; the IDs are checked once."""
+        self.check_ids(ids)
+        bounds = np.cumsum([0, *lengths]).tolist()
+        flat = ids.astype(np.int64).tolist()
+        return [str(self._encoding.decode(flat[start:end])) for start, end in itertools.pairwise(bounds)]
 
 
 def load_gpt2_tokenizer(bpe_dir: Path | None = None, environ: Mapping[str, str] | None = None) -> Tokenizer:
