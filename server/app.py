@@ -44,9 +44,10 @@ class Components:
     corpora: CorpusStore
     word_vectors: WordVectorSlot
 
-    def close(self) -> None:
+    def close(self, timeout: float = 10.0) -> bool:
+        """False when a word-vector load is still running after `timeout` seconds."""
         self.model.close()
-        self.word_vectors.close()
+        return self.word_vectors.close(timeout)
 
 
 def load_components(config: ServerConfig, environ: Mapping[str, str] | None = None) -> Components:
@@ -88,8 +89,8 @@ def load_components(config: ServerConfig, environ: Mapping[str, str] | None = No
     cache_dir = config.cache_dir or default_cache_dir(os.environ if environ is None else environ)
     word_vectors = WordVectorSlot(
         config.word_vectors,
-        lambda: load_word_vectors(
-            config.word_vectors, cache_dir=cache_dir, device=device, max_topn=config.max_topn
+        lambda cancel: load_word_vectors(
+            config.word_vectors, cache_dir=cache_dir, device=device, max_topn=config.max_topn, cancel=cancel
         ),
     )
     _LOGGER.info(
@@ -178,19 +179,25 @@ def build_server(config: ServerConfig, components: Components | None = None) -> 
     return server, port
 
 
-async def serve(config: ServerConfig, *, grace_seconds: float = 5.0) -> None:
-    """Runs the server until SIGINT or SIGTERM, then lets in-flight calls finish."""
-    components = await asyncio.to_thread(load_components, config)
-    server, port = build_server(config, components)
-    await server.start()
-    _LOGGER.info("embedserve listening on %s:%d", config.host, port)
+async def serve(config: ServerConfig, *, grace_seconds: float = 5.0) -> bool:
+    """Runs the server until SIGINT or SIGTERM, then lets in-flight calls finish.
+
+    Returns False when a background load could not be stopped; the caller should then end the
+    process without running native destructors under that thread.
+    """
+    # Handlers first: a signal that arrives while loading still ends the process cleanly.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    components = await asyncio.to_thread(load_components, config)
+    server, port = build_server(config, components)
+    await server.start()
+    _LOGGER.info("embedserve listening on %s:%d", config.host, port)
     try:
         await stop.wait()
         _LOGGER.info("shutting down (grace %.1f s)", grace_seconds)
         await server.stop(grace_seconds)
     finally:
-        components.close()
+        stopped = await asyncio.to_thread(components.close, grace_seconds)
+    return stopped

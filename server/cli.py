@@ -54,10 +54,18 @@ def _run_serve(args: argparse.Namespace) -> int:
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        asyncio.run(serve(config))
+        stopped = asyncio.run(serve(config))
     except StartupError as exc:
         print(f"embedserve: {exc}", file=sys.stderr)
         return 2
+    if not stopped:
+        # A gensim read cannot be interrupted; exiting normally would tear down native libraries
+        # under that thread (and can abort), so leave at once: nothing is left to flush but logs.
+        logging.getLogger(__name__).warning("word vectors still loading; exiting without waiting")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

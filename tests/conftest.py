@@ -8,10 +8,10 @@ import importlib.util
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -140,22 +140,57 @@ def reference_encoding(tmp_path_factory: pytest.TempPathFactory) -> tiktoken.Enc
         return tiktoken.get_encoding("gpt2")
 
 
-def start_cli_server(*flags: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], int]:
-    """`python -m embedserve.server serve` as a child process on a free port; returns it and the port."""
-    env = {**os.environ, **(env or {}), "EMBEDSERVE_PORT": "0"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "embedserve.server", "serve", *flags],
-        env=env,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stderr is not None
-    deadline = time.monotonic() + 60
-    for line in process.stderr:
-        found = re.search(r"listening on .*:(\d+)$", line.strip())
-        if found:
-            return process, int(found.group(1))
-        if time.monotonic() > deadline:
-            break
-    process.kill()
-    raise AssertionError(f"server did not start: {process.stderr.read()}")
+class CliServer:
+    """`python -m embedserve.server serve` as a child process; its log is collected as it runs."""
+
+    def __init__(self, *flags: str, env: dict[str, str] | None = None) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "embedserve.server", "serve", *flags],
+            env={**os.environ, **(env or {}), "EMBEDSERVE_PORT": "0"},
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self._lines: list[str] = []
+        self._port: int | None = None
+        self._started = threading.Event()
+        # Drained continuously, so a chatty server never blocks on a full pipe.
+        self._reader = threading.Thread(target=self._drain, daemon=True)
+        self._reader.start()
+        self.port: int = self._wait_for_port(60)
+
+    def _wait_for_port(self, timeout: float) -> int:
+        if self._started.wait(timeout) and self._port is not None:
+            return self._port
+        self.process.kill()
+        self._reader.join(10)
+        raise AssertionError(f"server did not start:\n{self.log}")
+
+    def _drain(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self._lines.append(line)
+            found = re.search(r"listening on .*:(\d+)$", line.strip())
+            if found and self._port is None:
+                self._port = int(found.group(1))
+                self._started.set()
+        self._started.set()
+
+    @property
+    def log(self) -> str:
+        return "".join(self._lines)
+
+    def terminate(self, timeout: float = 30) -> int:
+        """SIGTERM, then the exit code; fails with the server's log if it does not exit in time."""
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise AssertionError(f"server did not stop within {timeout} s:\n{self.log}") from None
+        self._reader.join(10)
+        return code
+
+
+def start_cli_server(*flags: str, env: dict[str, str] | None = None) -> CliServer:
+    """A CLI server on a free port; call `terminate()` when done."""
+    return CliServer(*flags, env=env)

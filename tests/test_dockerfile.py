@@ -6,7 +6,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -60,10 +59,10 @@ def test_image_commands_work(tmp_path: Path) -> None:
     health = re.search(r"HEALTHCHECK .*CMD (\[.*\])", stage)
     assert health is not None
 
-    process, port = start_cli_server("--device", "cpu", env=image_env)
+    server = start_cli_server("--device", "cpu", env=image_env)
     try:
         probe = [part.strip('" ') for part in health.group(1).strip("[]").split(",")]
-        probe = [p.replace(":50051", f":{port}") for p in probe]
+        probe = [p.replace(":50051", f":{server.port}") for p in probe]
         assert probe[0] == "embedserve"
         result = subprocess.run(
             [sys.executable, "-m", "embedserve.server", *probe[1:]],
@@ -75,5 +74,4 @@ def test_image_commands_work(tmp_path: Path) -> None:
         assert result.returncode == 0, result.stderr
         assert "vocab_size: 50257" in result.stdout
     finally:
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=30) == 0
+        assert server.terminate() == 0, server.log

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import signal
 import subprocess
 import sys
 import threading
@@ -164,15 +163,15 @@ def test_every_flag_reads_its_environment_variable() -> None:
 
 
 def test_serve_runs_and_stops_cleanly_on_sigterm() -> None:
-    process, port = start_cli_server("--vocab-size", "6", "--dim", "3", "--seed", "123", "--device", "cpu")
+    server = start_cli_server("--vocab-size", "6", "--dim", "3", "--seed", "123", "--device", "cpu")
     try:
-        with Client(f"127.0.0.1:{port}") as client:
+        with Client(f"127.0.0.1:{server.port}") as client:
             np.testing.assert_allclose(
                 client.embed([2, 3, 5, 1], include_positional=False)[0], [1.2753, -0.2010, -0.1606], atol=1e-4
             )
     finally:
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=30) == 0
+        assert server.terminate() == 0, server.log
+    assert "shutting down" in server.log
 
 
 def test_serve_refuses_bad_startup_config_clearly(tmp_path: Path) -> None:
@@ -241,3 +240,21 @@ def test_nonsense_limits_and_environment_are_refused_clearly(monkeypatch: pytest
     with pytest.raises(SystemExit) as exited:
         main(["info"])
     assert exited.value.code == 2
+
+
+def test_sigterm_while_word_vectors_load_exits_cleanly(tmp_path: Path) -> None:
+    source = tmp_path / "vectors.txt"
+    rng = np.random.default_rng(0)
+    with source.open("w") as out:
+        for index in range(60_000):
+            out.write(f"w{index} " + " ".join(f"{v:.4f}" for v in rng.standard_normal(20)) + "\n")
+    cache = tmp_path / "cache"
+    server = start_cli_server(
+        "--vocab-size", "6", "--dim", "3", "--device", "cpu", "--word-vectors", str(source),
+        env={"EMBEDSERVE_CACHE_DIR": str(cache)},
+    )  # fmt: skip
+    assert server.terminate() == 0, server.log
+    assert "shutting down" in server.log
+    # Whether the read finished first or not, no half-written cache is left behind.
+    leftovers = [p.name for p in cache.glob("*")] if cache.exists() else []
+    assert all((cache / name / "meta.json").is_file() for name in leftovers), leftovers

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import threading
 from collections.abc import Callable, Iterator
 from importlib import resources
 from pathlib import Path
@@ -11,9 +12,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from embedserve.server.core import InvalidInput, LimitExceeded, NotFound, StartupError
+from embedserve.server.core import Cancelled, InvalidInput, LimitExceeded, NotFound, NotReady, StartupError
 from embedserve.server.core.vector_sources import load_word_vectors
 from embedserve.server.core.vectors import SimilarityQuery, Term, WordVectors
+from embedserve.server.core.word_vector_slot import WordVectorSlot
 from gensim.models import KeyedVectors
 
 from .conftest import HAVE_GLOVE
@@ -355,3 +357,62 @@ def test_slow_reads_log_progress(tmp_path: Path, caplog: pytest.LogCaptureFixtur
     messages = [r.message for r in caplog.records]
     assert any(m.startswith("reading word vectors") for m in messages)
     assert any(m.startswith("converting") for m in messages)
+
+
+class _SetAfter(threading.Event):
+    """An event that reads as set from its `calls`-th check on: cancellation part-way through."""
+
+    def __init__(self, calls: int) -> None:
+        super().__init__()
+        self.checks_left = calls
+
+    def is_set(self) -> bool:
+        self.checks_left -= 1
+        return self.checks_left < 0
+
+
+def test_cancelling_a_conversion_leaves_no_partial_cache(tmp_path: Path) -> None:
+    from embedserve.server.core import vector_sources
+
+    count = 250_000  # three conversion blocks
+    loaded = vector_sources._Loaded(
+        [f"w{i}" for i in range(count)], np.ones((count, 4), dtype=np.float32), "test"
+    )
+    folder = tmp_path / "cache" / "model"
+    with pytest.raises(Cancelled):
+        vector_sources._write_cache(folder, loaded, "model", _SetAfter(calls=1))
+    assert list((tmp_path / "cache").iterdir()) == []  # the staging folder is gone, nothing half-written
+    vector_sources._write_cache(folder, loaded, "model", threading.Event())
+    assert (folder / "meta.json").is_file()
+    source = tmp_path / "vectors.txt"
+    shutil.copy(TEST_DATA / "test_glove.txt", source)
+    stopped = threading.Event()
+    stopped.set()
+    with pytest.raises(Cancelled):
+        load_word_vectors(str(source), cache_dir=tmp_path / "other", device=CPU, cancel=stopped)
+    assert not any((tmp_path / "other").glob("*/meta.json"))
+
+
+def test_slot_close_stops_a_load_and_reports_one_that_will_not_stop() -> None:
+    def cooperative(cancel: threading.Event) -> WordVectors | None:
+        cancel.wait(60)
+        raise Cancelled("stopped")
+
+    slot = WordVectorSlot("model", cooperative)
+    slot.start()
+    assert slot.loading
+    assert slot.close(timeout=10)
+    with pytest.raises(NotReady, match="shutting down"):
+        _ = slot.model
+
+    release = threading.Event()
+
+    def stubborn(cancel: threading.Event) -> WordVectors | None:
+        release.wait(60)
+        return None
+
+    slot = WordVectorSlot("model", stubborn)
+    slot.start()
+    assert not slot.close(timeout=0.1)
+    release.set()
+    assert slot.wait(10)

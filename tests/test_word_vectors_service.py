@@ -133,7 +133,7 @@ async def test_health_is_not_serving_until_loaded_and_none_disables(default_comp
     gate = threading.Event()
     real = default_components.word_vectors
 
-    def slow_load() -> object:
+    def slow_load(cancel: threading.Event) -> object:
         gate.wait(60)
         real.wait(120)
         return real.model
@@ -164,7 +164,7 @@ async def test_health_is_not_serving_until_loaded_and_none_disables(default_comp
         gate.set()
         running.stop()
 
-    disabled = replace(default_components, word_vectors=WordVectorSlot("none", lambda: None))
+    disabled = replace(default_components, word_vectors=WordVectorSlot("none", lambda cancel: None))
     running = ServerThread(default_components.config, disabled)
     try:
         async with AsyncClient(running.target) as client:

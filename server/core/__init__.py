@@ -14,6 +14,7 @@ from .embedding import (
     seeded_embedding_tables,
 )
 from .errors import (
+    Cancelled,
     EmbedServeCoreError,
     InvalidInput,
     LimitExceeded,
@@ -28,6 +29,7 @@ from .windows import WindowPlan, count_windows, gather_windows, plan_windows, sh
 __all__ = [
     "GPT2_BPE_SHA256",
     "OUTPUT_DTYPES",
+    "Cancelled",
     "CorpusStore",
     "EmbedServeCoreError",
     "EmbeddingModel",

@@ -27,5 +27,9 @@ class NotReady(EmbedServeCoreError):
     """The component is still loading or already shutting down."""
 
 
+class Cancelled(NotReady):
+    """Work stopped part-way because the server is shutting down."""
+
+
 class StartupError(EmbedServeCoreError):
     """The configuration cannot be served (bad weights, bad vocabulary files...)."""

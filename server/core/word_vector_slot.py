@@ -7,18 +7,24 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from .errors import NotReady
+from .errors import Cancelled, NotReady
 from .vectors import WordVectors
 
 _LOGGER = logging.getLogger(__name__)
 
 
 class WordVectorSlot:
-    """Holds the model once loaded; until then (or after a failed load) every use is NotReady."""
+    """Holds the model once loaded; until then (or after a failed load) every use is NotReady.
 
-    def __init__(self, spec: str, load: Callable[[], WordVectors | None]) -> None:
+    `load(cancel)` should check `cancel` between its steps and raise Cancelled once it is set, so
+    that `close()` can stop a long first-time conversion instead of exiting under a busy thread.
+    """
+
+    def __init__(self, spec: str, load: Callable[[threading.Event], WordVectors | None]) -> None:
         self.spec = spec
         self._load = load
+        self._cancel = threading.Event()
+        self._thread: threading.Thread | None = None
         self._model: WordVectors | None = None
         self._error: str | None = None
         self._done = threading.Event()
@@ -34,7 +40,10 @@ class WordVectorSlot:
 
     def load_now(self) -> None:
         try:
-            self._model = self._load()
+            self._model = self._load(self._cancel)
+        except Cancelled:
+            self._error = "the server is shutting down"
+            _LOGGER.info("word vectors %s: loading stopped, the server is shutting down", self.spec)
         except Exception as exc:
             self._error = str(exc)
             _LOGGER.error("word vectors %s failed to load: %s", self.spec, exc)
@@ -55,7 +64,8 @@ class WordVectorSlot:
             for callback in callbacks:
                 callback(self._model is not None)
 
-        threading.Thread(target=run, name="embedserve-vector-load", daemon=True).start()
+        self._thread = threading.Thread(target=run, name="embedserve-vector-load", daemon=True)
+        self._thread.start()
 
     def add_done_callback(self, callback: Callable[[bool], None]) -> None:
         """callback(ready) once loading ends; at once if it already has."""
@@ -76,5 +86,14 @@ class WordVectorSlot:
             raise NotReady(f"word vectors {self.spec!r} failed to load: {self._error}")
         raise NotReady(f"word vectors {self.spec!r} are still loading")
 
-    def close(self) -> None:
+    @property
+    def loading(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def close(self, timeout: float = 10.0) -> bool:
+        """Stops the scans and any load in progress; False when the load did not stop within `timeout`."""
+        self._cancel.set()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return not self.loading
