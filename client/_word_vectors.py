@@ -11,7 +11,7 @@ import numpy as np
 import numpy.typing as npt
 from embedserve.v1 import word_vectors_pb2, word_vectors_pb2_grpc
 
-from ._errors import NotFoundError, error_from_rpc
+from ._errors import EmbedServeError, NotFoundError, error_from_rpc
 from .tensor import from_tensor_pb, to_tensor_pb
 
 if TYPE_CHECKING:
@@ -139,10 +139,16 @@ class AsyncWordVectors:
             self._stub.MostSimilar,
             word_vectors_pb2.MostSimilarRequest(queries=[_query_pb(q) for q in queries]),
         )
-        return [
-            list(zip(r.words, from_tensor_pb(r.scores).astype(float).tolist(), strict=True))
-            for r in reply.results
-        ]
+        scores = from_tensor_pb(reply.scores).astype(float).tolist()
+        words = list(reply.words)
+        if len(scores) != len(words) or sum(reply.result_counts) != len(words):
+            raise EmbedServeError(grpc.StatusCode.INTERNAL, "the server's ranked lists do not add up")
+        ranked: list[list[tuple[str, float]]] = []
+        start = 0
+        for count in reply.result_counts:
+            ranked.append(list(zip(words[start : start + count], scores[start : start + count], strict=True)))
+            start += count
+        return ranked
 
     async def most_similar(
         self,

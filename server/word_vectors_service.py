@@ -93,10 +93,9 @@ class WordVectorsServicer(word_vectors_pb2_grpc.WordVectorsServiceServicer):
             self._batcher = MicroBatcher(model.search, executor=self._slot.executor, max_items=1024)
         ranked = await self._batcher.submit(prepared)
         return word_vectors_pb2.MostSimilarResponse(
-            results=[
-                word_vectors_pb2.RankedWords(words=[w for w, _ in r], scores=_float32_pb([s for _, s in r]))
-                for r in ranked
-            ]
+            result_counts=[len(r) for r in ranked],
+            words=[word for r in ranked for word, _ in r],
+            scores=_float32_pb([score for r in ranked for _, score in r]),
         )
 
     def _pairs(self, pairs: list[word_vectors_pb2.WordPair]) -> list[tuple[str, str]]:

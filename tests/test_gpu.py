@@ -10,6 +10,7 @@ import torch
 from embedserve.client import AsyncClient, InvalidArgumentError
 from embedserve.server import ServerConfig
 from embedserve.server.core import EmbeddingModel, resolve_device, seeded_embedding_tables
+from embedserve.server.core.vectors import SimilarityQuery, Term, WordVectors
 
 from .conftest import start_server
 from .test_core_embedding import NOTEBOOK_ROWS_2_3_5_1
@@ -90,3 +91,32 @@ async def test_out_of_range_ids_never_reach_the_device() -> None:
         np.testing.assert_allclose(rows, NOTEBOOK_ROWS_2_3_5_1, atol=1e-4)
     finally:
         running.stop()
+
+
+def test_word_vector_search_on_cuda_equals_cpu() -> None:
+    """Same words in the same order as the CPU scan (scores within 1e-5), for every query form."""
+    rng = np.random.default_rng(7)
+    count, dim = 300_000, 64  # more rows than one GPU block holds at 512 queries
+    words = [f"w{i}" for i in range(count)]
+    vectors = rng.standard_normal((count, dim), dtype=np.float32)
+    vectors[5] = 0  # a zero vector is never returned
+    cpu = WordVectors(words, vectors, name="r", source="r", device=torch.device("cpu"))
+    gpu = WordVectors(words, vectors, name="r", source="r", device=resolve_device("cuda"))
+    queries = []
+    for i in range(600):
+        picked = [words[j] for j in rng.choice(count, size=3, replace=False)]
+        queries.append(
+            SimilarityQuery(
+                positive=(Term(picked[0]), Term(picked[1])) if i % 3 else (Term(vector=vectors[i + 10]),),
+                negative=(Term(picked[2]),) if i % 2 else (),
+                topn=int(rng.integers(1, 30)),
+                restrict_vocab=int(rng.integers(1000, count)) if i % 5 == 0 else None,
+                method="mul" if i % 7 == 0 else "add",
+            )
+        )
+    for want, got in zip(cpu.most_similar(queries), gpu.most_similar(queries), strict=True):
+        assert len(got) == len(want)
+        for (want_word, want_score), (word, score) in zip(want, got, strict=True):
+            assert abs(score - want_score) < 1e-5 * max(1.0, abs(want_score))
+            if word != want_word:  # only among scores tied within float32 noise
+                assert abs(score - want_score) < 1e-6 * max(1.0, abs(want_score))

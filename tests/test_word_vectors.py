@@ -156,6 +156,38 @@ def test_small_blocks_give_the_same_answers(pair: tuple[WordVectors, KeyedVector
         assert_same_ranking(ours(blocked, *args), ours(model, *args))
 
 
+def test_threshold_scan_over_many_blocks_matches_gensim() -> None:
+    """Past the first block the CPU scan collects only scores above each query's k-th best so far;
+    many 64-column-aligned blocks and a whole batch in one scan exercise that path and its merges."""
+    rng = np.random.default_rng(11)
+    kv = KeyedVectors(16)
+    kv.add_vectors([f"w{i}" for i in range(20_000)], rng.standard_normal((20_000, 16), dtype=np.float32))
+    kv.vectors[17] = 0  # a zero vector is never returned
+    model = WordVectors(kv.index_to_key, kv.vectors, name="t", source="t", device=CPU, block_rows=256)
+    specs = list(_random_queries(rng, kv, 120))
+    queries = [
+        SimilarityQuery(
+            _gensim_terms(q["positive"]), _gensim_terms(q["negative"]), q["topn"], q["restrict"],
+            "mul" if q["cosmul"] else "add",
+        )
+        for q in specs
+    ]  # fmt: skip
+    with np.errstate(invalid="ignore", divide="ignore"):  # gensim divides by the zero vector's norm
+        for q, got in zip(specs, model.most_similar(queries), strict=True):
+            if q["cosmul"]:
+                expected = kv.most_similar_cosmul(
+                    positive=q["positive"], negative=q["negative"], topn=q["topn"]
+                )
+            else:
+                expected = kv.most_similar(
+                    positive=q["positive"],
+                    negative=q["negative"],
+                    topn=q["topn"],
+                    restrict_vocab=q["restrict"],
+                )
+            assert_same_ranking(got, [(w, s) for w, s in expected if w != "w17"])
+
+
 def test_cosmul_honours_restrict_vocab_which_gensim_ignores(pair: tuple[WordVectors, KeyedVectors]) -> None:
     model, kv = pair
     word = kv.index_to_key[5]

@@ -33,12 +33,12 @@ import numpy as np
 import torch
 
 from .errors import Cancelled, StartupError
-from .vectors import FloatArray, WordVectors
+from .vectors import FloatArray, WordVectors, unit_rows
 
 _LOGGER = logging.getLogger(__name__)
 
 DEFAULT_WORD_VECTORS = "glove-6b-50d"
-_CACHE_FORMAT = 2
+_CACHE_FORMAT = 3
 
 
 def default_cache_dir(environ: Mapping[str, str]) -> Path:
@@ -163,6 +163,7 @@ def _write_cache(folder: Path, loaded: _Loaded, name: str, cancel: threading.Eve
         _LOGGER.info("converting %s (%d x %d) into %s", name, count, dim, folder)
         vectors = np.lib.format.open_memmap(staging / "vectors.npy", "w+", np.float32, (count, dim))
         norms = np.lib.format.open_memmap(staging / "norms.npy", "w+", np.float32, (count,))
+        unit = np.lib.format.open_memmap(staging / "unit.npy", "w+", np.float32, (count, dim))
         step = 100_000
         last_log = time.monotonic()
         for start in range(0, count, step):
@@ -170,12 +171,14 @@ def _write_cache(folder: Path, loaded: _Loaded, name: str, cancel: threading.Eve
             block = np.asarray(loaded.vectors[start : start + step], dtype=np.float32)
             vectors[start : start + step] = block
             norms[start : start + step] = np.linalg.norm(block, axis=1)
+            unit_rows(block, norms[start : start + step], out=unit[start : start + step])
             if time.monotonic() - last_log > 2:
                 _LOGGER.info("converting %s: %d of %d vectors", name, min(start + step, count), count)
                 last_log = time.monotonic()
         vectors.flush()
         norms.flush()
-        del vectors, norms
+        unit.flush()
+        del vectors, norms, unit
         (staging / "words.json").write_text(json.dumps(loaded.words, ensure_ascii=False))
         meta = {"format": _CACHE_FORMAT, "name": name, "source": loaded.source, "count": count, "dim": dim}
         (staging / "meta.json").write_text(json.dumps(meta))
@@ -227,6 +230,7 @@ def load_word_vectors(
         words,
         np.load(folder / "vectors.npy", mmap_mode="r"),
         norms=np.load(folder / "norms.npy", mmap_mode="r"),
+        unit=np.load(folder / "unit.npy", mmap_mode="r"),
         name=spec,
         source=str(meta["source"]),
         device=device,

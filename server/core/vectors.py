@@ -12,6 +12,7 @@ float32 rounding.
 
 from __future__ import annotations
 
+import bisect
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -29,9 +30,10 @@ Method = Literal["add", "mul"]
 # gensim's epsilon in most_similar_cosmul's denominator.
 COSMUL_EPSILON = 0.000001
 # (vocabulary block, its norms, a [queries, rows] buffer it may fill) -> scores
-_Scorer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+_Scorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # Columns per group in the two-stage top-k.
 _TOPK_GROUP = 64
+_GPU_SCORE_BUFFER_ELEMENTS = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -95,8 +97,25 @@ class AnalogyReport:
         return self.correct / answered if answered else 0.0
 
 
+def unit_rows(vectors: FloatArray, norms: FloatArray, out: FloatArray | None = None) -> FloatArray:
+    """Each row over its norm in float32, as gensim's get_vector(norm=True); zero rows stay zero."""
+    out = np.empty(vectors.shape, np.float32) if out is None else out
+    step = 65536
+    for start in range(0, vectors.shape[0], step):
+        block_norms = np.asarray(norms[start : start + step], dtype=np.float32)
+        safe = np.where(block_norms > 0, block_norms, np.float32(1))
+        out[start : start + step] = (
+            np.asarray(vectors[start : start + step], dtype=np.float32) / safe[:, None]
+        )
+    return out
+
+
 class WordVectors:
-    """A vocabulary and its raw vectors, resident on a torch device with their norms."""
+    """A vocabulary and its raw vectors (on the host), with unit-length copies on a torch device.
+
+    Searches score against the unit rows: dot(unit(v), q) is gensim's dot(v, q) / |v| up to float32
+    rounding (about 1e-7), and saves a pass over every block of scores.
+    """
 
     def __init__(
         self,
@@ -107,7 +126,8 @@ class WordVectors:
         source: str,
         device: torch.device,
         norms: FloatArray | None = None,
-        block_rows: int = 32768,
+        unit: FloatArray | None = None,
+        block_rows: int = 8192,
         max_topn: int = 10000,
     ) -> None:
         if vectors.ndim != 2 or vectors.shape[0] != len(words):
@@ -121,13 +141,16 @@ class WordVectors:
             self.key_to_index.setdefault(word, index)
         self.vectors = vectors
         self.norms: FloatArray = np.linalg.norm(vectors, axis=1) if norms is None else norms
+        # Plain ndarray views of the (possibly memory-mapped) arrays: np.memmap indexing is slow per row.
+        self._rows: FloatArray = np.asarray(vectors)
+        self._row_norms: FloatArray = np.asarray(self.norms)
         self._block_rows = block_rows
         self.max_topn = max_topn
         with warnings.catch_warnings():
             # Memory-mapped caches are read-only; nothing here writes to them.
             warnings.simplefilter("ignore", UserWarning)
-            self._vectors = torch.from_numpy(vectors).to(device)
-            self._norms = torch.from_numpy(self.norms).to(device)
+            unit = unit_rows(self._rows, self._row_norms) if unit is None else unit
+            self._unit = torch.from_numpy(unit).to(device)
         # gensim would score a zero vector NaN; here it is never returned.
         self._zero_rows = torch.from_numpy(self.norms == 0).to(device) if np.any(self.norms == 0) else None
 
@@ -155,13 +178,13 @@ class WordVectors:
         for row, word in enumerate(words):
             index = self.key_to_index.get(word)
             if index is not None:
-                out[row] = self.vectors[index]
+                out[row] = self._rows[index]
         return out, self.missing(words)
 
     def unit_vector(self, word: str) -> FloatArray:
         """get_vector(word, norm=True)."""
         index = self.key_to_index[word]
-        return self.vectors[index] / self.norms[index]  # type: ignore[no-any-return]
+        return self._rows[index] / self._row_norms[index]  # type: ignore[no-any-return]
 
     # Pairs
 
@@ -170,9 +193,7 @@ class WordVectors:
         self._require([w for pair in pairs for w in pair])
         return [
             float(
-                np.dot(
-                    _unitvec(self.vectors[self.key_to_index[a]]), _unitvec(self.vectors[self.key_to_index[b]])
-                )
+                np.dot(_unitvec(self._rows[self.key_to_index[a]]), _unitvec(self._rows[self.key_to_index[b]]))
             )
             for a, b in pairs
         ]
@@ -181,7 +202,7 @@ class WordVectors:
         """(cosine distance as KeyedVectors.distance, euclidean norm of the raw difference)."""
         cosine = [1 - s for s in self.similarity(pairs)]
         euclidean = [
-            float(np.linalg.norm(self.vectors[self.key_to_index[a]] - self.vectors[self.key_to_index[b]]))
+            float(np.linalg.norm(self._rows[self.key_to_index[a]] - self._rows[self.key_to_index[b]]))
             for a, b in pairs
         ]
         return cosine, euclidean
@@ -207,26 +228,48 @@ class WordVectors:
             raise InvalidInput("a raw vector holds NaN or infinite values")
         return vector.astype(np.float32, copy=False)
 
-    def _mean_vector(self, query: SimilarityQuery) -> FloatArray:
-        """most_similar's query: get_mean_vector(pre_normalize=True, post_normalize=True), step by step."""
-        terms = [*query.positive, *query.negative]
-        weights = np.concatenate((np.ones(len(query.positive)), -1.0 * np.ones(len(query.negative))))
-        for index, term in enumerate(terms):
-            if term.weight is not None:
-                weights[index] = term.weight
-        mean = np.zeros(self.dim, np.float32)
-        total_weight = 0.0
-        for index, term in enumerate(terms):
-            vec = (
-                self._check_vector(term.vector)
-                if term.vector is not None
-                else self.unit_vector(term.word or "")
+    def _mean_vectors(self, queries: Sequence[SimilarityQuery]) -> FloatArray:
+        """most_similar's query vectors, get_mean_vector(pre_normalize=True, post_normalize=True),
+        for many queries at once with gensim's operations in gensim's order, row-wise.
+
+        Term position by term position, as gensim's loop: float64 weight times the float32 unit
+        (or raw) vector, added into a float32 mean; then divided by the sum of absolute weights
+        in float64, scaled to unit length, and cast to float32.
+        """
+        means = np.zeros((len(queries), self.dim), np.float32)
+        totals = np.zeros(len(queries), np.float64)
+        terms = [(*q.positive, *q.negative) for q in queries]
+        signs = [len(q.positive) for q in queries]
+        for position in range(max((len(t) for t in terms), default=0)):
+            members = [m for m, t in enumerate(terms) if len(t) > position]
+            weights = np.array(
+                [
+                    (1.0 if position < signs[m] else -1.0)
+                    if terms[m][position].weight is None
+                    else terms[m][position].weight
+                    for m in members
+                ],
+                dtype=np.float64,
             )
-            mean += weights[index] * vec
-            total_weight += abs(weights[index])
-        if total_weight > 0:
-            mean = mean / total_weight
-        return _unitvec(mean).astype(np.float32)
+            vectors = np.empty((len(members), self.dim), np.float32)
+            by_word = [(row, terms[m][position].word) for row, m in enumerate(members)]
+            word_rows = [row for row, word in by_word if word is not None]
+            if word_rows:
+                indexes = [self.key_to_index[word] for _, word in by_word if word is not None]
+                vectors[word_rows] = self._rows[indexes] / self._row_norms[indexes][:, None]
+            for row, m in enumerate(members):
+                raw = terms[m][position].vector
+                if raw is not None:
+                    vectors[row] = self._check_vector(raw)
+            means[members] = means[members] + weights[:, None] * vectors
+            totals[members] += np.abs(weights)
+        averaged = means.astype(np.float64)
+        weighted = totals > 0
+        averaged[weighted] /= totals[weighted, None]
+        lengths = np.sqrt(np.sum(averaged**2, axis=1))
+        nonzero = lengths > 0
+        averaged[nonzero] /= lengths[nonzero, None]
+        return averaged.astype(np.float32)
 
     def _prepare(self, query: SimilarityQuery) -> PreparedQuery:
         terms = [*query.positive, *query.negative]
@@ -250,7 +293,7 @@ class WordVectors:
         excluded = sorted({self.key_to_index[t.word] for t in terms if t.word is not None})
         prepared = PreparedQuery(topn=query.topn, end=end, excluded=excluded)
         if query.method == "add":
-            prepared.add_vector = self._mean_vector(query)
+            pass  # prepare() computes the add vectors of all queries together
         elif query.method == "mul":
             # Words are unit-normalised; raw vectors are used as given, as gensim does.
             def as_vector(term: Term) -> FloatArray:
@@ -268,7 +311,12 @@ class WordVectors:
 
     def prepare(self, queries: Sequence[SimilarityQuery]) -> list[PreparedQuery]:
         """Checks queries and reduces them to their query vectors (cheap; raises on bad input)."""
-        return [self._prepare(q) for q in queries]
+        prepared = [self._prepare(q) for q in queries]
+        add = [i for i, q in enumerate(queries) if q.method == "add"]
+        if add:
+            for i, vector in zip(add, self._mean_vectors([queries[i] for i in add]), strict=True):
+                prepared[i].add_vector = vector
+        return prepared
 
     def most_similar(self, queries: Sequence[SimilarityQuery]) -> list[list[tuple[str, float]]]:
         """One ranked (word, score) list per query; all queries share one blocked scan."""
@@ -290,9 +338,9 @@ class WordVectors:
         queries = torch.from_numpy(np.stack([p.add_vector for p in group if p.add_vector is not None]))
         queries = queries.to(self.device)
 
-        def score(block: torch.Tensor, norms: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        def score(unit_block: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
             # Into a reused buffer: a fresh [queries, rows] tensor per block costs as much as the product.
-            return torch.mm(queries, block.T, out=out).div_(norms)
+            return torch.mm(queries, unit_block.T, out=out)
 
         return score
 
@@ -314,8 +362,8 @@ class WordVectors:
 
         positive_index, negative_index = padded(positive_columns), padded(negative_columns)
 
-        def score(block: torch.Tensor, norms: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-            shifted = (1 + torch.mm(term_matrix, block.T) / norms) / 2  # [terms, rows]
+        def score(unit_block: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+            shifted = (1 + torch.mm(term_matrix, unit_block.T)) / 2  # [terms, rows]
             shifted = torch.cat([shifted, torch.ones_like(shifted[:1])])
             numerator = shifted[positive_index].prod(dim=1)  # [queries, rows]
             denominator = shifted[negative_index].prod(dim=1) + COSMUL_EPSILON
@@ -333,29 +381,38 @@ class WordVectors:
         group = [prepared[i] for i in members]
         end = max(p.end for p in group)
         k = min(max(p.topn for p in group), end)
-        best_scores = torch.full((len(group), 0), -math.inf, device=self.device)
-        best_rows = torch.zeros((len(group), 0), dtype=torch.int64, device=self.device)
-        buffer = torch.empty(len(group) * min(self._block_rows, end), device=self.device)
-        for start in range(0, end, self._block_rows):
-            stop = min(start + self._block_rows, end)
+        block_rows = self._rows_per_block(len(group), end)
+        # Exclusions as (query, row) pairs sorted by row: each block masks its slice in one indexed write.
+        pairs = sorted((index, row) for row, p in enumerate(group) for index in p.excluded if index < p.end)
+        excluded_rows = torch.tensor([index for index, _ in pairs], dtype=torch.int64, device=self.device)
+        excluded_queries = torch.tensor([row for _, row in pairs], dtype=torch.int64, device=self.device)
+        excluded_starts = [index for index, _ in pairs]
+        query_ends = torch.tensor([p.end for p in group], dtype=torch.int64, device=self.device)[:, None]
+        smallest_end = min(p.end for p in group)
+        best = _RunningTopK(len(group), k, self.device)
+        buffer = torch.empty(len(group) * min(block_rows, end), device=self.device)
+        for start in range(0, end, block_rows):
+            stop = min(start + block_rows, end)
             scores = score(
-                self._vectors[start:stop],
-                self._norms[start:stop],
+                self._unit[start:stop],
                 buffer[: len(group) * (stop - start)].view(len(group), stop - start),
             )
             if self._zero_rows is not None:
                 scores.masked_fill_(self._zero_rows[start:stop], -math.inf)
-            for row, p in enumerate(group):
-                if p.end < stop:
-                    scores[row, max(p.end - start, 0) :] = -math.inf
-                for index in p.excluded:
-                    if start <= index < stop:
-                        scores[row, index - start] = -math.inf
-            block_scores, block_rows = _block_topk(scores, min(k, stop - start))
-            best_scores = torch.cat([best_scores, block_scores], dim=1)
-            best_rows = torch.cat([best_rows, block_rows + start], dim=1)
-            best_scores, keep = torch.topk(best_scores, min(k, best_scores.shape[1]), dim=1)
-            best_rows = torch.gather(best_rows, 1, keep)
+            if smallest_end < stop:  # some query's restrict_vocab ends inside this block
+                columns = torch.arange(start, stop, device=self.device)[None, :]
+                scores.masked_fill_(columns >= query_ends, -math.inf)
+            first, last = (
+                bisect.bisect_left(excluded_starts, start),
+                bisect.bisect_left(excluded_starts, stop),
+            )
+            if first < last:
+                scores.index_put_(
+                    (excluded_queries[first:last], excluded_rows[first:last] - start),
+                    torch.tensor(-math.inf, device=self.device),
+                )
+            best.add_block(scores, start)
+        best_scores, best_rows = best.result()
         top_scores, top_rows = best_scores.cpu().tolist(), best_rows.cpu().tolist()
         for row, member in enumerate(members):
             topn = prepared[member].topn
@@ -364,6 +421,16 @@ class WordVectors:
                 for index, value in zip(top_rows[row][:topn], top_scores[row][:topn], strict=True)
                 if value != -math.inf
             ]
+
+    def _rows_per_block(self, queries: int, end: int) -> int:
+        """Vocabulary rows scored per step.
+
+        On CPU a block sized for the caches; on a GPU as many rows as keep the score buffer near
+        256 MiB, since each step there costs kernel launches rather than cache misses.
+        """
+        if self.device.type == "cpu":
+            return self._block_rows
+        return max(self._block_rows, min(end, _GPU_SCORE_BUFFER_ELEMENTS // max(1, queries)))
 
     # Evaluation
 
@@ -427,19 +494,104 @@ class WordVectors:
         )
 
 
-def _block_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch.topk(scores, k, dim=1), in two stages when the rows are long.
+def _group_candidates(
+    scores: torch.Tensor, maxima: torch.Tensor, groups: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The columns of each row's `groups` column groups with the largest maxima, and their scores."""
+    if groups == 1:
+        best_groups = maxima.argmax(dim=1, keepdim=True)
+    else:
+        best_groups = torch.topk(maxima, groups, dim=1, sorted=False).indices
+    offsets = torch.arange(_TOPK_GROUP, device=scores.device)
+    columns = (best_groups[:, :, None] * _TOPK_GROUP + offsets).view(scores.shape[0], groups * _TOPK_GROUP)
+    return scores.gather(1, columns), columns
 
-    The k best of a row lie in the k column groups with the largest maxima, so
-    a cheap max per group of 64 picks k groups and topk runs on those alone.
-    (Among exactly tied scores it may keep a different one, as topk itself may.)
+
+def _block_candidates(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidates for the k best of each row, as (scores, columns); the caller's top-k picks them.
+
+    The k best of a row lie in the k column groups (of 64) with the largest maxima, so a cheap
+    max per group picks groups and only their columns are kept. (Among exactly tied scores it
+    may keep a different one, as topk itself may.)
     """
     rows, columns = scores.shape
     if columns % _TOPK_GROUP or columns < 4 * _TOPK_GROUP * k:
         return torch.topk(scores, k, dim=1, sorted=False)
-    grouped = scores.view(rows, columns // _TOPK_GROUP, _TOPK_GROUP)
-    best_groups = torch.topk(grouped.amax(dim=2), k, dim=1, sorted=False).indices
-    offsets = torch.arange(_TOPK_GROUP, device=scores.device)
-    candidates = (best_groups[:, :, None] * _TOPK_GROUP + offsets).view(rows, k * _TOPK_GROUP)
-    values, picked = torch.topk(scores.gather(1, candidates), k, dim=1, sorted=False)
-    return values, candidates.gather(1, picked)
+    maxima = scores.view(rows, columns // _TOPK_GROUP, _TOPK_GROUP).amax(dim=2)
+    return _group_candidates(scores, maxima, k)
+
+
+class _RunningTopK:
+    """The k best (score, vocabulary row) of each query over a blocked scan, sorted best first.
+
+    On CPU, once every query has k finite scores, a block is not merged by top-k's any more:
+    a max per column group finds the few (query, group) pairs holding a score above the
+    query's k-th best so far, those scores are collected, and the collection is merged now
+    and then. That replaces two top-k's over every row of every block by one reduction and
+    a little work. (A GPU keeps merging every block: the threshold test there would read
+    back to the host each block and stall the stream.)
+    """
+
+    def __init__(self, queries: int, k: int, device: torch.device) -> None:
+        self.k = k
+        self.scores = torch.full((queries, 0), -math.inf, device=device)
+        self.rows = torch.zeros((queries, 0), dtype=torch.int64, device=device)
+        self._collect = device.type == "cpu"
+        self._thresholds: torch.Tensor | None = None
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._pending_count = 0
+
+    def add_block(self, scores: torch.Tensor, start: int) -> None:
+        if self._thresholds is not None and scores.shape[1] % _TOPK_GROUP == 0:
+            self._collect_above_thresholds(scores, start)
+            return
+        candidate_scores, candidate_columns = _block_candidates(scores, min(self.k, scores.shape[1]))
+        self._merge(candidate_scores, candidate_columns + start)
+        if self._collect and self.scores.shape[1] == self.k:
+            kth = self.scores[:, -1]
+            self._thresholds = kth.clone() if bool(kth.isfinite().all()) else None
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self._flush()
+        return self.scores, self.rows
+
+    def _merge(self, candidate_scores: torch.Tensor, candidate_rows: torch.Tensor) -> None:
+        merged_scores = torch.cat([self.scores, candidate_scores], dim=1)
+        merged_rows = torch.cat([self.rows, candidate_rows], dim=1)
+        self.scores, keep = torch.topk(merged_scores, min(self.k, merged_scores.shape[1]), dim=1)
+        self.rows = torch.gather(merged_rows, 1, keep)
+
+    def _collect_above_thresholds(self, scores: torch.Tensor, start: int) -> None:
+        assert self._thresholds is not None
+        queries, columns = scores.shape
+        grouped = scores.view(queries, columns // _TOPK_GROUP, _TOPK_GROUP)
+        query_index, group_index = (grouped.amax(dim=2) > self._thresholds[:, None]).nonzero(as_tuple=True)
+        if query_index.numel() == 0:
+            return
+        values = grouped[query_index, group_index]  # [hits, 64]
+        hit, offset = (values > self._thresholds[query_index, None]).nonzero(as_tuple=True)
+        self._pending.append(
+            (query_index[hit], values[hit, offset], group_index[hit] * _TOPK_GROUP + offset + start)
+        )
+        self._pending_count += hit.numel()
+        if self._pending_count >= queries * self.k:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        query_index = torch.cat([p[0] for p in self._pending])
+        values = torch.cat([p[1] for p in self._pending])
+        rows = torch.cat([p[2] for p in self._pending])
+        self._pending, self._pending_count = [], 0
+        order = torch.argsort(query_index, stable=True)
+        query_index, values, rows = query_index[order], values[order], rows[order]
+        per_query = torch.bincount(query_index, minlength=self.scores.shape[0])
+        slots = torch.arange(query_index.numel()) - (torch.cumsum(per_query, 0) - per_query)[query_index]
+        width = int(per_query.max())
+        packed_scores = self.scores.new_full((self.scores.shape[0], width), -math.inf)
+        packed_rows = self.rows.new_zeros((self.scores.shape[0], width))
+        packed_scores[query_index, slots] = values
+        packed_rows[query_index, slots] = rows
+        self._merge(packed_scores, packed_rows)
+        self._thresholds = self.scores[:, -1].clone()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 from collections.abc import Callable
@@ -41,6 +42,10 @@ class WordVectorSlot:
     def load_now(self) -> None:
         try:
             self._model = self._load(self._cancel)
+            # The vocabulary (a str per word and a dict) lives as long as the process. Moving it out
+            # of the collector's generations stops every full collection from walking it again:
+            # about 85 ms per collection on GloVe's 400k words, taken from whichever call triggers it.
+            gc.freeze()
         except Cancelled:
             self._error = "the server is shutting down"
             _LOGGER.info("word vectors %s: loading stopped, the server is shutting down", self.spec)

@@ -187,48 +187,35 @@ class MostSimilarRequest(_message.Message):
 Global___MostSimilarRequest: _TypeAlias = MostSimilarRequest  # noqa: Y015
 
 @_typing.final
-class RankedWords(_message.Message):
+class MostSimilarResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    RESULT_COUNTS_FIELD_NUMBER: _builtins.int
     WORDS_FIELD_NUMBER: _builtins.int
     SCORES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def result_counts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """One ranked list per query, in request order, packed into flat fields (one message per
+        query costs more than the search itself at thousands of queries per call): query i's
+        list is the next result_counts[i] entries of words and scores, best first.
+        """
+
     @_builtins.property
     def words(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def scores(self) -> _tensor_pb2.Tensor:
-        """[len(words)] float32 scores, best first."""
+        """[sum(result_counts)] float32."""
 
     def __init__(
         self,
         *,
+        result_counts: _abc.Iterable[_builtins.int] | None = ...,
         words: _abc.Iterable[_builtins.str] | None = ...,
         scores: _tensor_pb2.Tensor | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["scores", b"scores"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["scores", b"scores", "words", b"words"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___RankedWords: _TypeAlias = RankedWords  # noqa: Y015
-
-@_typing.final
-class MostSimilarResponse(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    RESULTS_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___RankedWords]:
-        """One ranked list per query, in request order."""
-
-    def __init__(
-        self,
-        *,
-        results: _abc.Iterable[Global___RankedWords] | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["result_counts", b"result_counts", "scores", b"scores", "words", b"words"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
