@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -17,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from .config import DEFAULT_CONTEXT_LENGTH, DEFAULT_DIM, DEFAULT_VOCAB_SIZE, ServerConfig
 from .core import (
+    OUTPUT_DTYPES,
     CorpusStore,
     EmbeddingModel,
     StartupError,
@@ -28,7 +30,7 @@ from .core import (
 )
 from .core.vector_sources import default_cache_dir, load_word_vectors
 from .core.word_vector_slot import WordVectorSlot
-from .services import BatchesServicer, EmbeddingServicer, TokenizerServicer
+from .services import BatchesServicer, EmbeddingServicer, TokenizerServicer, embed_batcher
 from .word_vectors_service import WordVectorsServicer
 
 _LOGGER = logging.getLogger(__name__)
@@ -59,6 +61,8 @@ def load_components(config: ServerConfig, environ: Mapping[str, str] | None = No
         "max_batch_size",
         "max_topn",
         "max_queries_per_request",
+        "max_queue",
+        "stream_window",
     ):
         if getattr(config, name) <= 0:
             raise StartupError(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
@@ -85,7 +89,11 @@ def load_components(config: ServerConfig, environ: Mapping[str, str] | None = No
     if config.data_dir is not None and not config.data_dir.is_dir():
         raise StartupError(f"--data-dir {config.data_dir} is not a folder")
     device = resolve_device(config.device)
-    model = EmbeddingModel(tables, device)
+    if config.dtype not in OUTPUT_DTYPES:
+        raise StartupError(f"--dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {config.dtype!r}")
+    if config.max_batch_tokens < 0 or config.max_wait_us < 0:
+        raise StartupError("--max-batch-tokens and --max-wait-us must be >= 0")
+    model = EmbeddingModel(tables, device, OUTPUT_DTYPES[config.dtype])
     cache_dir = config.cache_dir or default_cache_dir(os.environ if environ is None else environ)
     word_vectors = WordVectorSlot(
         config.word_vectors,
@@ -139,7 +147,10 @@ def _track_health(health: health_aio.HealthServicer, served: list[str], word_vec
     set_status(WORD_VECTORS_SERVICE, not_serving)
 
     def on_loaded(ready: bool) -> None:
-        loop.call_soon_threadsafe(set_status, WORD_VECTORS_SERVICE, serving if ready else not_serving)
+        if loop.is_closed():  # the server stopped before the model finished loading
+            return
+        with contextlib.suppress(RuntimeError):  # closed in between
+            loop.call_soon_threadsafe(set_status, WORD_VECTORS_SERVICE, serving if ready else not_serving)
 
     word_vectors.add_done_callback(on_loaded)
     word_vectors.start()
@@ -156,11 +167,12 @@ def build_server(config: ServerConfig, components: Components | None = None) -> 
     tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server(
         TokenizerServicer(components.tokenizer, config), server
     )
+    batcher = embed_batcher(components.model, config)  # one per server: it lives on the server's loop
     batches_pb2_grpc.add_BatchesServiceServicer_to_server(
-        BatchesServicer(components.tokenizer, components.corpora, components.model, config), server
+        BatchesServicer(components.tokenizer, components.corpora, components.model, config, batcher), server
     )
     embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server(
-        EmbeddingServicer(components.model, components.tokenizer, config), server
+        EmbeddingServicer(components.model, components.tokenizer, config, batcher), server
     )
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

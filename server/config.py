@@ -24,6 +24,7 @@ class ServerConfig:
     context_length: int | None = None
     seed: int = 123
     device: str = "auto"
+    dtype: str = "float32"
     weights: Path | None = None
     token_embedding_key: str | None = None
     position_embedding_key: str | None = None
@@ -33,6 +34,10 @@ class ServerConfig:
     max_tokens_per_request: int = 1 << 20
     max_texts_per_request: int = 4096
     max_batch_size: int = 4096
+    max_batch_tokens: int = 65536
+    max_wait_us: int = 200
+    max_queue: int = 1 << 22
+    stream_window: int = 8
     word_vectors: str = "glove-6b-50d"
     cache_dir: Path | None = None
     max_topn: int = 10000
@@ -72,6 +77,7 @@ _FLAGS: Mapping[str, tuple[Callable[[str], Any], str]] = {
     ),
     "seed": (int, "torch.manual_seed before the tables are initialised (without --weights)"),
     "device": (str, "torch device: auto (CUDA when present, else CPU), cpu, cuda, cuda:N"),
+    "dtype": (str, "storage dtype of the embedding tables: float32, float16 or bfloat16"),
     "weights": (_optional_path, "safetensors or torch state-dict file holding the two tables"),
     "token_embedding_key": (
         _optional_str,
@@ -91,6 +97,16 @@ _FLAGS: Mapping[str, tuple[Callable[[str], Any], str]] = {
     ),
     "max_texts_per_request": (int, "most texts in one Tokenize or Detokenize call"),
     "max_batch_size": (int, "largest StreamBatches batch_size"),
+    "max_batch_tokens": (
+        int,
+        "token budget of one merged Embed lookup; concurrent requests share it (0: no merging)",
+    ),
+    "max_wait_us": (
+        int,
+        "microseconds a partial batch may wait for more while requests keep arriving (idle: no wait)",
+    ),
+    "max_queue": (int, "most tokens waiting for the device; past it Embed is RESOURCE_EXHAUSTED"),
+    "stream_window": (int, "EmbedStream windows in flight per stream (backpressure beyond it)"),
     "word_vectors": (
         str,
         "glove-6b-50d (offline default), a gensim-data name, a vectors file (word2vec .bin/.txt, GloVe .txt, "

@@ -23,12 +23,14 @@ from .config import ServerConfig
 from .core import (
     CorpusStore,
     EmbeddingModel,
+    EmbedJob,
     InvalidInput,
     LimitExceeded,
     Tokenizer,
     gather_windows,
     plan_windows,
 )
+from .core.embed_batcher import EmbedBatcher
 from .core.tokenizer import ENDOFTEXT
 from .errors import Context, stream_errors, unary_errors
 
@@ -95,14 +97,29 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         return tokenizer_pb2.DetokenizeResponse(texts=texts)
 
 
+def embed_batcher(model: EmbeddingModel, config: ServerConfig) -> EmbedBatcher:
+    return EmbedBatcher(
+        model,
+        max_batch_tokens=config.max_batch_tokens,
+        max_wait_us=config.max_wait_us,
+        max_queue_tokens=config.max_queue,
+    )
+
+
 class BatchesServicer(batches_pb2_grpc.BatchesServiceServicer):
     def __init__(
-        self, tokenizer: Tokenizer, corpora: CorpusStore, model: EmbeddingModel, config: ServerConfig
+        self,
+        tokenizer: Tokenizer,
+        corpora: CorpusStore,
+        model: EmbeddingModel,
+        config: ServerConfig,
+        batcher: EmbedBatcher,
     ) -> None:
         self._tokenizer = tokenizer
         self._corpora = corpora
         self._model = model
         self._config = config
+        self._batcher = batcher
 
     async def _source_tokens(self, request: batches_pb2.StreamBatchesRequest) -> np.ndarray[Any, Any]:
         source = request.WhichOneof("source")
@@ -146,29 +163,34 @@ class BatchesServicer(batches_pb2_grpc.BatchesServiceServicer):
 
         for index in range(plan.num_batches):
             inputs, targets = gather_windows(tokens, plan.batch_starts(index), plan.max_length)
-            reply = batches_pb2.StreamBatchesResponse(
+            embeddings = None
+            if request.include_embeddings:
+                embedded = await self._batcher.embed(EmbedJob(inputs, output_dtype=embeddings_dtype))
+                embeddings = _codec.tensor_pb_from_torch(embedded)
+            yield batches_pb2.StreamBatchesResponse(
                 index=index,
                 inputs=to_tensor_pb(inputs, "int32"),
                 targets=to_tensor_pb(targets, "int32"),
+                embeddings=embeddings,
                 num_batches=plan.num_batches,
                 num_windows=plan.num_windows,
                 num_tokens=plan.num_tokens,
             )
-            if request.include_embeddings:
-                embeddings = await self._model.embed_async(inputs, output_dtype=embeddings_dtype)
-                reply.embeddings.CopyFrom(_codec.tensor_pb_from_torch(embeddings))
-            yield reply
 
 
 class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
-    def __init__(self, model: EmbeddingModel, tokenizer: Tokenizer, config: ServerConfig) -> None:
+    def __init__(
+        self, model: EmbeddingModel, tokenizer: Tokenizer, config: ServerConfig, batcher: EmbedBatcher
+    ) -> None:
         self._model = model
         self._tokenizer = tokenizer
         self._config = config
+        self._batcher = batcher
 
     async def _embed(
         self, token_ids: tensor_pb2.Tensor, options: embedding_pb2.EmbedOptions
     ) -> tensor_pb2.Tensor:
+        """Checks the request, then waits for its turn in the batcher."""
         ids = _codec.token_ids_from_pb(token_ids)
         output_dtype = _codec.output_dtype_from_pb(options.output_dtype)
         include_positional = options.include_positional if options.HasField("include_positional") else True
@@ -183,11 +205,13 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
             self._config,
             f"the embeddings of {ids.size} tokens",
         )
-        embeddings = await self._model.embed_async(
-            ids,
-            position_offset=options.position_offset,
-            include_positional=include_positional,
-            output_dtype=output_dtype,
+        embeddings = await self._batcher.embed(
+            EmbedJob(
+                ids,
+                position_offset=options.position_offset,
+                include_positional=include_positional,
+                output_dtype=output_dtype,
+            )
         )
         return _codec.tensor_pb_from_torch(embeddings)
 
@@ -201,9 +225,42 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
     async def EmbedStream(
         self, request_iterator: AsyncIterator[embedding_pb2.EmbedStreamRequest], context: Context
     ) -> AsyncIterator[embedding_pb2.EmbedStreamResponse]:
-        async for request in request_iterator:
-            embeddings = await self._embed(request.token_ids, request.options)
-            yield embedding_pb2.EmbedStreamResponse(embeddings=embeddings, sequence_id=request.sequence_id)
+        # Up to stream_window windows are read ahead and in the batcher at once (so one stream
+        # can fill a batch); past that the reader waits, which is the stream's backpressure.
+        in_flight: asyncio.Queue[tuple[asyncio.Task[tensor_pb2.Tensor], int] | None] = asyncio.Queue(
+            maxsize=self._config.stream_window
+        )
+        finished = False
+
+        async def read_ahead() -> None:
+            try:
+                async for request in request_iterator:
+                    if finished:
+                        return
+                    task = asyncio.create_task(self._embed(request.token_ids, request.options))
+                    await in_flight.put((task, request.sequence_id))
+            except Exception:
+                if not finished:  # once the call has ended, a failing read is expected
+                    raise
+            finally:
+                if not finished:
+                    await in_flight.put(None)
+
+        # The reader is never cancelled: cancelling a read that gRPC's core still holds turns the
+        # status this stream ends with into INTERNAL. It ends by itself once the call is over.
+        reader = asyncio.create_task(read_ahead())
+        reader.add_done_callback(lambda task: task.cancelled() or task.exception())
+        try:
+            while (item := await in_flight.get()) is not None:
+                task, sequence_id = item
+                yield embedding_pb2.EmbedStreamResponse(embeddings=await task, sequence_id=sequence_id)
+            await reader  # a failure reading the requests ends the stream with it
+        finally:
+            finished = True
+            while not in_flight.empty():  # frees a reader blocked on a full window, too
+                item = in_flight.get_nowait()
+                if item is not None:
+                    item[0].cancel()
 
     @unary_errors
     async def Info(

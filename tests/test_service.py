@@ -411,3 +411,28 @@ async def test_a_cancelled_stream_stops_generating_on_the_server(
         await asyncio.sleep(0.5)
     assert gathered == after_close
     assert gathered < 100
+
+
+async def test_embed_stream_window_errors_and_early_exit(server: ServerThread) -> None:
+    rng = np.random.default_rng(5)
+    windows = [rng.integers(0, 50257, size=(2, 16)) for _ in range(40)]
+    async with AsyncClient(server.target) as client:
+        expected = [await client.embed(w) for w in windows[:10]]
+        got: list[np.ndarray] = []
+
+        async def consume() -> None:
+            async for embeddings in client.embed_stream([*windows[:10], np.array([[1, 99999]]), *windows]):
+                got.append(embeddings)
+
+        with pytest.raises(InvalidArgumentError, match="outside the vocabulary"):
+            await consume()
+        assert len(got) == 10  # everything before the bad window, in order
+        for a, b in zip(got, expected, strict=True):
+            np.testing.assert_array_equal(a, b)
+        stream = client.embed_stream(windows * 50)
+        async for _ in stream:  # leave after one of 2,000 windows
+            break
+        await stream.aclose()
+        concurrent = await asyncio.gather(*(client.embed(w) for w in windows))
+        for window, embeddings in zip(windows, concurrent, strict=True):
+            np.testing.assert_array_equal(embeddings, await client.embed(window))

@@ -37,6 +37,20 @@ OUTPUT_DTYPES: Mapping[str, torch.dtype] = {
 
 
 @dataclass(frozen=True)
+class EmbedJob:
+    """One request's lookup: IDs [B, T] or [T] (already check()ed) and its options."""
+
+    token_ids: npt.NDArray[np.integer]
+    position_offset: int = 0
+    include_positional: bool = True
+    output_dtype: torch.dtype = torch.float32
+
+    @property
+    def tokens(self) -> int:
+        return int(self.token_ids.size)
+
+
+@dataclass(frozen=True)
 class EmbeddingTables:
     """The two weight matrices on the CPU, before they move to the device."""
 
@@ -157,7 +171,11 @@ class EmbeddingModel:
         self.source = tables.source
         self._token = tables.token.to(device=device, dtype=dtype).contiguous()
         self._position = tables.position.to(device=device, dtype=dtype).contiguous()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedserve-embed")
+        # One zero row past the end: the position of tokens embedded without positions, so
+        # requests with and without them share one batched lookup.
+        self._position_or_zero = torch.cat([self._position, self._position.new_zeros((1, self.dim))])
+        self._pin = device.type == "cuda"
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedserve-embed")
 
     @property
     def vocab_size(self) -> int:
@@ -250,7 +268,59 @@ class EmbeddingModel:
             include_positional=include_positional,
             output_dtype=output_dtype,
         )
-        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        return await asyncio.get_running_loop().run_in_executor(self.executor, call)
+
+    def embed_many(self, jobs: list[EmbedJob]) -> list[torch.Tensor]:
+        """Several requests (of one output dtype) as one lookup: one transfer in, one out.
+
+        Each result equals embed() of that job alone, bit for bit: the same two rows are added.
+        IDs go to a GPU through pinned memory and results come back in one copy into pinned
+        memory; each job gets a view of that batch's host tensor.
+        """
+        if not jobs:
+            return []
+        output_dtype = jobs[0].output_dtype
+        if any(job.output_dtype != output_dtype for job in jobs):
+            raise ValueError("embed_many needs one output dtype per batch")
+        flat_ids = [np.ascontiguousarray(job.token_ids, dtype=np.int64).reshape(-1) for job in jobs]
+        positions = []
+        for job in jobs:
+            length = job.token_ids.shape[-1]
+            if job.include_positional:
+                if job.position_offset < 0 or job.position_offset + length > self.context_length:
+                    raise InvalidInput(
+                        f"positions {job.position_offset}..{job.position_offset + length - 1} are outside "
+                        f"the context length {self.context_length}"
+                    )
+                row = np.arange(job.position_offset, job.position_offset + length, dtype=np.int64)
+            else:
+                row = np.full(length, self.context_length, dtype=np.int64)
+            positions.append(np.broadcast_to(row, job.token_ids.shape).reshape(-1))
+        host = torch.from_numpy(np.stack([np.concatenate(flat_ids), np.concatenate(positions)]))
+        low, high = int(host[0].min()), int(host[0].max())
+        if low < 0 or high >= self.vocab_size:  # a device-side assert would poison a CUDA context
+            raise InvalidInput(
+                f"token id {low if low < 0 else high} is outside the vocabulary [0, {self.vocab_size})"
+            )
+        with torch.inference_mode():
+            if self._pin:
+                host = host.pin_memory()
+            indexes = host.to(self.device, non_blocking=True)
+            out = F.embedding(indexes[0], self._token)
+            out += F.embedding(indexes[1], self._position_or_zero)
+            out = out.to(output_dtype)
+            if self._pin:
+                result = torch.empty(out.shape, dtype=output_dtype, pin_memory=True)
+                result.copy_(out, non_blocking=True)
+                torch.cuda.current_stream(self.device).synchronize()
+            else:
+                result = out
+        pieces = []
+        start = 0
+        for job in jobs:
+            pieces.append(result[start : start + job.tokens].view(*job.token_ids.shape, self.dim))
+            start += job.tokens
+        return pieces
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self.executor.shutdown(wait=False, cancel_futures=True)

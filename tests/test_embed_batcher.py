@@ -1,0 +1,134 @@
+"""The Embed batcher (core, no gRPC): merged lookups equal single ones bit for bit, under its limits."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+import torch
+from embedserve.server.core import EmbeddingModel, EmbedJob, InvalidInput, Overloaded, seeded_embedding_tables
+from embedserve.server.core.embed_batcher import EmbedBatcher
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def model() -> EmbeddingModel:
+    return EmbeddingModel(seeded_embedding_tables(1000, 16, 64, 123), CPU)
+
+
+def _random_jobs(rng: np.random.Generator, count: int) -> list[EmbedJob]:
+    jobs = []
+    for _ in range(count):
+        length = int(rng.integers(1, 40))
+        shape = (length,) if rng.random() < 0.3 else (int(rng.integers(1, 5)), length)
+        jobs.append(
+            EmbedJob(
+                rng.integers(0, 1000, size=shape).astype(np.int32 if rng.random() < 0.5 else np.int64),
+                position_offset=int(rng.integers(0, 64 - length + 1)),
+                include_positional=bool(rng.random() < 0.8),
+                output_dtype=[torch.float32, torch.float16, torch.bfloat16][int(rng.integers(0, 3))],
+            )
+        )
+    return jobs
+
+
+def _alone(model: EmbeddingModel, job: EmbedJob) -> torch.Tensor:
+    return model.embed(
+        job.token_ids,
+        position_offset=job.position_offset,
+        include_positional=job.include_positional,
+        output_dtype=job.output_dtype,
+    )
+
+
+async def test_concurrent_jobs_merge_and_equal_single_lookups(model: EmbeddingModel) -> None:
+    batcher = EmbedBatcher(model, max_batch_tokens=300)
+    jobs = _random_jobs(np.random.default_rng(0), 200)
+    results = await asyncio.gather(*(batcher.embed(job) for job in jobs))
+    for job, result in zip(jobs, results, strict=True):
+        expected = _alone(model, job)
+        assert result.shape == expected.shape
+        assert result.dtype == job.output_dtype
+        assert torch.equal(result, expected)
+    assert batcher.stats.requests == 200
+    assert batcher.stats.batches < 100  # merged
+    assert batcher.queued_tokens == 0
+
+
+async def test_budget_and_no_merging(model: EmbeddingModel) -> None:
+    sizes: list[int] = []
+    original = model.embed_many
+
+    def recording(jobs: list[EmbedJob]) -> list[torch.Tensor]:
+        sizes.append(sum(job.tokens for job in jobs))
+        return original(jobs)
+
+    model.embed_many = recording  # type: ignore[method-assign]
+    try:
+        jobs = [EmbedJob(np.arange(i % 50 + 1) % 1000) for i in range(120)]
+        batcher = EmbedBatcher(model, max_batch_tokens=200)
+        await asyncio.gather(*(batcher.embed(job) for job in jobs))
+        assert max(sizes) <= 200
+        sizes.clear()
+        unmerged = EmbedBatcher(model, max_batch_tokens=0)
+        await asyncio.gather(*(unmerged.embed(job) for job in jobs))
+        assert unmerged.stats.batches == 120
+        assert len(sizes) == 120
+        big = EmbedJob(np.zeros(500, dtype=np.int64), include_positional=False)  # alone over the budget
+        assert (await batcher.embed(big)).shape == (500, 16)
+    finally:
+        del model.embed_many
+
+
+async def test_full_queue_is_overloaded_with_a_retry_hint(model: EmbeddingModel) -> None:
+    batcher = EmbedBatcher(model, max_queue_tokens=100)
+    jobs = [EmbedJob(np.zeros(40, dtype=np.int64)) for _ in range(10)]
+    outcomes = await asyncio.gather(*(batcher.embed(job) for job in jobs), return_exceptions=True)
+    refused = [o for o in outcomes if isinstance(o, Overloaded)]
+    assert refused, "some of 400 tokens against a queue of 100 must be refused"
+    assert "retry in about" in str(refused[0])
+    assert all(isinstance(o, torch.Tensor | Overloaded) for o in outcomes)
+    assert batcher.queued_tokens == 0
+    assert (await batcher.embed(jobs[0])).shape == (40, 16)  # and it recovers
+
+
+async def test_cancelled_callers_leave_nothing_behind(model: EmbeddingModel) -> None:
+    batcher = EmbedBatcher(model)
+    jobs = _random_jobs(np.random.default_rng(1), 50)
+    tasks = [asyncio.create_task(batcher.embed(job)) for job in jobs]
+    await asyncio.sleep(0)
+    for task in tasks[::2]:
+        task.cancel()
+    done = await asyncio.gather(*tasks, return_exceptions=True)
+    for job, outcome in zip(jobs[1::2], done[1::2], strict=True):
+        assert isinstance(outcome, torch.Tensor)
+        assert torch.equal(outcome, _alone(model, job))
+    assert batcher.queued_tokens == 0
+
+
+async def test_an_idle_batcher_does_not_wait(model: EmbeddingModel) -> None:
+    batcher = EmbedBatcher(model, max_wait_us=2_000_000)  # 2 s, paid only while requests keep coming
+    job = EmbedJob(np.arange(10))
+    started = time.perf_counter()
+    await batcher.embed(job)
+    assert time.perf_counter() - started < 1.0
+    await asyncio.sleep(2.1)
+    started = time.perf_counter()
+    await batcher.embed(job)
+    assert time.perf_counter() - started < 1.0
+
+
+async def test_bad_ids_fail_their_batch_not_the_batcher(model: EmbeddingModel) -> None:
+    batcher = EmbedBatcher(model)
+    good = EmbedJob(np.arange(5))
+    bad_id = EmbedJob(np.array([1, 2, 5000]))  # unchecked jobs: the model refuses them before the device
+    bad_position = EmbedJob(np.arange(10), position_offset=60)
+    for bad in (bad_id, bad_position):
+        outcomes = await asyncio.gather(batcher.embed(good), batcher.embed(bad), return_exceptions=True)
+        assert isinstance(outcomes[1], InvalidInput)
+        assert isinstance(outcomes[0], torch.Tensor)
+        assert torch.equal(outcomes[0], _alone(model, good))
+    assert torch.equal(await batcher.embed(good), _alone(model, good))
