@@ -34,6 +34,7 @@ from .core.embed_batcher import EmbedBatcher
 from .core.tokenizer import ENDOFTEXT
 from .errors import Context, stream_errors, unary_errors
 
+_FAILED_STREAM_DRAIN_SECONDS = 2.0
 # Room for a reply's fields besides its tensors' bytes.
 _REPLY_OVERHEAD_BYTES = 4096
 
@@ -230,21 +231,30 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
         in_flight: asyncio.Queue[tuple[asyncio.Task[tensor_pb2.Tensor], int] | None] = asyncio.Queue(
             maxsize=self._config.stream_window
         )
-        finished = False
+        finished = False  # the reader stops at its next read
+        failed = False  # the reader discards what the client still sends
 
         async def read_ahead() -> None:
             try:
                 async for request in request_iterator:
                     if finished:
                         return
+                    if failed:
+                        continue
                     task = asyncio.create_task(self._embed(request.token_ids, request.options))
                     await in_flight.put((task, request.sequence_id))
             except Exception:
-                if not finished:  # once the call has ended, a failing read is expected
+                if not (finished or failed):  # once the call has ended, a failing read is expected
                     raise
             finally:
-                if not finished:
+                if not (finished or failed):
                     await in_flight.put(None)
+
+        def cancel_queued() -> None:
+            while not in_flight.empty():  # frees a reader blocked on a full window, too
+                item = in_flight.get_nowait()
+                if item is not None:
+                    item[0].cancel()
 
         # The reader is never cancelled: cancelling a read that gRPC's core still holds turns the
         # status this stream ends with into INTERNAL. It ends by itself once the call is over.
@@ -255,12 +265,16 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
                 task, sequence_id = item
                 yield embedding_pb2.EmbedStreamResponse(embeddings=await task, sequence_id=sequence_id)
             await reader  # a failure reading the requests ends the stream with it
+        except Exception:
+            # A client still writing when the call ends with an error may see INTERNAL instead of
+            # this error (a gRPC race), so take what it is still sending, for a bounded time, first.
+            failed = True
+            cancel_queued()
+            await asyncio.wait({reader}, timeout=_FAILED_STREAM_DRAIN_SECONDS)
+            raise
         finally:
             finished = True
-            while not in_flight.empty():  # frees a reader blocked on a full window, too
-                item = in_flight.get_nowait()
-                if item is not None:
-                    item[0].cancel()
+            cancel_queued()
 
     @unary_errors
     async def Info(
