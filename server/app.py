@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -189,6 +190,23 @@ def build_server(config: ServerConfig, components: Components | None = None) -> 
     if port == 0:
         raise StartupError(f"cannot listen on {config.address}")
     return server, port
+
+
+def tune_allocator() -> None:
+    """Keeps glibc from returning every large buffer to the kernel.
+
+    Each reply holds a few buffers of megabytes; by default glibc maps and unmaps each one, and
+    the page faults of touching fresh pages cost more than the lookup itself (an Embed of
+    [8, 256] x 256 float32 took 12 ms instead of 5 on a 2-core VM). No-op off glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_mmap_threshold, 256 * 1024 * 1024)
+    mallopt(m_trim_threshold, 1024 * 1024 * 1024)
 
 
 async def serve(config: ServerConfig, *, grace_seconds: float = 5.0) -> bool:

@@ -46,13 +46,14 @@ def _add_client_arguments(parser: argparse.ArgumentParser, environ: Mapping[str,
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from .app import serve
+    from .app import serve, tune_allocator
     from .core import StartupError
 
     config = config_from_namespace(args)
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    tune_allocator()
     try:
         stopped = asyncio.run(serve(config))
     except StartupError as exc:

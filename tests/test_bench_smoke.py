@@ -1,4 +1,4 @@
-"""CI's seconds-long run of the WordVectors benchmark: it must agree with gensim; no time is asserted."""
+"""CI's seconds-long runs of the benchmarks: answers must be right; no time is asserted."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "word_vectors.py"
+SERVING = Path(__file__).resolve().parents[1] / "bench" / "serving.py"
 
 
 def test_word_vectors_benchmark_smoke(tmp_path: Path) -> None:
@@ -22,3 +23,19 @@ def test_word_vectors_benchmark_smoke(tmp_path: Path) -> None:
     (synthetic,) = json.loads(out.read_text())["results"]
     assert synthetic["matched"] == synthetic["compared"] > 0
     assert synthetic["server_ms"] > 0
+
+
+def test_serving_benchmark_smoke(tmp_path: Path) -> None:
+    """Every section runs end to end against real server processes and reports a figure."""
+    out = tmp_path / "serving.json"
+    result = subprocess.run(
+        [sys.executable, str(SERVING), "--smoke", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = json.loads(out.read_text())["rows"]
+    sections = {row["section"] for row in rows}
+    assert {"a", "b", "d", "f"} <= sections
+    assert all(row["value"] > 0 for row in rows)

@@ -163,6 +163,11 @@ class Tokenizer:
         return str(self._encoding.name)
 
     @property
+    def encoding(self) -> tiktoken.Encoding:
+        """The tiktoken encoding itself (GPT-2's, built offline)."""
+        return self._encoding
+
+    @property
     def n_vocab(self) -> int:
         return int(self._encoding.n_vocab)
 

