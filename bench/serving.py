@@ -260,6 +260,25 @@ async def bench_embed_transport(seconds: float) -> list[Row]:
                     },
                 )
             )
+        async with (
+            AsyncClient(server.target, connections=1) as client,
+            client.shared_memory(reply_bytes) as region,
+        ):
+            shm_rate, latencies = await rate(lambda: client.embed(ids, output=region), 1, seconds)
+        ceiling_1 = rows[1].baseline or 0.0
+        rows.append(
+            Row(
+                "a",
+                f"Embed [8,256] x {DIM} f32 into shared memory, 1 in flight",
+                shm_rate * tokens,
+                "tokens/s",
+                baseline=ceiling_1,
+                baseline_what="trivial gRPC server, same bytes, 1 in flight",
+                target="above the ceiling",
+                met=shm_rate * tokens > ceiling_1,
+                extra={"gb_s": shm_rate * reply_bytes / 1e9, "p50_ms": 1000 * statistics.median(latencies)},
+            )
+        )
     finally:
         server.stop()
         ceiling.stop()
@@ -438,6 +457,53 @@ async def bench_tokenize(megabytes: float) -> list[Row]:
     ]
 
 
+def bench_word_vectors(smoke: bool, word_vectors: str) -> list[Row]:
+    """e: bench/word_vectors.py in its own process; its figures become rows here."""
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "word_vectors.json"
+        command = [
+            sys.executable,
+            str(ROOT / "bench" / "word_vectors.py"),
+            "--json",
+            str(out),
+            "--device",
+            DEVICE[0],
+        ]
+        if smoke:
+            command += ["--smoke", "--word-vectors", "none"]
+        else:
+            command += ["--word-vectors", word_vectors]
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        results = json.loads(out.read_text())["results"]
+    rows = []
+    for r in results:
+        label = f"MostSimilar {r['label']} {r['vocab_size'] // 1000}k x {r['dim']}"
+        speedup_target, gemm_target = r["target_speedup"], r["target_gemm_fraction"]
+        rows.append(
+            Row(
+                "e",
+                label,
+                1000 / r["server_ms"],
+                "queries/s",
+                baseline=1000 / r["gensim_ms"],
+                baseline_what="gensim most_similar loop",
+                target=f">= {speedup_target:.0f}x",
+                met=r["speedup"] >= speedup_target,
+            )
+        )
+        rows.append(
+            Row(
+                "e",
+                f"{label}, share of the GEMM limit",
+                100 * r["gemm_fraction"],
+                "%",
+                target=f">= {100 * gemm_target:.0f} %",
+                met=r["gemm_fraction"] >= gemm_target,
+            )
+        )
+    return rows
+
+
 async def bench_cold_start(word_vectors: str) -> list[Row]:
     """f: process start to health SERVING, overall and for WordVectors."""
     server = ServerProcess("--device", DEVICE[0], "--word-vectors", word_vectors)
@@ -474,6 +540,8 @@ async def bench_cold_start(word_vectors: str) -> list[Row]:
 def fmt(value: float, unit: str) -> str:
     if unit == "tokens/s":
         return f"{value / 1e6:.2f} M tokens/s"
+    if unit == "queries/s":
+        return f"{value:,.0f} queries/s"
     return f"{value:.2f} {unit}"
 
 
@@ -578,6 +646,9 @@ async def run(args: argparse.Namespace) -> list[Row]:
     if "d" in args.sections:
         log("d: Tokenize against tiktoken")
         rows += await bench_tokenize(0.2 if args.smoke else 1.2)
+    if "e" in args.sections:
+        log("e: WordVectors against gensim (bench/word_vectors.py)")
+        rows += bench_word_vectors(args.smoke, args.word_vectors)
     if "f" in args.sections:
         log("f: cold start")
         rows += await bench_cold_start("none" if args.smoke else args.word_vectors)
@@ -594,7 +665,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chart", type=Path, metavar="PNG", help="throughput and p99 against concurrency")
     parser.add_argument("--word-vectors", default="glove-6b-50d", help="model for the cold-start figure")
     parser.add_argument("--device", default="cpu", help="the servers' --device (cpu, cuda)")
-    parser.add_argument("--sections", default="abcdf", help="which measurements to run (default abcdf)")
+    parser.add_argument("--sections", default="abcdef", help="which measurements to run (default abcdef)")
     parser.add_argument("--seconds", type=float, help="length of each timed measurement")
     parser.add_argument("--ceiling-server", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

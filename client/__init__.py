@@ -24,6 +24,7 @@ from ._errors import (
     UnavailableError,
     error_from_rpc,
 )
+from ._shared_memory import SharedMemoryRegion
 from ._sync import Client
 from ._values import Batch, EmbeddingInfo, RequestLimits, to_torch
 from ._word_vectors import (
@@ -38,6 +39,7 @@ from ._word_vectors import (
 __all__ = [
     "AnalogyResult",
     "AsyncClient",
+    "SharedMemoryRegion",
     "AsyncWordVectors",
     "Query",
     "SyncWordVectors",

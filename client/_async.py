@@ -29,6 +29,7 @@ from embedserve.v1 import (
 )
 
 from ._errors import error_from_rpc
+from ._shared_memory import SharedMemoryRegion
 from ._values import Batch, EmbeddingInfo, RequestLimits
 from ._word_vectors import AsyncWordVectors
 from .tensor import DTYPE_BY_NAME, NAME_BY_DTYPE, from_tensor_pb, to_tensor_pb
@@ -232,14 +233,28 @@ class AsyncClient:
         include_positional: bool = True,
         position_offset: int = 0,
         dtype: EmbeddingDtype = "float32",
+        output: SharedMemoryRegion | None = None,
+        output_offset: int = 0,
     ) -> npt.NDArray[Any]:
-        """Token (+ positional) embeddings: [B, T] IDs give [B, T, D], [T] gives [T, D]."""
-        request = embedding_pb2.EmbedRequest(
-            token_ids=_token_ids_pb(token_ids),
-            options=_embed_options(include_positional, position_offset, dtype),
-        )
+        """Token (+ positional) embeddings: [B, T] IDs give [B, T, D], [T] gives [T, D].
+
+        With `output` (a region from `shared_memory()`), the server writes the result into it at
+        `output_offset` and the array returned is a view of the region, not a copy of a reply.
+        """
+        options = _embed_options(include_positional, position_offset, dtype)
+        if output is not None:
+            options.output_region.CopyFrom(output.output(output_offset))
+        request = embedding_pb2.EmbedRequest(token_ids=_token_ids_pb(token_ids), options=options)
         reply = await self._unary(self._pooled_embedding().Embed, request)
+        if output is not None:
+            return output.array(reply.embeddings, output_offset, reply.written_bytes)
         return from_tensor_pb(reply.embeddings)
+
+    def shared_memory(self, byte_size: int) -> SharedMemoryRegion:
+        """A shared-memory region of byte_size bytes for `embed(..., output=region)`; the server must
+        run on this host. Use as `async with client.shared_memory(n) as region:`; leaving the block
+        (or losing the connection) releases it on both sides."""
+        return SharedMemoryRegion(self._embedding, byte_size)
 
     async def embed_stream(
         self,

@@ -10,7 +10,7 @@ import os
 import signal
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from embedserve.v1 import batches_pb2_grpc, embedding_pb2_grpc, tokenizer_pb2_grpc, word_vectors_pb2_grpc
@@ -29,6 +29,7 @@ from .core import (
     resolve_device,
     seeded_embedding_tables,
 )
+from .core.shared_memory import SharedMemoryRegistry
 from .core.vector_sources import default_cache_dir, load_word_vectors
 from .core.word_vector_slot import WordVectorSlot
 from .services import BatchesServicer, EmbeddingServicer, TokenizerServicer, embed_batcher
@@ -46,9 +47,11 @@ class Components:
     model: EmbeddingModel
     corpora: CorpusStore
     word_vectors: WordVectorSlot
+    shared_memory: SharedMemoryRegistry = field(default_factory=SharedMemoryRegistry)
 
     def close(self, timeout: float = 10.0) -> bool:
         """False when a word-vector load is still running after `timeout` seconds."""
+        self.shared_memory.close()
         self.model.close()
         return self.word_vectors.close(timeout)
 
@@ -173,7 +176,8 @@ def build_server(config: ServerConfig, components: Components | None = None) -> 
         BatchesServicer(components.tokenizer, components.corpora, components.model, config, batcher), server
     )
     embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server(
-        EmbeddingServicer(components.model, components.tokenizer, config, batcher), server
+        EmbeddingServicer(components.model, components.tokenizer, config, batcher, components.shared_memory),
+        server,
     )
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

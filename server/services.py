@@ -31,6 +31,7 @@ from .core import (
     plan_windows,
 )
 from .core.embed_batcher import EmbedBatcher
+from .core.shared_memory import SharedMemoryRegistry
 from .core.tokenizer import ENDOFTEXT
 from .errors import Context, stream_errors, unary_errors
 
@@ -181,17 +182,28 @@ class BatchesServicer(batches_pb2_grpc.BatchesServiceServicer):
 
 class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
     def __init__(
-        self, model: EmbeddingModel, tokenizer: Tokenizer, config: ServerConfig, batcher: EmbedBatcher
+        self,
+        model: EmbeddingModel,
+        tokenizer: Tokenizer,
+        config: ServerConfig,
+        batcher: EmbedBatcher,
+        shared_memory: SharedMemoryRegistry,
     ) -> None:
         self._model = model
         self._tokenizer = tokenizer
         self._config = config
         self._batcher = batcher
+        self._shared_memory = shared_memory
 
     async def _embed(
         self, token_ids: tensor_pb2.Tensor, options: embedding_pb2.EmbedOptions
     ) -> tensor_pb2.Tensor:
         """Checks the request, then waits for its turn in the batcher."""
+        if options.HasField("output_region"):
+            raise InvalidInput("output_region is for Embed, not EmbedStream")
+        return _codec.tensor_pb_from_torch(await self._lookup(token_ids, options))
+
+    async def _lookup(self, token_ids: tensor_pb2.Tensor, options: embedding_pb2.EmbedOptions) -> Any:
         ids = _codec.token_ids_from_pb(token_ids)
         output_dtype = _codec.output_dtype_from_pb(options.output_dtype)
         include_positional = options.include_positional if options.HasField("include_positional") else True
@@ -201,12 +213,13 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
             include_positional=include_positional,
             max_tokens=self._config.max_tokens_per_request,
         )
-        _check_reply_bytes(
-            ids.size * self._model.dim * output_dtype.itemsize,
-            self._config,
-            f"the embeddings of {ids.size} tokens",
-        )
-        embeddings = await self._batcher.embed(
+        nbytes = ids.size * self._model.dim * output_dtype.itemsize
+        if options.HasField("output_region"):
+            region = options.output_region
+            self._shared_memory.check(region.handle, region.offset, nbytes)
+        else:
+            _check_reply_bytes(nbytes, self._config, f"the embeddings of {ids.size} tokens")
+        return await self._batcher.embed(
             EmbedJob(
                 ids,
                 position_offset=options.position_offset,
@@ -214,13 +227,30 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
                 output_dtype=output_dtype,
             )
         )
-        return _codec.tensor_pb_from_torch(embeddings)
 
     @unary_errors
     async def Embed(
         self, request: embedding_pb2.EmbedRequest, context: Context
     ) -> embedding_pb2.EmbedResponse:
-        return embedding_pb2.EmbedResponse(embeddings=await self._embed(request.token_ids, request.options))
+        options = request.options
+        if not options.HasField("output_region"):
+            return embedding_pb2.EmbedResponse(embeddings=await self._embed(request.token_ids, options))
+        embeddings = await self._lookup(request.token_ids, options)
+        region = options.output_region
+        written = self._shared_memory.write(region.handle, region.offset, embeddings)
+        described = tensor_pb2.Tensor(dtype=_codec.wire_dtype(embeddings.dtype), shape=list(embeddings.shape))
+        return embedding_pb2.EmbedResponse(embeddings=described, written_to=region, written_bytes=written)
+
+    @stream_errors
+    async def SharedMemorySession(
+        self, request: embedding_pb2.SharedMemorySessionRequest, context: Context
+    ) -> AsyncIterator[embedding_pb2.SharedMemorySessionResponse]:
+        handle = self._shared_memory.register(request.name, request.byte_size)
+        try:
+            yield embedding_pb2.SharedMemorySessionResponse(handle=handle, byte_size=request.byte_size)
+            await asyncio.Event().wait()  # until the client cancels the session or goes away
+        finally:
+            self._shared_memory.release(handle)
 
     @stream_errors
     async def EmbedStream(

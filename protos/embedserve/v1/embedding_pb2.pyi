@@ -18,28 +18,108 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class SharedMemorySessionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    BYTE_SIZE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The region's name as shm_open and Python's SharedMemory know it: no "/" inside."""
+    byte_size: _builtins.int
+    """Bytes of the region the server may write; at most the region's size."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        byte_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["byte_size", b"byte_size", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SharedMemorySessionRequest: _TypeAlias = SharedMemorySessionRequest  # noqa: Y015
+
+@_typing.final
+class SharedMemorySessionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HANDLE_FIELD_NUMBER: _builtins.int
+    BYTE_SIZE_FIELD_NUMBER: _builtins.int
+    handle: _builtins.str
+    """Names the region in EmbedOptions.output_region; valid for this session only."""
+    byte_size: _builtins.int
+    def __init__(
+        self,
+        *,
+        handle: _builtins.str = ...,
+        byte_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["byte_size", b"byte_size", "handle", b"handle"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SharedMemorySessionResponse: _TypeAlias = SharedMemorySessionResponse  # noqa: Y015
+
+@_typing.final
+class SharedMemoryOutput(_message.Message):
+    """Where Embed writes its result instead of the reply."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HANDLE_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    handle: _builtins.str
+    offset: _builtins.int
+    """Byte offset of the result in the region."""
+    def __init__(
+        self,
+        *,
+        handle: _builtins.str = ...,
+        offset: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "offset", b"offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SharedMemoryOutput: _TypeAlias = SharedMemoryOutput  # noqa: Y015
+
+@_typing.final
 class EmbedOptions(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     POSITION_OFFSET_FIELD_NUMBER: _builtins.int
     INCLUDE_POSITIONAL_FIELD_NUMBER: _builtins.int
     OUTPUT_DTYPE_FIELD_NUMBER: _builtins.int
+    OUTPUT_REGION_FIELD_NUMBER: _builtins.int
     position_offset: _builtins.int
     """Position of the first token: positions are offset .. offset + T - 1."""
     include_positional: _builtins.bool
     """Adds the positional embedding; unset means true."""
     output_dtype: _tensor_pb2.Dtype.ValueType
     """Element type of the result; unspecified means float32."""
+    @_builtins.property
+    def output_region(self) -> Global___SharedMemoryOutput:
+        """Write the result into this shared-memory region; the reply's tensor then has its dtype and
+        shape but no data.
+        """
+
     def __init__(
         self,
         *,
         position_offset: _builtins.int = ...,
         include_positional: _builtins.bool | None = ...,
         output_dtype: _tensor_pb2.Dtype.ValueType = ...,
+        output_region: Global___SharedMemoryOutput | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_include_positional", b"_include_positional", "include_positional", b"include_positional"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_include_positional", b"_include_positional", "include_positional", b"include_positional", "output_region", b"output_region"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_include_positional", b"_include_positional", "include_positional", b"include_positional", "output_dtype", b"output_dtype", "position_offset", b"position_offset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_include_positional", b"_include_positional", "include_positional", b"include_positional", "output_dtype", b"output_dtype", "output_region", b"output_region", "position_offset", b"position_offset"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__include_positional: _TypeAlias = _typing.Literal["include_positional"]  # noqa: Y015
     _WhichOneofArgType__include_positional: _TypeAlias = _typing.Literal["_include_positional", b"_include_positional"]  # noqa: Y015
@@ -76,16 +156,25 @@ class EmbedResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     EMBEDDINGS_FIELD_NUMBER: _builtins.int
+    WRITTEN_TO_FIELD_NUMBER: _builtins.int
+    WRITTEN_BYTES_FIELD_NUMBER: _builtins.int
+    written_bytes: _builtins.int
     @_builtins.property
     def embeddings(self) -> _tensor_pb2.Tensor: ...
+    @_builtins.property
+    def written_to(self) -> Global___SharedMemoryOutput:
+        """Set when the result went to options.output_region: where and how many bytes."""
+
     def __init__(
         self,
         *,
         embeddings: _tensor_pb2.Tensor | None = ...,
+        written_to: Global___SharedMemoryOutput | None = ...,
+        written_bytes: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["embeddings", b"embeddings"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["embeddings", b"embeddings", "written_to", b"written_to"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["embeddings", b"embeddings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["embeddings", b"embeddings", "written_bytes", b"written_bytes", "written_to", b"written_to"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

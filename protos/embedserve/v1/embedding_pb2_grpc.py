@@ -50,6 +50,11 @@ class EmbeddingServiceStub:
                 request_serializer=embedserve_dot_v1_dot_embedding__pb2.EmbeddingServiceInfoRequest.SerializeToString,
                 response_deserializer=embedserve_dot_v1_dot_embedding__pb2.EmbeddingServiceInfoResponse.FromString,
                 _registered_method=True)
+        self.SharedMemorySession = channel.unary_stream(
+                '/embedserve.v1.EmbeddingService/SharedMemorySession',
+                request_serializer=embedserve_dot_v1_dot_embedding__pb2.SharedMemorySessionRequest.SerializeToString,
+                response_deserializer=embedserve_dot_v1_dot_embedding__pb2.SharedMemorySessionResponse.FromString,
+                _registered_method=True)
 
 
 class EmbeddingServiceServicer:
@@ -78,6 +83,16 @@ class EmbeddingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SharedMemorySession(self, request, context):
+        """Same-host clients only: maps a POSIX shared-memory region (a file under /dev/shm) that Embed
+        can write its results into instead of the reply. The first message carries the region's
+        handle; the region stays registered while this stream is open and is released when the
+        client cancels it or goes away.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EmbeddingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -95,6 +110,11 @@ def add_EmbeddingServiceServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=embedserve_dot_v1_dot_embedding__pb2.EmbeddingServiceInfoRequest.FromString,
                     response_serializer=embedserve_dot_v1_dot_embedding__pb2.EmbeddingServiceInfoResponse.SerializeToString,
+            ),
+            'SharedMemorySession': grpc.unary_stream_rpc_method_handler(
+                    servicer.SharedMemorySession,
+                    request_deserializer=embedserve_dot_v1_dot_embedding__pb2.SharedMemorySessionRequest.FromString,
+                    response_serializer=embedserve_dot_v1_dot_embedding__pb2.SharedMemorySessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -179,6 +199,33 @@ class EmbeddingService:
             '/embedserve.v1.EmbeddingService/Info',
             embedserve_dot_v1_dot_embedding__pb2.EmbeddingServiceInfoRequest.SerializeToString,
             embedserve_dot_v1_dot_embedding__pb2.EmbeddingServiceInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SharedMemorySession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/embedserve.v1.EmbeddingService/SharedMemorySession',
+            embedserve_dot_v1_dot_embedding__pb2.SharedMemorySessionRequest.SerializeToString,
+            embedserve_dot_v1_dot_embedding__pb2.SharedMemorySessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -41,6 +41,12 @@ class EmbeddingServiceStub:
     """The client streams windows and receives their embeddings in the same order."""
     Info: _grpc.UnaryUnaryMultiCallable[_embedding_pb2.EmbeddingServiceInfoRequest, _embedding_pb2.EmbeddingServiceInfoResponse]
     """The model's shape, placement and the server's request limits."""
+    SharedMemorySession: _grpc.UnaryStreamMultiCallable[_embedding_pb2.SharedMemorySessionRequest, _embedding_pb2.SharedMemorySessionResponse]
+    """Same-host clients only: maps a POSIX shared-memory region (a file under /dev/shm) that Embed
+    can write its results into instead of the reply. The first message carries the region's
+    handle; the region stays registered while this stream is open and is released when the
+    client cancels it or goes away.
+    """
 
 @_typing.type_check_only
 class EmbeddingServiceAsyncStub(EmbeddingServiceStub):
@@ -55,6 +61,12 @@ class EmbeddingServiceAsyncStub(EmbeddingServiceStub):
     """The client streams windows and receives their embeddings in the same order."""
     Info: _aio.UnaryUnaryMultiCallable[_embedding_pb2.EmbeddingServiceInfoRequest, _embedding_pb2.EmbeddingServiceInfoResponse]  # type: ignore[assignment]
     """The model's shape, placement and the server's request limits."""
+    SharedMemorySession: _aio.UnaryStreamMultiCallable[_embedding_pb2.SharedMemorySessionRequest, _embedding_pb2.SharedMemorySessionResponse]  # type: ignore[assignment]
+    """Same-host clients only: maps a POSIX shared-memory region (a file under /dev/shm) that Embed
+    can write its results into instead of the reply. The first message carries the region's
+    handle; the region stays registered while this stream is open and is released when the
+    client cancels it or goes away.
+    """
 
 class EmbeddingServiceServicer(metaclass=_abc_1.ABCMeta):
     """input_embeddings = token_embedding(ids) + positional_embedding(positions)."""
@@ -84,5 +96,17 @@ class EmbeddingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_embedding_pb2.EmbeddingServiceInfoResponse, _abc.Awaitable[_embedding_pb2.EmbeddingServiceInfoResponse]]:
         """The model's shape, placement and the server's request limits."""
+
+    @_abc_1.abstractmethod
+    def SharedMemorySession(
+        self,
+        request: _embedding_pb2.SharedMemorySessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_embedding_pb2.SharedMemorySessionResponse], _abc.AsyncIterator[_embedding_pb2.SharedMemorySessionResponse]]:
+        """Same-host clients only: maps a POSIX shared-memory region (a file under /dev/shm) that Embed
+        can write its results into instead of the reply. The first message carries the region's
+        handle; the region stays registered while this stream is open and is released when the
+        client cancels it or goes away.
+        """
 
 def add_EmbeddingServiceServicer_to_server(servicer: EmbeddingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

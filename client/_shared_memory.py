@@ -1,0 +1,108 @@
+"""Shared-memory output regions: Embed results written by a same-host server into this process's memory."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import mmap
+import os
+import secrets
+import types
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+from embedserve.v1 import embedding_pb2, embedding_pb2_grpc, tensor_pb2
+
+from ._errors import error_from_rpc
+from .tensor import NUMPY_DTYPES
+
+SHM_DIR = Path("/dev/shm")
+
+
+class SharedMemoryRegion:
+    """A region under /dev/shm that the server maps for this client while the session is open.
+
+    Use as `async with client.shared_memory(nbytes) as region:` and pass `output=region` to
+    `embed`. The arrays returned are views into the region: the next embed into the same bytes
+    overwrites them, and they must not be used once the region is closed.
+    """
+
+    def __init__(self, stub: embedding_pb2_grpc.EmbeddingServiceAsyncStub, byte_size: int) -> None:
+        if byte_size <= 0:
+            raise ValueError("byte_size must be positive")
+        self.byte_size = byte_size
+        self._stub = stub
+        self._memory: mmap.mmap | None = None
+        self._path: Path | None = None
+        self._session: Any = None
+        self.handle = ""
+
+    async def __aenter__(self) -> SharedMemoryRegion:
+        name = "embedserve-" + secrets.token_hex(8)
+        self._path = SHM_DIR / name
+        # Readable and writable by this user only: a server running as this user can map it.
+        descriptor = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(descriptor, self.byte_size)
+            self._memory = mmap.mmap(descriptor, self.byte_size)
+        except BaseException:
+            os.unlink(self._path)
+            raise
+        finally:
+            os.close(descriptor)
+        try:
+            self._session = self._stub.SharedMemorySession(
+                embedding_pb2.SharedMemorySessionRequest(name=name, byte_size=self.byte_size)
+            )
+            first = await self._session.read()
+            if not isinstance(first, embedding_pb2.SharedMemorySessionResponse):  # grpc.aio.EOF
+                raise ConnectionError("the server ended the shared-memory session at once")
+            self.handle = first.handle
+        except grpc.RpcError as error:
+            await self.close()
+            raise error_from_rpc(error) from None
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: types.TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Ends the session (the server unmaps the region) and frees the memory."""
+        if self._session is not None:
+            self._session.cancel()
+            self._session = None
+        if self._path is not None:
+            path, self._path = self._path, None
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        if self._memory is not None:
+            memory, self._memory = self._memory, None
+            with contextlib.suppress(BufferError):  # arrays still view it; it goes when they do
+                memory.close()
+
+    def output(self, offset: int) -> embedding_pb2.SharedMemoryOutput:
+        if self._memory is None or not self.handle:
+            raise RuntimeError("the region is not open; use `async with client.shared_memory(n)`")
+        return embedding_pb2.SharedMemoryOutput(handle=self.handle, offset=offset)
+
+    def array(self, described: tensor_pb2.Tensor, offset: int, nbytes: int) -> npt.NDArray[Any]:
+        """The result the server wrote at offset, as described by the reply's data-less tensor."""
+        if self._memory is None:
+            raise RuntimeError("the region is closed")
+        shape = tuple(int(d) for d in described.shape)
+        dtype = NUMPY_DTYPES[described.dtype]
+        count = math.prod(shape)
+        if count * dtype.itemsize != nbytes:
+            raise ValueError(f"the server wrote {nbytes} bytes for a {list(shape)} {dtype} result")
+        raw = np.frombuffer(self._memory, dtype=dtype, count=count, offset=offset).reshape(shape)
+        if described.dtype == tensor_pb2.DTYPE_BFLOAT16:
+            return (raw.astype(np.uint32) << 16).view(np.float32)  # widened, as from_tensor_pb does
+        return raw
