@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import grpc
-from embedserve.v1 import batches_pb2_grpc, embedding_pb2_grpc, tokenizer_pb2_grpc, word_vectors_pb2_grpc
+from embedserve.v1 import batches_pb2_grpc, tokenizer_pb2_grpc, word_vectors_pb2_grpc
 from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -32,7 +32,13 @@ from .core import (
 from .core.shared_memory import SharedMemoryRegistry
 from .core.vector_sources import default_cache_dir, load_word_vectors
 from .core.word_vector_slot import WordVectorSlot
-from .services import BatchesServicer, EmbeddingServicer, TokenizerServicer, embed_batcher
+from .services import (
+    BatchesServicer,
+    EmbeddingServicer,
+    TokenizerServicer,
+    add_embedding_service,
+    embed_batcher,
+)
 from .word_vectors_service import WordVectorsServicer
 
 _LOGGER = logging.getLogger(__name__)
@@ -175,7 +181,7 @@ def build_server(config: ServerConfig, components: Components | None = None) -> 
     batches_pb2_grpc.add_BatchesServiceServicer_to_server(
         BatchesServicer(components.tokenizer, components.corpora, components.model, config, batcher), server
     )
-    embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server(
+    add_embedding_service(
         EmbeddingServicer(components.model, components.tokenizer, config, batcher, components.shared_memory),
         server,
     )

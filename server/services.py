@@ -6,13 +6,13 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
 import numpy as np
 from embedserve.client.tensor import to_tensor_pb
 from embedserve.v1 import (
     batches_pb2,
     batches_pb2_grpc,
     embedding_pb2,
-    embedding_pb2_grpc,
     tensor_pb2,
     tokenizer_pb2,
     tokenizer_pb2_grpc,
@@ -180,7 +180,9 @@ class BatchesServicer(batches_pb2_grpc.BatchesServiceServicer):
             )
 
 
-class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
+class EmbeddingServicer:
+    """EmbeddingService; registered by add_embedding_service, which lets replies go out pre-encoded."""
+
     def __init__(
         self,
         model: EmbeddingModel,
@@ -195,15 +197,14 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
         self._batcher = batcher
         self._shared_memory = shared_memory
 
-    async def _embed(
-        self, token_ids: tensor_pb2.Tensor, options: embedding_pb2.EmbedOptions
-    ) -> tensor_pb2.Tensor:
-        """Checks the request, then waits for its turn in the batcher."""
+    async def _embed(self, token_ids: tensor_pb2.Tensor, options: embedding_pb2.EmbedOptions) -> bytes:
+        """The encoded `embeddings` field of the reply (see encode_tensor_field)."""
         if options.HasField("output_region"):
             raise InvalidInput("output_region is for Embed, not EmbedStream")
-        return _codec.tensor_pb_from_torch(await self._lookup(token_ids, options))
+        return _codec.encode_tensor_field(1, await self._lookup(token_ids, options))
 
     async def _lookup(self, token_ids: tensor_pb2.Tensor, options: embedding_pb2.EmbedOptions) -> Any:
+        """Checks the request, then waits for its turn in the batcher."""
         ids = _codec.token_ids_from_pb(token_ids)
         output_dtype = _codec.output_dtype_from_pb(options.output_dtype)
         include_positional = options.include_positional if options.HasField("include_positional") else True
@@ -231,10 +232,11 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
     @unary_errors
     async def Embed(
         self, request: embedding_pb2.EmbedRequest, context: Context
-    ) -> embedding_pb2.EmbedResponse:
+    ) -> embedding_pb2.EmbedResponse | bytes:
+        """Returns the reply encoded (bytes) unless it went to shared memory; see add_embedding_service."""
         options = request.options
         if not options.HasField("output_region"):
-            return embedding_pb2.EmbedResponse(embeddings=await self._embed(request.token_ids, options))
+            return await self._embed(request.token_ids, options)  # an encoded EmbedResponse
         embeddings = await self._lookup(request.token_ids, options)
         region = options.output_region
         written = self._shared_memory.write(region.handle, region.offset, embeddings)
@@ -255,10 +257,11 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
     @stream_errors
     async def EmbedStream(
         self, request_iterator: AsyncIterator[embedding_pb2.EmbedStreamRequest], context: Context
-    ) -> AsyncIterator[embedding_pb2.EmbedStreamResponse]:
+    ) -> AsyncIterator[bytes]:
+        """Yields encoded EmbedStreamResponse messages; see add_embedding_service."""
         # Up to stream_window windows are read ahead and in the batcher at once (so one stream
         # can fill a batch); past that the reader waits, which is the stream's backpressure.
-        in_flight: asyncio.Queue[tuple[asyncio.Task[tensor_pb2.Tensor], int] | None] = asyncio.Queue(
+        in_flight: asyncio.Queue[tuple[asyncio.Task[bytes], int] | None] = asyncio.Queue(
             maxsize=self._config.stream_window
         )
         finished = False  # the reader stops at its next read
@@ -293,7 +296,7 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
         try:
             while (item := await in_flight.get()) is not None:
                 task, sequence_id = item
-                yield embedding_pb2.EmbedStreamResponse(embeddings=await task, sequence_id=sequence_id)
+                yield await task + (_codec.encode_varint_field(2, sequence_id) if sequence_id else b"")
             await reader  # a failure reading the requests ends the stream with it
         except Exception:
             # A client still writing when the call ends with an error may see INTERNAL instead of
@@ -325,3 +328,38 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
                 max_batch_size=self._config.max_batch_size,
             ),
         )
+
+
+def _pass_through(reply: Any) -> bytes:
+    """Replies already encoded go out as they are; messages are serialized as usual."""
+    return reply if isinstance(reply, bytes) else bytes(reply.SerializeToString())
+
+
+def add_embedding_service(servicer: EmbeddingServicer, server: Any) -> None:
+    """The generated add_EmbeddingServiceServicer_to_server, except that Embed and EmbedStream may
+    return their replies already encoded: a 2 MB result then costs one copy instead of three."""
+    handlers = {
+        "Embed": grpc.unary_unary_rpc_method_handler(
+            servicer.Embed,
+            request_deserializer=embedding_pb2.EmbedRequest.FromString,
+            response_serializer=_pass_through,
+        ),
+        "EmbedStream": grpc.stream_stream_rpc_method_handler(
+            servicer.EmbedStream,
+            request_deserializer=embedding_pb2.EmbedStreamRequest.FromString,
+            response_serializer=_pass_through,
+        ),
+        "Info": grpc.unary_unary_rpc_method_handler(
+            servicer.Info,
+            request_deserializer=embedding_pb2.EmbeddingServiceInfoRequest.FromString,
+            response_serializer=_pass_through,
+        ),
+        "SharedMemorySession": grpc.unary_stream_rpc_method_handler(
+            servicer.SharedMemorySession,
+            request_deserializer=embedding_pb2.SharedMemorySessionRequest.FromString,
+            response_serializer=_pass_through,
+        ),
+    }
+    name = embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_registered_method_handlers(name, handlers)

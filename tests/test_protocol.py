@@ -79,3 +79,23 @@ def test_each_rpc_has_its_own_request_and_response() -> None:
         "embedserve.v1.BatchesService",
         "embedserve.v1.EmbeddingService",
     }
+
+
+def test_hand_encoded_replies_equal_protobufs_encoding() -> None:
+    """Embed and EmbedStream replies are encoded straight from the tensor; byte for byte as protobuf would."""
+    import torch
+    from embedserve.server._codec import encode_tensor_field, encode_varint_field, tensor_pb_from_torch
+    from embedserve.v1 import embedding_pb2
+
+    for shape in [(8, 256, 256), (3,), (1, 1, 1), (0, 5), (2, 300), (130, 2)]:
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            tensor = torch.randn(shape).to(dtype)
+            expected = embedding_pb2.EmbedResponse(
+                embeddings=tensor_pb_from_torch(tensor)
+            ).SerializeToString()
+            assert encode_tensor_field(1, tensor) == expected
+            for sequence_id in (1, 127, 128, 2**40):
+                streamed = embedding_pb2.EmbedStreamResponse(
+                    embeddings=tensor_pb_from_torch(tensor), sequence_id=sequence_id
+                ).SerializeToString()
+                assert encode_tensor_field(1, tensor) + encode_varint_field(2, sequence_id) == streamed
