@@ -176,6 +176,34 @@ def _run_analogies(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_prepare(args: argparse.Namespace) -> int:
+    from .core import InvalidInput, NotFound, StartupError, load_gpt2_tokenizer
+    from .core.prepared import log_progress, prepare_corpus
+
+    if not args.data_dir:
+        print("embedserve prepare: name the data folder (--data-dir or EMBEDSERVE_DATA_DIR)", file=sys.stderr)
+        return 2
+    try:
+        tokenizer = load_gpt2_tokenizer(Path(args.bpe_dir) if args.bpe_dir else None, os.environ)
+        meta = prepare_corpus(
+            [Path(p) for p in args.inputs],
+            args.out,
+            Path(args.data_dir),
+            tokenizer,
+            text_field=args.text_field,
+            threads=args.threads,
+            progress=log_progress(f"prepare {args.out}"),
+        )
+    except (InvalidInput, NotFound, StartupError) as error:
+        print(f"embedserve prepare: {error}", file=sys.stderr)
+        return 1
+    print(
+        f"{args.out}: {meta['token_count']:,} tokens from {meta['documents']:,} documents "
+        f"in {Path(args.data_dir) / meta['tokens_file']}"
+    )
+    return 0
+
+
 def _run_prepare_vectors(args: argparse.Namespace) -> int:
     import torch
 
@@ -259,6 +287,29 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         help="default: ~/.cache/embedserve; env EMBEDSERVE_CACHE_DIR",
     )
     handlers["prepare-vectors"] = _run_prepare_vectors
+
+    corpus = commands.add_parser(
+        "prepare",
+        help="tokenize text files into a prepared corpus that StreamBatches serves memory-mapped",
+        description="Each plain-text file is one document, each line of a .jsonl file one (its text "
+        "field); .gz is read too. Documents are joined with <|endoftext|>. Writes NAME.tokens "
+        "(uint16 token IDs) and NAME.json into the data folder, using every core.",
+    )
+    corpus.add_argument("inputs", nargs="+", help="text, .jsonl (and .gz) files")
+    corpus.add_argument("--out", required=True, help="the corpus name, as StreamBatches requests it")
+    corpus.add_argument(
+        "--data-dir",
+        default=environ.get("EMBEDSERVE_DATA_DIR", ""),
+        help="the server's data folder; env EMBEDSERVE_DATA_DIR",
+    )
+    corpus.add_argument(
+        "--text-field", default="text", help="the text field of .jsonl records (default: text)"
+    )
+    corpus.add_argument("--threads", type=int, default=0, help="tokenizer threads (default: every core)")
+    corpus.add_argument(
+        "--bpe-dir", default=environ.get("EMBEDSERVE_BPE_DIR", ""), help="as the server's --bpe-dir"
+    )
+    handlers["prepare"] = _run_prepare
 
     for name in ("tokenize", "batches", "embed", "info", "similar", "similarity", "analogies"):
         _add_client_arguments(commands.choices[name], environ)

@@ -156,7 +156,11 @@ class BatchesServicer(batches_pb2_grpc.BatchesServiceServicer):
                     "so the windows have no positional embedding"
                 )
             reply_bytes += tokens_per_batch * self._model.dim * embeddings_dtype.itemsize
-            if int(tokens.max()) >= self._model.vocab_size:
+            # A prepared corpus holds only its tokenizer's IDs: no need to scan a mapped file for them.
+            mapped_and_covered = (
+                isinstance(tokens, np.memmap) and self._tokenizer.n_vocab <= self._model.vocab_size
+            )
+            if not mapped_and_covered and int(tokens.max()) >= self._model.vocab_size:
                 raise InvalidInput(
                     f"the source has token id {int(tokens.max())}, outside the embedding model's vocabulary "
                     f"[0, {self._model.vocab_size}); stream it without include_embeddings"

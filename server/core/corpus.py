@@ -10,9 +10,10 @@ import numpy as np
 import numpy.typing as npt
 
 from .errors import InvalidInput, NotFound
+from .prepared import open_prepared, read_sidecar
 from .tokenizer import ENDOFTEXT, Tokenizer
 
-TokenIds = npt.NDArray[np.int32]
+TokenIds = npt.NDArray[np.integer]
 
 
 class CorpusStore:
@@ -32,6 +33,18 @@ class CorpusStore:
     @property
     def data_dir(self) -> Path | None:
         return self._root
+
+    def _prepared_sidecar(self, name: str) -> tuple[Path, dict[str, object]] | None:
+        for candidate in (name, name + ".json"):
+            try:
+                path = self.resolve(candidate)
+            except NotFound:
+                continue
+            if path.suffix == ".json":
+                meta = read_sidecar(path)
+                if meta is not None:
+                    return path, meta
+        return None
 
     def resolve(self, name: str) -> Path:
         """The file a corpus name refers to; NotFound unless it is a file inside the data folder."""
@@ -53,7 +66,12 @@ class CorpusStore:
         return resolved
 
     def tokens(self, name: str) -> TokenIds:
-        """The corpus's GPT-2 token IDs (<|endoftext|> allowed, as the notebook encodes)."""
+        """The corpus's GPT-2 token IDs: a prepared corpus's memory-mapped token file (named by its
+        name or its sidecar), or a text file encoded as the notebook encodes (<|endoftext|> allowed)."""
+        prepared = self._prepared_sidecar(name)
+        if prepared is not None:
+            sidecar, meta = prepared
+            return open_prepared(name, sidecar, meta, self._tokenizer).tokens
         path = self.resolve(name)
         try:
             stat = path.stat()

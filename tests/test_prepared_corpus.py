@@ -1,0 +1,117 @@
+"""Prepared corpora: `embedserve prepare` output, and StreamBatches serving it memory-mapped."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tiktoken
+from embedserve.client import AsyncClient, InvalidArgumentError
+from embedserve.server import ServerConfig
+from embedserve.server.cli import main
+from embedserve.server.core import InvalidInput, load_gpt2_tokenizer
+from embedserve.server.core.corpus import CorpusStore
+from embedserve.server.core.prepared import prepare_corpus
+
+from .conftest import start_server
+
+DOCUMENTS = [
+    "I HAD always thought Jack Gisburn rather a cheap genius--though a good fellow enough.",
+    "Ünïcödé text, 数字 123, and a literal <|endoftext|> inside a document.",
+    "",
+    "Short.",
+]
+
+
+def _write_inputs(folder: Path) -> list[Path]:
+    first = folder / "a.txt"
+    first.write_text(DOCUMENTS[0])
+    records = folder / "b.jsonl.gz"
+    with gzip.open(records, "wt", encoding="utf-8") as out:
+        for text in DOCUMENTS[1:]:
+            out.write(json.dumps({"text": text, "id": 7}) + "\n")
+        out.write("\n")  # blank lines are skipped
+    return [first, records]
+
+
+def test_prepare_writes_tokens_joined_by_endoftext(
+    tmp_path: Path, reference_encoding: tiktoken.Encoding
+) -> None:
+    data_dir = tmp_path / "data"
+    tokenizer = load_gpt2_tokenizer(None, {})
+    meta = prepare_corpus(_write_inputs(tmp_path), "books", data_dir, tokenizer, threads=2)
+    expected = reference_encoding.encode("<|endoftext|>".join(DOCUMENTS), allowed_special={"<|endoftext|>"})
+    raw = (data_dir / "books.tokens").read_bytes()
+    assert np.frombuffer(raw, dtype="<u2").tolist() == expected
+    assert meta == json.loads((data_dir / "books.json").read_text())
+    assert meta["token_count"] == len(expected)
+    assert meta["documents"] == 4
+    assert meta["dtype"] == "uint16"
+    assert meta["separator"] == {"policy": "endoftext-between-documents", "token_id": 50256}
+    assert meta["tokens_sha256"] == hashlib.sha256(raw).hexdigest()
+    assert [s["documents"] for s in meta["sources"]] == [1, 3]
+    assert sorted(p.name for p in data_dir.iterdir()) == ["books.json", "books.tokens"]  # no partial files
+
+    store = CorpusStore(data_dir, tokenizer)
+    for name in ("books", "books.json"):
+        tokens = store.tokens(name)
+        assert isinstance(tokens, np.memmap)
+        assert tokens.tolist() == expected
+
+
+def test_prepare_refuses_bad_input_clearly(tmp_path: Path) -> None:
+    tokenizer = load_gpt2_tokenizer(None, {})
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "fine"}\n{"body": "no text field"}\n')
+    with pytest.raises(InvalidInput, match=r"broken.jsonl:2: no string field 'text'"):
+        prepare_corpus([broken], "x", tmp_path / "data", tokenizer)
+    with pytest.raises(InvalidInput, match="--out"):
+        prepare_corpus([broken], "../escape", tmp_path / "data", tokenizer)
+    assert not any((tmp_path / "data").iterdir())  # nothing half-written
+
+
+def test_cli_prepare_then_stream_equals_the_text(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], reference_encoding: tiktoken.Encoding
+) -> None:
+    data_dir = tmp_path / "data"
+    inputs = _write_inputs(tmp_path)
+    assert main(["prepare", *map(str, inputs), "--out", "books", "--data-dir", str(data_dir)]) == 0
+    assert "books:" in capsys.readouterr().out
+    (data_dir / "plain.txt").write_text("<|endoftext|>".join(DOCUMENTS))
+    running = start_server(ServerConfig(port=0, device="cpu", word_vectors="none", data_dir=data_dir, dim=8))
+
+    async def collect(corpus: str) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+        async with AsyncClient(running.target) as client:
+            return [
+                (b.inputs, b.targets, b.embeddings)
+                async for b in client.stream_batches(
+                    batch_size=2,
+                    max_length=4,
+                    stride=3,
+                    shuffle=True,
+                    seed=5,
+                    include_embeddings=True,
+                    corpus=corpus,
+                )
+            ]
+
+    try:
+        prepared = asyncio.run(collect(corpus="books"))
+        plain = asyncio.run(collect(corpus="plain.txt"))
+        assert len(prepared) == len(plain) > 3
+        for (got_inputs, targets, embeddings), (want_inputs, want_targets, want_embeddings) in zip(
+            prepared, plain, strict=True
+        ):
+            np.testing.assert_array_equal(got_inputs, want_inputs)
+            np.testing.assert_array_equal(targets, want_targets)
+            np.testing.assert_array_equal(embeddings, want_embeddings)
+        (data_dir / "books.tokens").write_bytes(b"\0\0")  # truncated
+        with pytest.raises(InvalidArgumentError, match="truncated"):
+            asyncio.run(collect(corpus="books"))
+    finally:
+        running.stop()
