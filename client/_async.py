@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import types
 from collections.abc import (
@@ -186,11 +187,22 @@ class AsyncClient:
         drop_last: bool = True,
         include_embeddings: bool = False,
         embeddings_dtype: EmbeddingDtype = "float32",
+        epoch: int = 0,
+        epochs: int = 1,
+        rank: int = 0,
+        world_size: int = 1,
+        cursor: bytes | None = None,
+        reconnect_attempts: int = 5,
     ) -> AsyncGenerator[Batch, None]:
         """Sliding-window batches of `text` or of a corpus in the server's --data-dir.
 
-        Defaults follow the notebook's create_dataloader_v1; with shuffle, the
-        order is that of a DataLoader whose generator is manual_seed(seed).
+        Defaults follow the notebook's create_dataloader_v1; with shuffle, epoch 0's order is
+        that of a DataLoader whose generator is manual_seed(seed). `epochs` epochs stream one
+        after another from `epoch`. With `world_size` > 1 this rank gets its share of every
+        global batch (see the protocol). Each Batch carries a `cursor`: pass it back as
+        `cursor=` to continue right after that batch. When the server becomes UNAVAILABLE
+        mid-stream (a restart, a replica going away), the iterator reconnects and resumes from
+        its last cursor, up to `reconnect_attempts` times in a row, with growing pauses.
         Closing the iterator early cancels the stream on the server.
         """
         if (text is None) == (corpus is None):
@@ -204,25 +216,41 @@ class AsyncClient:
             drop_last=drop_last,
             include_embeddings=include_embeddings,
             embeddings_dtype=DTYPE_BY_NAME[embeddings_dtype],
+            epoch=epoch,
+            epochs=epochs,
+            rank=rank,
+            world_size=world_size,
+            cursor=cursor or b"",
         )
         if text is not None:
             request.text = text
         else:
             request.corpus = corpus or ""
-        call = self._batches.StreamBatches(request, timeout=self.stream_timeout)
-        try:
-            async for reply in call:
-                yield Batch(
-                    index=reply.index,
-                    inputs=from_tensor_pb(reply.inputs),  # type: ignore[arg-type]
-                    targets=from_tensor_pb(reply.targets),  # type: ignore[arg-type]
-                    embeddings=from_tensor_pb(reply.embeddings) if reply.HasField("embeddings") else None,
-                    num_batches=reply.num_batches,
-                )
-        except grpc.RpcError as error:
-            raise error_from_rpc(error) from None
-        finally:
-            call.cancel()
+        failures = 0
+        while True:
+            call = self._batches.StreamBatches(request, timeout=self.stream_timeout)
+            try:
+                async for reply in call:
+                    failures = 0
+                    request.cursor = reply.cursor
+                    yield Batch(
+                        index=reply.index,
+                        inputs=from_tensor_pb(reply.inputs),  # type: ignore[arg-type]
+                        targets=from_tensor_pb(reply.targets),  # type: ignore[arg-type]
+                        embeddings=from_tensor_pb(reply.embeddings) if reply.HasField("embeddings") else None,
+                        num_batches=reply.num_batches,
+                        epoch=reply.epoch,
+                        cursor=reply.cursor,
+                    )
+                return
+            except grpc.RpcError as error:
+                failure = error_from_rpc(error)
+                if failure.code is not grpc.StatusCode.UNAVAILABLE or failures >= reconnect_attempts:
+                    raise failure from None
+                failures += 1
+                await asyncio.sleep(min(5.0, 0.1 * 2**failures))
+            finally:
+                call.cancel()
 
     # Embedding
 

@@ -129,7 +129,14 @@ class Client:
         drop_last: bool = True,
         include_embeddings: bool = False,
         embeddings_dtype: EmbeddingDtype = "float32",
+        epoch: int = 0,
+        epochs: int = 1,
+        rank: int = 0,
+        world_size: int = 1,
+        cursor: bytes | None = None,
+        reconnect_attempts: int = 5,
     ) -> Generator[Batch, None, None]:
+        """AsyncClient.stream_batches, as a plain iterator."""
         return self._iterate(
             self._async.stream_batches(
                 text=text,
@@ -142,6 +149,12 @@ class Client:
                 drop_last=drop_last,
                 include_embeddings=include_embeddings,
                 embeddings_dtype=embeddings_dtype,
+                epoch=epoch,
+                epochs=epochs,
+                rank=rank,
+                world_size=world_size,
+                cursor=cursor,
+                reconnect_attempts=reconnect_attempts,
             )
         )
 

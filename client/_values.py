@@ -33,6 +33,9 @@ class Batch:
     targets: npt.NDArray[np.int32]
     embeddings: npt.NDArray[Any] | None
     num_batches: int
+    epoch: int = 0
+    cursor: bytes = b""
+    """Pass it as stream_batches(cursor=...) to continue right after this batch."""
 
     def to_torch(self, device: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets) as int64 torch tensors, as the notebook's DataLoader yields them."""

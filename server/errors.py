@@ -8,7 +8,15 @@ from typing import Any, NoReturn, TypeVar
 
 import grpc
 
-from .core import EmbedServeCoreError, InvalidInput, NotFound, NotReady, Overloaded, StartupError
+from .core import (
+    EmbedServeCoreError,
+    InvalidInput,
+    NotFound,
+    NotReady,
+    Overloaded,
+    PreconditionFailed,
+    StartupError,
+)
 
 _LOGGER = logging.getLogger(__name__)
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -19,6 +27,7 @@ STATUS_BY_ERROR: tuple[tuple[type[EmbedServeCoreError], grpc.StatusCode], ...] =
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (NotReady, grpc.StatusCode.UNAVAILABLE),
     (StartupError, grpc.StatusCode.FAILED_PRECONDITION),
+    (PreconditionFailed, grpc.StatusCode.FAILED_PRECONDITION),
 )
 
 

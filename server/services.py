@@ -26,10 +26,14 @@ from .core import (
     EmbedJob,
     InvalidInput,
     LimitExceeded,
+    PreconditionFailed,
     Tokenizer,
+    WindowPlan,
     gather_windows,
     plan_windows,
 )
+from .core.corpus import tokens_sha256
+from .core.cursor import Position, StreamSettings, decode_cursor, encode_cursor
 from .core.embed_batcher import EmbedBatcher
 from .core.shared_memory import SharedMemoryRegistry
 from .core.tokenizer import ENDOFTEXT
@@ -123,12 +127,16 @@ class BatchesServicer(batches_pb2_grpc.BatchesServiceServicer):
         self._config = config
         self._batcher = batcher
 
-    async def _source_tokens(self, request: batches_pb2.StreamBatchesRequest) -> np.ndarray[Any, Any]:
+    async def _source_tokens(
+        self, request: batches_pb2.StreamBatchesRequest
+    ) -> tuple[np.ndarray[Any, Any], str]:
+        """The source's token IDs and their sha256 (which cursors carry)."""
         source = request.WhichOneof("source")
         if source == "text":
-            return await asyncio.to_thread(self._tokenizer.encode, request.text, {ENDOFTEXT})
+            ids = await asyncio.to_thread(self._tokenizer.encode, request.text, {ENDOFTEXT})
+            return ids, await asyncio.to_thread(tokens_sha256, ids)
         if source == "corpus":
-            return await asyncio.to_thread(self._corpora.tokens, request.corpus)
+            return await asyncio.to_thread(self._corpora.tokens_and_hash, request.corpus)
         raise InvalidInput("the request names no source: set text or corpus")
 
     @stream_errors
@@ -136,19 +144,47 @@ class BatchesServicer(batches_pb2_grpc.BatchesServiceServicer):
         self, request: batches_pb2.StreamBatchesRequest, context: Context
     ) -> AsyncIterator[batches_pb2.StreamBatchesResponse]:
         embeddings_dtype = _codec.output_dtype_from_pb(request.embeddings_dtype, "embeddings_dtype")
-        tokens = await self._source_tokens(request)
-        plan = plan_windows(
-            num_tokens=len(tokens),
-            max_length=request.max_length,
-            stride=request.stride,
-            batch_size=request.batch_size,
-            shuffle=request.shuffle,
+        tokens, source_sha256 = await self._source_tokens(request)
+        world_size = request.world_size or 1
+
+        def plan_for(epoch: int) -> WindowPlan:
+            return plan_windows(
+                num_tokens=len(tokens),
+                max_length=request.max_length,
+                stride=request.stride,
+                batch_size=request.batch_size,
+                shuffle=request.shuffle,
+                seed=request.seed,
+                drop_last=request.drop_last,
+                max_batch_size=self._config.max_batch_size,
+                epoch=epoch,
+                rank=request.rank,
+                world_size=world_size,
+            )
+
+        plan = plan_for(request.epoch)  # checks every setting before anything streams
+        settings = StreamSettings(
+            source_sha256=source_sha256,
+            tokenizer=self._tokenizer.name,
+            max_length=plan.max_length,
+            stride=plan.stride,
+            batch_size=plan.batch_size,
+            drop_last=plan.drop_last,
             seed=request.seed,
-            drop_last=request.drop_last,
-            max_batch_size=self._config.max_batch_size,
+            shuffle=request.shuffle,
+            rank=request.rank,
+            world_size=world_size,
         )
+        last_epoch = request.epoch + max(1, request.epochs) - 1
+        start = Position(request.epoch, 0)
+        if request.cursor:
+            start = decode_cursor(request.cursor, settings)
+            if start.epoch < request.epoch:
+                raise PreconditionFailed(
+                    f"the cursor is in epoch {start.epoch}, before this request's first epoch {request.epoch}"
+                )
         tokens_per_batch = plan.batch_size * plan.max_length
-        reply_bytes = 2 * 4 * tokens_per_batch
+        reply_bytes = 2 * 4 * tokens_per_batch + 1024
         if request.include_embeddings:
             if plan.max_length > self._model.context_length:
                 raise InvalidInput(
@@ -167,21 +203,31 @@ class BatchesServicer(batches_pb2_grpc.BatchesServiceServicer):
                 )
         _check_reply_bytes(reply_bytes, self._config, f"a batch of {plan.batch_size} x {plan.max_length}")
 
-        for index in range(plan.num_batches):
-            inputs, targets = gather_windows(tokens, plan.batch_starts(index), plan.max_length)
-            embeddings = None
-            if request.include_embeddings:
-                embedded = await self._batcher.embed(EmbedJob(inputs, output_dtype=embeddings_dtype))
-                embeddings = _codec.tensor_pb_from_torch(embedded)
-            yield batches_pb2.StreamBatchesResponse(
-                index=index,
-                inputs=to_tensor_pb(inputs, "int32"),
-                targets=to_tensor_pb(targets, "int32"),
-                embeddings=embeddings,
-                num_batches=plan.num_batches,
-                num_windows=plan.num_windows,
-                num_tokens=plan.num_tokens,
-            )
+        for epoch in range(start.epoch, last_epoch + 1):
+            plan = plan if epoch == request.epoch else plan_for(epoch)
+            first = start.batch if epoch == start.epoch else 0
+            if first > plan.num_batches:
+                raise PreconditionFailed(f"the cursor names batch {first} of an epoch of {plan.num_batches}")
+            for index in range(first, plan.num_batches):
+                inputs, targets = gather_windows(tokens, plan.batch_starts(index), plan.max_length)
+                embeddings = None
+                if request.include_embeddings:
+                    embedded = await self._batcher.embed(EmbedJob(inputs, output_dtype=embeddings_dtype))
+                    embeddings = _codec.tensor_pb_from_torch(embedded)
+                following = (
+                    Position(epoch, index + 1) if index + 1 < plan.num_batches else Position(epoch + 1, 0)
+                )
+                yield batches_pb2.StreamBatchesResponse(
+                    index=index,
+                    inputs=to_tensor_pb(inputs, "int32"),
+                    targets=to_tensor_pb(targets, "int32"),
+                    embeddings=embeddings,
+                    num_batches=plan.num_batches,
+                    num_windows=plan.num_windows,
+                    num_tokens=plan.num_tokens,
+                    epoch=epoch,
+                    cursor=encode_cursor(settings, following),
+                )
 
 
 class EmbeddingServicer:

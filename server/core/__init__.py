@@ -22,6 +22,7 @@ from .errors import (
     NotFound,
     NotReady,
     Overloaded,
+    PreconditionFailed,
     StartupError,
 )
 from .tokenizer import GPT2_BPE_SHA256, Tokenizer, load_gpt2_tokenizer
@@ -41,6 +42,7 @@ __all__ = [
     "NotFound",
     "NotReady",
     "Overloaded",
+    "PreconditionFailed",
     "StartupError",
     "Tokenizer",
     "WindowPlan",

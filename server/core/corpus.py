@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections import OrderedDict
 from pathlib import Path, PurePosixPath
@@ -16,6 +17,11 @@ from .tokenizer import ENDOFTEXT, Tokenizer
 TokenIds = npt.NDArray[np.integer]
 
 
+def tokens_sha256(ids: TokenIds) -> str:
+    """sha256 of token IDs as little-endian int32: the identity of an encoded text."""
+    return hashlib.sha256(np.ascontiguousarray(ids, dtype="<i4").tobytes()).hexdigest()
+
+
 class CorpusStore:
     """Resolves corpus names safely inside one folder and caches their tokens.
 
@@ -27,7 +33,7 @@ class CorpusStore:
         self._root = data_dir.resolve() if data_dir is not None else None
         self._tokenizer = tokenizer
         self._max_cached = max_cached
-        self._cache: OrderedDict[tuple[Path, int, int], TokenIds] = OrderedDict()
+        self._cache: OrderedDict[tuple[Path, int, int], tuple[TokenIds, str]] = OrderedDict()
         self._lock = threading.Lock()
 
     @property
@@ -68,10 +74,15 @@ class CorpusStore:
     def tokens(self, name: str) -> TokenIds:
         """The corpus's GPT-2 token IDs: a prepared corpus's memory-mapped token file (named by its
         name or its sidecar), or a text file encoded as the notebook encodes (<|endoftext|> allowed)."""
+        return self.tokens_and_hash(name)[0]
+
+    def tokens_and_hash(self, name: str) -> tuple[TokenIds, str]:
+        """tokens(name) and a sha256 that names exactly those tokens (for stream cursors)."""
         prepared = self._prepared_sidecar(name)
         if prepared is not None:
             sidecar, meta = prepared
-            return open_prepared(name, sidecar, meta, self._tokenizer).tokens
+            corpus = open_prepared(name, sidecar, meta, self._tokenizer)
+            return corpus.tokens, str(meta["tokens_sha256"])
         path = self.resolve(name)
         try:
             stat = path.stat()
@@ -90,8 +101,9 @@ class CorpusStore:
             raise NotFound(f"corpus {name!r} cannot be read: {exc.strerror}") from None
         ids = self._tokenizer.encode(text, allowed_special={ENDOFTEXT})
         ids.setflags(write=False)
+        entry = (ids, tokens_sha256(ids))
         with self._lock:
-            self._cache[key] = ids
+            self._cache[key] = entry
             while len(self._cache) > self._max_cached:
                 self._cache.popitem(last=False)
-        return ids
+        return entry

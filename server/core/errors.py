@@ -31,5 +31,9 @@ class Cancelled(NotReady):
     """Work stopped part-way because the server is shutting down."""
 
 
+class PreconditionFailed(EmbedServeCoreError):
+    """The request conflicts with state it refers to (a stream cursor made under other settings)."""
+
+
 class StartupError(EmbedServeCoreError):
     """The configuration cannot be served (bad weights, bad vocabulary files...)."""

@@ -8,6 +8,7 @@ start position until a batch is gathered, so a plan costs O(windows) integers.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,21 +20,37 @@ from .errors import InvalidInput, LimitExceeded
 WindowIndices = npt.NDArray[np.int64]
 
 
-def shuffled_window_order(num_windows: int, seed: int) -> WindowIndices:
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The generator seed of an epoch: `seed` itself for epoch 0, else one derived from (seed, epoch)."""
+    if epoch == 0:
+        return seed
+    return int.from_bytes(hashlib.sha256(f"embedserve-epoch:{seed}:{epoch}".encode()).digest()[:8], "little")
+
+
+def shuffled_window_order(num_windows: int, seed: int, epoch: int = 0) -> WindowIndices:
     """The order in which DataLoader(shuffle=True, generator=Generator().manual_seed(seed)) reads.
 
     Creating a DataLoader iterator draws one int64 base seed from the loader's
     generator before RandomSampler calls torch.randperm with that same
     generator, so the permutation comes after one draw, not from a fresh seed.
+    Epoch e > 0 does the same from a generator seeded by epoch_seed(seed, e), so
+    any epoch's order costs one permutation, whatever came before.
     """
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
     torch.empty((), dtype=torch.int64).random_(generator=generator)
     return torch.randperm(num_windows, generator=generator).numpy()
 
 
 @dataclass(frozen=True)
 class WindowPlan:
-    """Which windows go into which batch, for one pass over a token stream."""
+    """Which windows go into which of one rank's batches, for one epoch over a token stream.
+
+    A global batch is world_size * batch_size consecutive windows of the epoch's order; rank r
+    gets the r-th batch_size of each. With drop_last, only whole global batches are read (the
+    tail of fewer than world_size * batch_size windows is dropped, so every rank has the same
+    number of batches); without it, the tail is dealt out in the same way, so later ranks may
+    get a short batch or one batch fewer, and every window is read exactly once.
+    """
 
     num_tokens: int
     max_length: int
@@ -41,6 +58,8 @@ class WindowPlan:
     batch_size: int
     drop_last: bool
     order: WindowIndices
+    rank: int = 0
+    world_size: int = 1
 
     @property
     def num_windows(self) -> int:
@@ -48,15 +67,18 @@ class WindowPlan:
 
     @property
     def num_batches(self) -> int:
+        global_size = self.batch_size * self.world_size
+        full = self.num_windows // global_size
         if self.drop_last:
-            return self.num_windows // self.batch_size
-        return -(-self.num_windows // self.batch_size)
+            return full
+        tail = self.num_windows - full * global_size
+        return full + (1 if tail > self.rank * self.batch_size else 0)
 
     def batch_starts(self, batch_index: int) -> WindowIndices:
-        """Start positions in the token stream of the windows of one batch."""
+        """Start positions in the token stream of the windows of one of this rank's batches."""
         if not 0 <= batch_index < self.num_batches:
             raise IndexError(f"batch {batch_index} of {self.num_batches}")
-        first = batch_index * self.batch_size
+        first = batch_index * self.batch_size * self.world_size + self.rank * self.batch_size
         return self.order[first : first + self.batch_size] * self.stride
 
 
@@ -75,6 +97,9 @@ def plan_windows(
     seed: int,
     drop_last: bool,
     max_batch_size: int | None = None,
+    epoch: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> WindowPlan:
     for name, value in (("batch_size", batch_size), ("max_length", max_length), ("stride", stride)):
         if value <= 0:
@@ -83,19 +108,26 @@ def plan_windows(
         raise LimitExceeded(f"batch_size {batch_size} is over the server's --max-batch-size {max_batch_size}")
     if not 0 <= seed < 2**64:
         raise InvalidInput(f"seed must be in [0, 2**64), got {seed}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise InvalidInput(f"rank must be in [0, world_size), got rank {rank} of world_size {world_size}")
+    if epoch < 0:
+        raise InvalidInput(f"epoch must be >= 0, got {epoch}")
     num_windows = count_windows(num_tokens, max_length, stride)
     if num_windows == 0:
         raise InvalidInput(
             f"the source has {num_tokens} tokens: max_length {max_length} needs at least "
             f"{max_length + 1} for one window"
         )
-    if drop_last and num_windows < batch_size:
+    if drop_last and num_windows < batch_size * world_size:
         raise InvalidInput(
-            f"{num_windows} windows make no full batch of {batch_size} with drop_last; "
-            "lower batch_size or set drop_last false"
+            f"{num_windows} windows make no full batch of {batch_size}"
+            + (f" for each of {world_size} ranks" if world_size > 1 else "")
+            + " with drop_last; lower batch_size or set drop_last false"
         )
-    order = shuffled_window_order(num_windows, seed) if shuffle else np.arange(num_windows, dtype=np.int64)
-    return WindowPlan(num_tokens, max_length, stride, batch_size, drop_last, order)
+    order = (
+        shuffled_window_order(num_windows, seed, epoch) if shuffle else np.arange(num_windows, dtype=np.int64)
+    )
+    return WindowPlan(num_tokens, max_length, stride, batch_size, drop_last, order, rank, world_size)
 
 
 def gather_windows(

@@ -31,6 +31,11 @@ class StreamBatchesRequest(_message.Message):
     DROP_LAST_FIELD_NUMBER: _builtins.int
     INCLUDE_EMBEDDINGS_FIELD_NUMBER: _builtins.int
     EMBEDDINGS_DTYPE_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    EPOCHS_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
+    WORLD_SIZE_FIELD_NUMBER: _builtins.int
+    CURSOR_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """Text sent with the request; tokenized with <|endoftext|> allowed."""
     corpus: _builtins.str
@@ -46,6 +51,19 @@ class StreamBatchesRequest(_message.Message):
     """Adds token + positional embeddings of the inputs to every batch."""
     embeddings_dtype: _tensor_pb2.Dtype.ValueType
     """Element type of the embeddings; unspecified means float32."""
+    epoch: _builtins.int
+    """First epoch of the stream. With shuffle, epoch 0 is the DataLoader's order above and epoch
+    e > 0 a permutation drawn the same way from a generator seeded by (seed, e).
+    """
+    epochs: _builtins.int
+    """Epochs in this stream, one after another; 0 means 1."""
+    rank: _builtins.int
+    """Sharding: each global batch is world_size * batch_size consecutive windows of the epoch's
+    order, and rank r receives the r-th batch_size of them. 0 means world_size 1.
+    """
+    world_size: _builtins.int
+    cursor: _builtins.bytes
+    """A batch's cursor: the stream continues right after that batch (same settings required)."""
     def __init__(
         self,
         *,
@@ -59,10 +77,15 @@ class StreamBatchesRequest(_message.Message):
         drop_last: _builtins.bool = ...,
         include_embeddings: _builtins.bool = ...,
         embeddings_dtype: _tensor_pb2.Dtype.ValueType = ...,
+        epoch: _builtins.int = ...,
+        epochs: _builtins.int = ...,
+        rank: _builtins.int = ...,
+        world_size: _builtins.int = ...,
+        cursor: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["corpus", b"corpus", "source", b"source", "text", b"text"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "corpus", b"corpus", "drop_last", b"drop_last", "embeddings_dtype", b"embeddings_dtype", "include_embeddings", b"include_embeddings", "max_length", b"max_length", "seed", b"seed", "shuffle", b"shuffle", "source", b"source", "stride", b"stride", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "corpus", b"corpus", "cursor", b"cursor", "drop_last", b"drop_last", "embeddings_dtype", b"embeddings_dtype", "epoch", b"epoch", "epochs", b"epochs", "include_embeddings", b"include_embeddings", "max_length", b"max_length", "rank", b"rank", "seed", b"seed", "shuffle", b"shuffle", "source", b"source", "stride", b"stride", "text", b"text", "world_size", b"world_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["text", "corpus"]  # noqa: Y015
     _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
@@ -81,12 +104,18 @@ class StreamBatchesResponse(_message.Message):
     NUM_BATCHES_FIELD_NUMBER: _builtins.int
     NUM_WINDOWS_FIELD_NUMBER: _builtins.int
     NUM_TOKENS_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    CURSOR_FIELD_NUMBER: _builtins.int
     index: _builtins.int
-    """0-based position of this batch in the stream."""
+    """0-based position of this batch in its epoch, for this rank."""
     num_batches: _builtins.int
-    """Totals for the whole stream, the same in every message."""
+    """Totals of this batch's epoch for this rank (batches) and for the source (windows, tokens)."""
     num_windows: _builtins.int
     num_tokens: _builtins.int
+    epoch: _builtins.int
+    """The epoch this batch belongs to."""
+    cursor: _builtins.bytes
+    """Opaque: pass it as the request's cursor to continue right after this batch."""
     @_builtins.property
     def inputs(self) -> _tensor_pb2.Tensor:
         """[B, T] int32 token IDs: windows ids[i : i + max_length]."""
@@ -109,10 +138,12 @@ class StreamBatchesResponse(_message.Message):
         num_batches: _builtins.int = ...,
         num_windows: _builtins.int = ...,
         num_tokens: _builtins.int = ...,
+        epoch: _builtins.int = ...,
+        cursor: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["embeddings", b"embeddings", "inputs", b"inputs", "targets", b"targets"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["embeddings", b"embeddings", "index", b"index", "inputs", b"inputs", "num_batches", b"num_batches", "num_tokens", b"num_tokens", "num_windows", b"num_windows", "targets", b"targets"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "embeddings", b"embeddings", "epoch", b"epoch", "index", b"index", "inputs", b"inputs", "num_batches", b"num_batches", "num_tokens", b"num_tokens", "num_windows", b"num_windows", "targets", b"targets"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
