@@ -457,6 +457,61 @@ async def bench_tokenize(megabytes: float) -> list[Row]:
     ]
 
 
+async def bench_prepared(megabytes: float, seconds: float) -> list[Row]:
+    """g: `prepare` against single-threaded tiktoken, and a prepared corpus to 1 and to 4 consumers."""
+    from embedserve.server.core.prepared import prepare_corpus
+
+    base = VERDICT.read_text() if VERDICT.is_file() else " ".join(f"word{i % 997}" for i in range(20000))
+    text = base * max(1, int(megabytes * 1e6 / len(base.encode())))
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        source = Path(folder) / "corpus.txt"
+        source.write_text(text)
+        tokenizer = load_gpt2_tokenizer(None, os.environ)
+        started = time.perf_counter()
+        tokenizer.encoding.encode(text, allowed_special={"<|endoftext|>"})
+        single = len(text.encode()) / (time.perf_counter() - started)
+        started = time.perf_counter()
+        prepare_corpus([source], "corpus", Path(folder) / "data", tokenizer)
+        prepared_rate = len(text.encode()) / (time.perf_counter() - started)
+        rows.append(
+            Row("g", f"prepare {len(text.encode()) / 1e6:.0f} MB of text ({os.cpu_count()} cores)",
+                prepared_rate / 1e6, "MB/s", single / 1e6, "tiktoken, one thread")
+        )  # fmt: skip
+        server = ServerProcess(
+            "--device", DEVICE[0], "--word-vectors", "none", "--data-dir", str(Path(folder) / "data")
+        )
+        try:
+            for consumers in (1, 4):
+
+                async def consume(rank: int, deadline: float, consumers: int = consumers) -> int:
+                    tokens = 0
+                    async with AsyncClient(server.target, timeout=600) as client:
+                        async for batch in client.stream_batches(
+                            corpus="corpus", batch_size=64, max_length=1024, stride=1024, seed=rank,
+                            epochs=1000, rank=rank, world_size=consumers,
+                        ):  # fmt: skip
+                            tokens += batch.inputs.size
+                            if time.perf_counter() > deadline:
+                                break
+                    return tokens
+
+                started = time.perf_counter()
+                totals = await asyncio.gather(*(consume(r, started + seconds) for r in range(consumers)))
+                rate_total = sum(totals) / (time.perf_counter() - started)
+                rows.append(
+                    Row(
+                        "g",
+                        f"prepared corpus 1024/1024/64 to {consumers} consumer(s)",
+                        rate_total,
+                        "tokens/s",
+                    )
+                )
+        finally:
+            server.stop()
+    return rows
+
+
 def bench_word_vectors(smoke: bool, word_vectors: str) -> list[Row]:
     """e: bench/word_vectors.py in its own process; its figures become rows here."""
     with tempfile.TemporaryDirectory() as folder:
@@ -540,6 +595,8 @@ async def bench_cold_start(word_vectors: str) -> list[Row]:
 def fmt(value: float, unit: str) -> str:
     if unit == "tokens/s":
         return f"{value / 1e6:.2f} M tokens/s"
+    if unit == "MB/s":
+        return f"{value:.1f} MB/s"
     if unit == "queries/s":
         return f"{value:,.0f} queries/s"
     return f"{value:.2f} {unit}"
@@ -646,6 +703,9 @@ async def run(args: argparse.Namespace) -> list[Row]:
     if "d" in args.sections:
         log("d: Tokenize against tiktoken")
         rows += await bench_tokenize(0.2 if args.smoke else 1.2)
+    if "g" in args.sections:
+        log("g: prepared corpora")
+        rows += await bench_prepared(2 if args.smoke else 20, seconds)
     if "e" in args.sections:
         log("e: WordVectors against gensim (bench/word_vectors.py)")
         rows += bench_word_vectors(args.smoke, args.word_vectors)
@@ -665,7 +725,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chart", type=Path, metavar="PNG", help="throughput and p99 against concurrency")
     parser.add_argument("--word-vectors", default="glove-6b-50d", help="model for the cold-start figure")
     parser.add_argument("--device", default="cpu", help="the servers' --device (cpu, cuda)")
-    parser.add_argument("--sections", default="abcdef", help="which measurements to run (default abcdef)")
+    parser.add_argument("--sections", default="abcdefg", help="which measurements to run (default abcdefg)")
     parser.add_argument("--seconds", type=float, help="length of each timed measurement")
     parser.add_argument("--ceiling-server", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

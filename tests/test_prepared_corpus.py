@@ -16,7 +16,9 @@ from embedserve.server import ServerConfig
 from embedserve.server.cli import main
 from embedserve.server.core import InvalidInput, load_gpt2_tokenizer
 from embedserve.server.core.corpus import CorpusStore
-from embedserve.server.core.prepared import prepare_corpus
+from embedserve.server.core.prepared import prepare_corpus, split_for_encoding
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from .conftest import start_server
 
@@ -115,3 +117,43 @@ def test_cli_prepare_then_stream_equals_the_text(
             asyncio.run(collect(corpus="books"))
     finally:
         running.stop()
+
+
+PIECES = [
+    "a",
+    "bc",
+    " ",
+    "  ",
+    "\n",
+    "\n\n",
+    " \n",
+    "\t",
+    "é",
+    "12",
+    "'s",
+    "!",
+    "数",
+    "\r\n",
+    "\u3000",
+    "\xa0",
+]
+PIECES += ["<|endoftext|>", "<", "<|"]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    parts=st.lists(
+        st.sampled_from(PIECES),
+        max_size=400,
+    ),
+    piece_chars=st.integers(1, 60),
+)
+def test_long_documents_split_where_the_encoding_cannot_change(
+    parts: list[str], piece_chars: int, reference_encoding: tiktoken.Encoding
+) -> None:
+    text = "".join(parts)
+    pieces = split_for_encoding(text, piece_chars=piece_chars)
+    assert "".join(pieces) == text
+    special = {"<|endoftext|>"}
+    joined = [i for piece in pieces for i in reference_encoding.encode(piece, allowed_special=special)]
+    assert joined == reference_encoding.encode(text, allowed_special=special)

@@ -74,6 +74,45 @@ def _documents(path: Path, text_field: str) -> Iterator[str]:
         raise InvalidInput(f"{path}: cannot be read ({error})") from None
 
 
+def _safe_cut(text: str, newline: int) -> bool:
+    """Whether a piece may end right after text[newline] (a newline): see split_for_encoding."""
+
+    def starts_a_word(index: int) -> bool:
+        # A special token ("<|endoftext|>") would end the text before it, changing the whitespace.
+        return index < len(text) and not text[index].isspace() and text[index] != "<"
+
+    if newline == 0 or text[newline - 1].isspace() or newline + 1 >= len(text):
+        return False
+    if starts_a_word(newline + 1):
+        return True
+    # One whitespace character, then a word: the whole text also ends a token after the newline.
+    return text[newline + 1].isspace() and starts_a_word(newline + 2)
+
+
+def split_for_encoding(text: str, piece_chars: int = 1 << 20) -> list[str]:
+    """Pieces of a long text that encode, one by one and joined, exactly as the whole text does.
+
+    A piece ends after a newline that follows a non-space character and precedes either a
+    non-space character or exactly one whitespace character and then a non-space one (a
+    paragraph break "\n\n" is cut between its newlines). GPT-2's pre-tokenizer ends a token
+    right there in the whole text too, so no token spans the cut and BPE, which works inside
+    those tokens, gives the same IDs (a property test holds it to that). Pieces let one long
+    document use every core.
+    """
+    pieces = []
+    start = 0
+    while len(text) - start > 2 * piece_chars:
+        cut = text.find("\n", start + piece_chars)
+        while cut != -1 and not _safe_cut(text, cut):
+            cut = text.find("\n", cut + 1)
+        if cut == -1:
+            break
+        pieces.append(text[start : cut + 1])
+        start = cut + 1
+    pieces.append(text[start:])
+    return pieces
+
+
 def prepare_corpus(
     inputs: Sequence[Path],
     name: str,
@@ -117,15 +156,22 @@ def prepare_corpus(
 
             def flush(batch: list[str]) -> None:
                 nonlocal token_count, documents
-                for data in pool.map(encode, batch):  # tiktoken releases the GIL: all cores work
-                    if documents:
-                        out.write(separator)
-                        digest.update(separator)
-                        token_count += 1
+                pieces = [
+                    (number, piece) for number, text in enumerate(batch) for piece in split_for_encoding(text)
+                ]
+                current = -1
+                # tiktoken releases the GIL: every core encodes a piece at a time.
+                for (number, _), data in zip(pieces, pool.map(encode, [p for _, p in pieces]), strict=True):
+                    if number != current:
+                        if documents:
+                            out.write(separator)
+                            digest.update(separator)
+                            token_count += 1
+                        documents += 1
+                        current = number
                     out.write(data)
                     digest.update(data)
                     token_count += len(data) // wire.itemsize
-                    documents += 1
 
             for path in inputs:
                 batch: list[str] = []
