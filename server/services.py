@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -30,6 +31,7 @@ from .core import (
     Tokenizer,
     WindowPlan,
     gather_windows,
+    iterate_batches,
     plan_windows,
 )
 from .core.corpus import tokens_sha256
@@ -147,6 +149,7 @@ class BatchesServicer(batches_pb2_grpc.BatchesServiceServicer):
         tokens, source_sha256 = await self._source_tokens(request)
         world_size = request.world_size or 1
 
+        @functools.lru_cache(maxsize=2)
         def plan_for(epoch: int) -> WindowPlan:
             return plan_windows(
                 num_tokens=len(tokens),
@@ -203,31 +206,23 @@ class BatchesServicer(batches_pb2_grpc.BatchesServiceServicer):
                 )
         _check_reply_bytes(reply_bytes, self._config, f"a batch of {plan.batch_size} x {plan.max_length}")
 
-        for epoch in range(start.epoch, last_epoch + 1):
-            plan = plan if epoch == request.epoch else plan_for(epoch)
-            first = start.batch if epoch == start.epoch else 0
-            if first > plan.num_batches:
-                raise PreconditionFailed(f"the cursor names batch {first} of an epoch of {plan.num_batches}")
-            for index in range(first, plan.num_batches):
-                inputs, targets = gather_windows(tokens, plan.batch_starts(index), plan.max_length)
-                embeddings = None
-                if request.include_embeddings:
-                    embedded = await self._batcher.embed(EmbedJob(inputs, output_dtype=embeddings_dtype))
-                    embeddings = _codec.tensor_pb_from_torch(embedded)
-                following = (
-                    Position(epoch, index + 1) if index + 1 < plan.num_batches else Position(epoch + 1, 0)
-                )
-                yield batches_pb2.StreamBatchesResponse(
-                    index=index,
-                    inputs=to_tensor_pb(inputs, "int32"),
-                    targets=to_tensor_pb(targets, "int32"),
-                    embeddings=embeddings,
-                    num_batches=plan.num_batches,
-                    num_windows=plan.num_windows,
-                    num_tokens=plan.num_tokens,
-                    epoch=epoch,
-                    cursor=encode_cursor(settings, following),
-                )
+        for batch in iterate_batches(plan_for, epoch=start.epoch, index=start.batch, last_epoch=last_epoch):
+            inputs, targets = gather_windows(tokens, batch.starts, plan.max_length)
+            embeddings = None
+            if request.include_embeddings:
+                embedded = await self._batcher.embed(EmbedJob(inputs, output_dtype=embeddings_dtype))
+                embeddings = _codec.tensor_pb_from_torch(embedded)
+            yield batches_pb2.StreamBatchesResponse(
+                index=batch.index,
+                inputs=to_tensor_pb(inputs, "int32"),
+                targets=to_tensor_pb(targets, "int32"),
+                embeddings=embeddings,
+                num_batches=batch.plan.num_batches,
+                num_windows=batch.plan.num_windows,
+                num_tokens=batch.plan.num_tokens,
+                epoch=batch.epoch,
+                cursor=encode_cursor(settings, Position(batch.next_epoch, batch.next_index)),
+            )
 
 
 class EmbeddingServicer:

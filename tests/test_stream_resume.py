@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from embedserve.client import AsyncClient, Batch, EmbedServeError
 from embedserve.server import ServerConfig
-from embedserve.server.core import InvalidInput, plan_windows
+from embedserve.server.core import InvalidInput, iterate_batches, plan_windows
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -196,3 +196,48 @@ async def test_the_client_resumes_across_a_server_restart() -> None:
         _same(got, expected)
     finally:
         server.terminate()
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    num_tokens=st.integers(20, 600),
+    max_length=st.integers(1, 12),
+    stride=st.integers(1, 6),
+    batch_size=st.integers(1, 5),
+    world_size=st.integers(1, 4),
+    data=st.data(),
+)
+def test_resuming_after_any_batch_continues_with_exactly_the_rest(
+    num_tokens: int, max_length: int, stride: int, batch_size: int, world_size: int, data: st.DataObject
+) -> None:
+    rank = data.draw(st.integers(0, world_size - 1))
+    drop_last = data.draw(st.booleans())
+    first_epoch, epochs = data.draw(st.integers(0, 3)), data.draw(st.integers(1, 3))
+
+    def plan_for(epoch: int) -> Any:
+        return plan_windows(
+            num_tokens=num_tokens, max_length=max_length, stride=stride, batch_size=batch_size, shuffle=True,
+            seed=11, drop_last=drop_last, epoch=epoch, rank=rank, world_size=world_size,
+        )  # fmt: skip
+
+    try:
+        plan_for(first_epoch)
+    except InvalidInput:
+        return
+    last = first_epoch + epochs - 1
+    full = list(iterate_batches(plan_for, epoch=first_epoch, index=0, last_epoch=last))
+    if not full:
+        return
+    stops = sorted(data.draw(st.lists(st.integers(1, len(full)), min_size=1, max_size=3)))
+    stitched: list[Any] = []
+    epoch, index = first_epoch, 0
+    for stop in [*stops, len(full)]:  # resume several times, possibly at the same point twice
+        for batch in iterate_batches(plan_for, epoch=epoch, index=index, last_epoch=last):
+            if len(stitched) >= stop:
+                break
+            stitched.append(batch)
+        if stitched:
+            epoch, index = stitched[-1].next_epoch, stitched[-1].next_index
+    assert [(b.epoch, b.index, b.starts.tolist()) for b in stitched] == [
+        (b.epoch, b.index, b.starts.tolist()) for b in full
+    ]

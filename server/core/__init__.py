@@ -26,7 +26,15 @@ from .errors import (
     StartupError,
 )
 from .tokenizer import GPT2_BPE_SHA256, Tokenizer, load_gpt2_tokenizer
-from .windows import WindowPlan, count_windows, gather_windows, plan_windows, shuffled_window_order
+from .windows import (
+    PlannedBatch,
+    WindowPlan,
+    count_windows,
+    gather_windows,
+    iterate_batches,
+    plan_windows,
+    shuffled_window_order,
+)
 
 __all__ = [
     "GPT2_BPE_SHA256",
@@ -45,7 +53,9 @@ __all__ = [
     "PreconditionFailed",
     "StartupError",
     "Tokenizer",
+    "PlannedBatch",
     "WindowPlan",
+    "iterate_batches",
     "count_windows",
     "gather_windows",
     "load_embedding_tables",

@@ -9,13 +9,14 @@ start position until a batch is gathered, so a plan costs O(windows) integers.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 import torch
 
-from .errors import InvalidInput, LimitExceeded
+from .errors import InvalidInput, LimitExceeded, PreconditionFailed
 
 WindowIndices = npt.NDArray[np.int64]
 
@@ -137,3 +138,42 @@ def gather_windows(
     offsets = starts[:, None] + np.arange(max_length + 1, dtype=np.int64)[None, :]
     spans = tokens[offsets]
     return np.ascontiguousarray(spans[:, :-1]), np.ascontiguousarray(spans[:, 1:])
+
+
+@dataclass(frozen=True)
+class PlannedBatch:
+    """One batch of a stream: where it is, its windows' start positions, and where the stream goes next."""
+
+    epoch: int
+    index: int
+    starts: WindowIndices
+    plan: WindowPlan
+    next_epoch: int
+    next_index: int
+
+
+def iterate_batches(
+    plan_for: Callable[[int], WindowPlan], *, epoch: int, index: int, last_epoch: int
+) -> Iterator[PlannedBatch]:
+    """The batches from (epoch, index) to the end of last_epoch; plan_for(e) plans epoch e.
+
+    Resuming at the (next_epoch, next_index) of any batch continues with exactly the batches
+    that followed it, which is what stream cursors rely on.
+    """
+    for current in range(epoch, last_epoch + 1):
+        plan = plan_for(current)
+        first = index if current == epoch else 0
+        if first > plan.num_batches:
+            raise PreconditionFailed(
+                f"batch {first} is past the end of epoch {current} ({plan.num_batches} batches)"
+            )
+        for position in range(first, plan.num_batches):
+            last = position + 1 == plan.num_batches
+            yield PlannedBatch(
+                epoch=current,
+                index=position,
+                starts=plan.batch_starts(position),
+                plan=plan,
+                next_epoch=current + 1 if last else current,
+                next_index=0 if last else position + 1,
+            )
