@@ -80,6 +80,10 @@ def _write_prepared(folder: Path, name: str, count: int) -> None:
     (folder / f"{name}.json").write_text(json.dumps(meta))
 
 
+def _maps_file(pid: int, name: str) -> bool:
+    return name in Path(f"/proc/{pid}/maps").read_text()
+
+
 def _anonymous_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("RssAnon:"):
@@ -101,6 +105,8 @@ async def test_a_large_prepared_corpus_streams_without_being_loaded(tmp_path: Pa
             async for batch in client.stream_batches(
                 corpus="big", batch_size=64, max_length=1024, stride=1024, seed=1
             ):
+                if not seen:
+                    assert _maps_file(server.process.pid, "big.tokens")  # served from the mapping
                 seen += batch.inputs.size
                 if seen >= 50_000_000 or time.perf_counter() - started > 20:
                     break
@@ -108,5 +114,11 @@ async def test_a_large_prepared_corpus_streams_without_being_loaded(tmp_path: Pa
         # Windows are slices of the mapped file: the file is never copied into the process's own memory.
         assert grown < 64 + count * 8 / 1024 / 1024 / 1024, f"anonymous memory grew by {grown:.0f} MB"
         assert seen > 1_000_000
+        # The stream is over (closed early): its mapping of the corpus is gone with it.
+        for _ in range(50):
+            if not _maps_file(server.process.pid, "big.tokens"):
+                break
+            await asyncio.sleep(0.05)
+        assert not _maps_file(server.process.pid, "big.tokens")
     finally:
         server.terminate()
