@@ -29,6 +29,6 @@ RUN embedserve prepare-vectors glove-6b-50d \
 USER 10001:10001
 EXPOSE 50051
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s \
-    CMD ["embedserve", "info", "--target", "127.0.0.1:50051", "--timeout", "3"]
+    CMD ["embedserve", "health", "--target", "127.0.0.1:50051", "--timeout", "3"]
 ENTRYPOINT ["embedserve"]
 CMD ["serve"]

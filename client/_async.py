@@ -29,6 +29,7 @@ from embedserve.v1 import (
     tokenizer_pb2_grpc,
 )
 
+from ._auth import api_key_interceptors
 from ._errors import error_from_rpc
 from ._shared_memory import SharedMemoryRegion
 from ._values import Batch, EmbeddingInfo, RequestLimits
@@ -89,10 +90,18 @@ class AsyncClient:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         options: Sequence[tuple[str, Any]] = (),
         connections: int = 4,
+        api_key: str | None = None,
+        root_certificates: bytes | None = None,
+        client_certificate: bytes | None = None,
+        client_key: bytes | None = None,
     ) -> None:
         """`connections`: TCP connections that concurrent Embed calls are spread over. Large
         replies multiplexed on one HTTP/2 connection stall one another in gRPC Python (four
-        2 MB calls in flight on one connection run at a quarter of the rate of four on four)."""
+        2 MB calls in flight on one connection run at a quarter of the rate of four on four).
+
+        `api_key` is sent as `authorization: Bearer KEY`. TLS is used when `root_certificates`
+        (PEM of the CA that signed the server's certificate) or a client certificate (mutual TLS:
+        `client_certificate` and `client_key`, PEM) is given."""
         if timeout <= 0 or stream_timeout <= 0:
             raise ValueError("timeouts must be positive")
         if connections < 1:
@@ -107,9 +116,22 @@ class AsyncClient:
             ("grpc.use_local_subchannel_pool", 1),
             *options,
         ]
-        self._channels = [
-            grpc.aio.insecure_channel(target, options=channel_options) for _ in range(connections)
-        ]
+        interceptors = api_key_interceptors(api_key) if api_key else None
+        if (client_certificate is None) != (client_key is None):
+            raise ValueError("client_certificate and client_key go together")
+        if root_certificates is not None or client_certificate is not None:
+            credentials = grpc.ssl_channel_credentials(root_certificates, client_key, client_certificate)
+            self._channels = [
+                grpc.aio.secure_channel(
+                    target, credentials, options=channel_options, interceptors=interceptors
+                )
+                for _ in range(connections)
+            ]
+        else:
+            self._channels = [
+                grpc.aio.insecure_channel(target, options=channel_options, interceptors=interceptors)
+                for _ in range(connections)
+            ]
         self._channel = self._channels[0]
         self._tokenizer = tokenizer_pb2_grpc.TokenizerServiceStub(self._channel)
         self._batches = batches_pb2_grpc.BatchesServiceStub(self._channel)

@@ -42,7 +42,12 @@ class Client:
         stream_timeout: float = 24 * 3600.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         options: Sequence[tuple[str, Any]] = (),
+        api_key: str | None = None,
+        root_certificates: bytes | None = None,
+        client_certificate: bytes | None = None,
+        client_key: bytes | None = None,
     ) -> None:
+        """As AsyncClient: api_key, and TLS from root_certificates / client_certificate + client_key."""
         if timeout <= 0 or stream_timeout <= 0:
             raise ValueError("timeouts must be positive")
         self._loop = asyncio.new_event_loop()
@@ -58,6 +63,10 @@ class Client:
                 stream_timeout=stream_timeout,
                 max_message_bytes=max_message_bytes,
                 options=options,
+                api_key=api_key,
+                root_certificates=root_certificates,
+                client_certificate=client_certificate,
+                client_key=client_key,
             )
 
         self._async = self._run(make())

@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import time
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -16,6 +17,7 @@ import grpc
 from embedserve.v1 import batches_pb2_grpc, tokenizer_pb2_grpc, word_vectors_pb2_grpc
 from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from .config import DEFAULT_CONTEXT_LENGTH, DEFAULT_DIM, DEFAULT_VOCAB_SIZE, ServerConfig
 from .core import (
@@ -32,6 +34,7 @@ from .core import (
 from .core.shared_memory import SharedMemoryRegistry
 from .core.vector_sources import default_cache_dir, load_word_vectors
 from .core.word_vector_slot import WordVectorSlot
+from .security import ApiKeyInterceptor, check_exposure, server_credentials
 from .services import (
     BatchesServicer,
     EmbeddingServicer,
@@ -137,6 +140,16 @@ BATCHES_SERVICE = "embedserve.v1.BatchesService"
 EMBEDDING_SERVICE = "embedserve.v1.EmbeddingService"
 WORD_VECTORS_SERVICE = "embedserve.v1.WordVectorsService"
 _HEALTH_UPDATES: set[asyncio.Task[None]] = set()
+_HEALTH_BY_SERVER: weakref.WeakKeyDictionary[grpc.aio.Server, health_aio.HealthServicer] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def enter_shutdown(server: grpc.aio.Server) -> None:
+    """Every service NOT_SERVING (so balancers stop sending), before the server stops."""
+    health = _HEALTH_BY_SERVER.get(server)
+    if health is not None:
+        await health.enter_graceful_shutdown()
 
 
 def _track_health(health: health_aio.HealthServicer, served: list[str], word_vectors: WordVectorSlot) -> None:
@@ -173,7 +186,10 @@ def build_server(config: ServerConfig, components: Components | None = None) -> 
     """
     if components is None:
         components = load_components(config)
-    server = grpc.aio.server(options=channel_options(config))
+    check_exposure(config)
+    credentials = server_credentials(config)
+    interceptors = [ApiKeyInterceptor(config.api_keys)] if config.api_keys else None
+    server = grpc.aio.server(options=channel_options(config), interceptors=interceptors)
     tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server(
         TokenizerServicer(components.tokenizer, config), server
     )
@@ -193,8 +209,16 @@ def build_server(config: ServerConfig, components: Components | None = None) -> 
             WordVectorsServicer(components.word_vectors, config), server
         )
     _track_health(health, served, components.word_vectors)
+    _HEALTH_BY_SERVER[server] = health
+    names = [*served, WORD_VECTORS_SERVICE] if components.word_vectors.enabled else served
+    reflection.enable_server_reflection(
+        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
+    )
     try:
-        port = server.add_insecure_port(config.address)
+        if credentials is None:
+            port = server.add_insecure_port(config.address)
+        else:
+            port = server.add_secure_port(config.address, credentials)
     except RuntimeError as exc:
         raise StartupError(f"cannot listen on {config.address}: {exc}") from None
     if port == 0:
@@ -219,7 +243,7 @@ def tune_allocator() -> None:
     mallopt(m_trim_threshold, 1024 * 1024 * 1024)
 
 
-async def serve(config: ServerConfig, *, grace_seconds: float = 5.0) -> bool:
+async def serve(config: ServerConfig, *, grace_seconds: float | None = None) -> bool:
     """Runs the server until SIGINT or SIGTERM, then lets in-flight calls finish.
 
     Returns False when a background load could not be stopped; the caller should then end the
@@ -234,10 +258,12 @@ async def serve(config: ServerConfig, *, grace_seconds: float = 5.0) -> bool:
     server, port = build_server(config, components)
     await server.start()
     _LOGGER.info("embedserve listening on %s:%d", config.host, port)
+    grace = config.grace if grace_seconds is None else grace_seconds
     try:
         await stop.wait()
-        _LOGGER.info("shutting down (grace %.1f s)", grace_seconds)
-        await server.stop(grace_seconds)
+        _LOGGER.info("shutting down (grace %.1f s)", grace)
+        await enter_shutdown(server)
+        await server.stop(grace)
     finally:
-        stopped = await asyncio.to_thread(components.close, grace_seconds)
+        stopped = await asyncio.to_thread(components.close, grace)
     return stopped

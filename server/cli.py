@@ -122,6 +122,24 @@ def _run_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_health(args: argparse.Namespace) -> int:
+    """grpc.health.v1 Check: exit 0 when SERVING (what container and orchestrator probes run)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(args.target) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+        except grpc.RpcError as error:
+            print(f"embedserve health: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{args.service or 'server'}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 def _run_info(args: argparse.Namespace) -> int:
     from embedserve.client import Client
 
@@ -256,6 +274,9 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
 
     commands.add_parser("info", help="print the server's model and limits")
     handlers["info"] = _run_info
+    health = commands.add_parser("health", help="gRPC health check: exit 0 when SERVING (no API key needed)")
+    health.add_argument("--service", default="", help="a service name, e.g. embedserve.v1.WordVectorsService")
+    handlers["health"] = _run_health
 
     similar = commands.add_parser("similar", help="most similar words (king woman --negative man)")
     similar.add_argument("words", nargs="+", metavar="WORD", help="positive words")
@@ -311,7 +332,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     handlers["prepare"] = _run_prepare
 
-    for name in ("tokenize", "batches", "embed", "info", "similar", "similarity", "analogies"):
+    for name in ("tokenize", "batches", "embed", "info", "health", "similar", "similarity", "analogies"):
         _add_client_arguments(commands.choices[name], environ)
     parser.set_defaults(handlers=handlers)
     return parser

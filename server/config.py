@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -43,6 +44,13 @@ class ServerConfig:
     max_topn: int = 10000
     max_queries_per_request: int = 4096
     log_level: str = "INFO"
+    grace: float = 5.0
+    # Never shown: a config printed in a log must not leak them.
+    api_keys: tuple[str, ...] = dataclasses.field(default=(), repr=False)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    insecure: bool = False
 
     @property
     def address(self) -> str:
@@ -116,11 +124,38 @@ _FLAGS: Mapping[str, tuple[Callable[[str], Any], str]] = {
     "max_topn": (int, "largest topn of a MostSimilar query"),
     "max_queries_per_request": (int, "most queries, pairs or words in one WordVectors call"),
     "log_level": (str, "DEBUG, INFO, WARNING or ERROR"),
+    "grace": (float, "seconds that in-flight calls get to finish after SIGTERM or SIGINT"),
+    "api_keys": (str, "accept calls with 'authorization: Bearer KEY' (repeatable; health checks are exempt)"),
+    "tls_cert": (_optional_path, "PEM certificate chain: serve TLS (with --tls-key)"),
+    "tls_key": (_optional_path, "PEM private key of --tls-cert"),
+    "tls_client_ca": (_optional_path, "PEM CA bundle: require client certificates it signed (mutual TLS)"),
+    "insecure": (str, "allow a non-loopback --host with neither TLS nor API keys"),
 }
+
+
+def _truthy(value: str) -> bool:
+    return value.strip().lower() in {"1", "true", "yes", "on"}
 
 
 def env_name(field_name: str) -> str:
     return "EMBEDSERVE_" + field_name.upper()
+
+
+def _add_special(
+    parser: argparse.ArgumentParser, name: str, environ: Mapping[str, str], help_text: str
+) -> None:
+    variable = env_name(name)
+    if name == "api_keys":
+        keys = [k.strip() for k in environ.get(variable, "").split(",") if k.strip()]
+        parser.add_argument(
+            "--api-key", dest="api_keys", action="append", default=keys, metavar="KEY",
+            help=f"{help_text}; env {variable} (comma-separated)",
+        )  # fmt: skip
+    else:  # insecure
+        parser.add_argument(
+            "--insecure", dest="insecure", action="store_true", default=_truthy(environ.get(variable, "")),
+            help=f"{help_text}; env {variable}=1",
+        )  # fmt: skip
 
 
 def add_server_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
@@ -128,6 +163,9 @@ def add_server_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, 
     defaults = ServerConfig()
     for field in fields(ServerConfig):
         parse, help_text = _FLAGS[field.name]
+        if field.name in ("api_keys", "insecure"):
+            _add_special(parser, field.name, environ, help_text)
+            continue
         variable = env_name(field.name)
         default = getattr(defaults, field.name)
         if variable in environ:
@@ -147,7 +185,9 @@ def add_server_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, 
 
 
 def config_from_namespace(namespace: argparse.Namespace) -> ServerConfig:
-    return ServerConfig(**{field.name: getattr(namespace, field.name) for field in fields(ServerConfig)})
+    values = {field.name: getattr(namespace, field.name) for field in fields(ServerConfig)}
+    values["api_keys"] = tuple(values["api_keys"])
+    return ServerConfig(**values)
 
 
 def parse_server_config(argv: Sequence[str], environ: Mapping[str, str]) -> ServerConfig:

@@ -59,7 +59,9 @@ def test_image_commands_work(tmp_path: Path) -> None:
     health = re.search(r"HEALTHCHECK .*CMD (\[.*\])", stage)
     assert health is not None
 
-    server = start_cli_server("--device", "cpu", env=image_env)
+    # The image listens on 0.0.0.0, which the server refuses without protection: operators pass
+    # EMBEDSERVE_API_KEYS (or TLS files, or EMBEDSERVE_INSECURE=1), as the README says.
+    server = start_cli_server("--device", "cpu", env={**image_env, "EMBEDSERVE_API_KEYS": "test-key"})
     try:
         probe = [part.strip('" ') for part in health.group(1).strip("[]").split(",")]
         probe = [p.replace(":50051", f":{server.port}") for p in probe]
@@ -72,6 +74,6 @@ def test_image_commands_work(tmp_path: Path) -> None:
             env=env,
         )
         assert result.returncode == 0, result.stderr
-        assert "vocab_size: 50257" in result.stdout
+        assert "SERVING" in result.stdout
     finally:
         assert server.terminate() == 0, server.log
