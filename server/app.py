@@ -12,6 +12,7 @@ import time
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from embedserve.v1 import batches_pb2_grpc, tokenizer_pb2_grpc, word_vectors_pb2_grpc
@@ -34,6 +35,7 @@ from .core import (
 from .core.shared_memory import SharedMemoryRegistry
 from .core.vector_sources import default_cache_dir, load_word_vectors
 from .core.word_vector_slot import WordVectorSlot
+from .metrics import Metrics, MetricsInterceptor
 from .security import ApiKeyInterceptor, check_exposure, server_credentials
 from .services import (
     BatchesServicer,
@@ -57,6 +59,7 @@ class Components:
     corpora: CorpusStore
     word_vectors: WordVectorSlot
     shared_memory: SharedMemoryRegistry = field(default_factory=SharedMemoryRegistry)
+    load_seconds: dict[str, float] = field(default_factory=dict)
 
     def close(self, timeout: float = 10.0) -> bool:
         """False when a word-vector load is still running after `timeout` seconds."""
@@ -124,7 +127,14 @@ def load_components(config: ServerConfig, environ: Mapping[str, str] | None = No
         model.device,
         time.perf_counter() - started,
     )
-    return Components(config, tokenizer, model, CorpusStore(config.data_dir, tokenizer), word_vectors)
+    return Components(
+        config,
+        tokenizer,
+        model,
+        CorpusStore(config.data_dir, tokenizer),
+        word_vectors,
+        load_seconds={"embedding": time.perf_counter() - started},
+    )
 
 
 def channel_options(config: ServerConfig) -> list[tuple[str, int]]:
@@ -140,6 +150,7 @@ BATCHES_SERVICE = "embedserve.v1.BatchesService"
 EMBEDDING_SERVICE = "embedserve.v1.EmbeddingService"
 WORD_VECTORS_SERVICE = "embedserve.v1.WordVectorsService"
 _HEALTH_UPDATES: set[asyncio.Task[None]] = set()
+METRICS_BY_SERVER: weakref.WeakKeyDictionary[grpc.aio.Server, Metrics] = weakref.WeakKeyDictionary()
 _HEALTH_BY_SERVER: weakref.WeakKeyDictionary[grpc.aio.Server, health_aio.HealthServicer] = (
     weakref.WeakKeyDictionary()
 )
@@ -188,12 +199,23 @@ def build_server(config: ServerConfig, components: Components | None = None) -> 
         components = load_components(config)
     check_exposure(config)
     credentials = server_credentials(config)
-    interceptors = [ApiKeyInterceptor(config.api_keys)] if config.api_keys else None
+    metrics = Metrics()
+    interceptors: list[Any] = [MetricsInterceptor(metrics)]
+    if config.api_keys:
+        interceptors.append(ApiKeyInterceptor(config.api_keys))
     server = grpc.aio.server(options=channel_options(config), interceptors=interceptors)
+    METRICS_BY_SERVER[server] = metrics
+    for model, seconds in components.load_seconds.items():
+        metrics.model_load_seconds.labels(model).set(seconds)
+    components.word_vectors.add_done_callback(
+        lambda ready: metrics.model_load_seconds.labels("word_vectors").set(
+            components.word_vectors.load_seconds
+        )
+    )
     tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server(
         TokenizerServicer(components.tokenizer, config), server
     )
-    batcher = embed_batcher(components.model, config)  # one per server: it lives on the server's loop
+    batcher = embed_batcher(components.model, config, metrics)  # one per server: it lives on its loop
     batches_pb2_grpc.add_BatchesServiceServicer_to_server(
         BatchesServicer(components.tokenizer, components.corpora, components.model, config, batcher), server
     )
@@ -257,6 +279,9 @@ async def serve(config: ServerConfig, *, grace_seconds: float | None = None) -> 
     components = await asyncio.to_thread(load_components, config)
     server, port = build_server(config, components)
     await server.start()
+    if config.metrics_port:
+        METRICS_BY_SERVER[server].serve_http(config.metrics_port, config.host)
+        _LOGGER.info("metrics on http://%s:%d/metrics", config.host, config.metrics_port)
     _LOGGER.info("embedserve listening on %s:%d", config.host, port)
     grace = config.grace if grace_seconds is None else grace_seconds
     try:

@@ -51,6 +51,7 @@ class ServerConfig:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
     insecure: bool = False
+    metrics_port: int = 0
 
     @property
     def address(self) -> str:
@@ -130,6 +131,7 @@ _FLAGS: Mapping[str, tuple[Callable[[str], Any], str]] = {
     "tls_key": (_optional_path, "PEM private key of --tls-cert"),
     "tls_client_ca": (_optional_path, "PEM CA bundle: require client certificates it signed (mutual TLS)"),
     "insecure": (str, "allow a non-loopback --host with neither TLS nor API keys"),
+    "metrics_port": (int, "serve Prometheus metrics over HTTP on this port of --host (0: off)"),
 }
 
 

@@ -36,10 +36,11 @@ from .core import (
 )
 from .core.corpus import tokens_sha256
 from .core.cursor import Position, StreamSettings, decode_cursor, encode_cursor
-from .core.embed_batcher import EmbedBatcher
+from .core.embed_batcher import EmbedBatcher, Timed
 from .core.shared_memory import SharedMemoryRegistry
 from .core.tokenizer import ENDOFTEXT
 from .errors import Context, stream_errors, unary_errors
+from .metrics import Metrics
 
 _FAILED_STREAM_DRAIN_SECONDS = 2.0
 # Room for a reply's fields besides its tensors' bytes.
@@ -105,13 +106,25 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         return tokenizer_pb2.DetokenizeResponse(texts=texts)
 
 
-def embed_batcher(model: EmbeddingModel, config: ServerConfig) -> EmbedBatcher:
-    return EmbedBatcher(
+def embed_batcher(
+    model: EmbeddingModel, config: ServerConfig, metrics: Metrics | None = None
+) -> EmbedBatcher:
+    def observe(requests: int, tokens: int, waits: list[float]) -> None:
+        assert metrics is not None
+        metrics.batch_requests.observe(requests)
+        metrics.batch_tokens.observe(tokens)
+        for waited in waits:
+            metrics.queue_seconds.observe(waited)
+        metrics.queue_tokens.set(batcher.queued_tokens)
+
+    batcher = EmbedBatcher(
         model,
         max_batch_tokens=config.max_batch_tokens,
         max_wait_us=config.max_wait_us,
         max_queue_tokens=config.max_queue,
+        on_batch=observe if metrics is not None else None,
     )
+    return batcher
 
 
 class BatchesServicer(batches_pb2_grpc.BatchesServiceServicer):
@@ -246,9 +259,9 @@ class EmbeddingServicer:
         """The encoded `embeddings` field of the reply (see encode_tensor_field)."""
         if options.HasField("output_region"):
             raise InvalidInput("output_region is for Embed, not EmbedStream")
-        return _codec.encode_tensor_field(1, await self._lookup(token_ids, options))
+        return _codec.encode_tensor_field(1, (await self._lookup(token_ids, options)).result)
 
-    async def _lookup(self, token_ids: tensor_pb2.Tensor, options: embedding_pb2.EmbedOptions) -> Any:
+    async def _lookup(self, token_ids: tensor_pb2.Tensor, options: embedding_pb2.EmbedOptions) -> Timed:
         """Checks the request, then waits for its turn in the batcher."""
         ids = _codec.token_ids_from_pb(token_ids)
         output_dtype = _codec.output_dtype_from_pb(options.output_dtype)
@@ -265,7 +278,7 @@ class EmbeddingServicer:
             self._shared_memory.check(region.handle, region.offset, nbytes)
         else:
             _check_reply_bytes(nbytes, self._config, f"the embeddings of {ids.size} tokens")
-        return await self._batcher.embed(
+        return await self._batcher.embed_timed(
             EmbedJob(
                 ids,
                 position_offset=options.position_offset,
@@ -280,9 +293,16 @@ class EmbeddingServicer:
     ) -> embedding_pb2.EmbedResponse | bytes:
         """Returns the reply encoded (bytes) unless it went to shared memory; see add_embedding_service."""
         options = request.options
+        timed = await self._lookup(request.token_ids, options)
+        context.set_trailing_metadata(
+            (
+                ("embedserve-queue-ms", f"{1000 * timed.queue_seconds:.3f}"),
+                ("embedserve-compute-ms", f"{1000 * timed.compute_seconds:.3f}"),
+            )
+        )
         if not options.HasField("output_region"):
-            return await self._embed(request.token_ids, options)  # an encoded EmbedResponse
-        embeddings = await self._lookup(request.token_ids, options)
+            return _codec.encode_tensor_field(1, timed.result)  # an encoded EmbedResponse
+        embeddings = timed.result
         region = options.output_region
         written = self._shared_memory.write(region.handle, region.offset, embeddings)
         described = tensor_pb2.Tensor(dtype=_codec.wire_dtype(embeddings.dtype), shape=list(embeddings.shape))

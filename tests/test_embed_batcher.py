@@ -107,6 +107,7 @@ async def test_cancelled_callers_leave_nothing_behind(model: EmbeddingModel) -> 
         assert isinstance(outcome, torch.Tensor)
         assert torch.equal(outcome, _alone(model, job))
     assert batcher.queued_tokens == 0
+    assert not batcher._enqueued  # no bookkeeping left for callers that went away
 
 
 async def test_an_idle_batcher_does_not_wait(model: EmbeddingModel) -> None:

@@ -14,12 +14,20 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from .embedding import EmbeddingModel, EmbedJob
 from .errors import Overloaded
+
+
+@dataclass(frozen=True)
+class Timed:
+    result: torch.Tensor
+    queue_seconds: float
+    compute_seconds: float
 
 
 @dataclass
@@ -38,13 +46,18 @@ class EmbedBatcher:
         max_batch_tokens: int = 65536,
         max_wait_us: int = 0,
         max_queue_tokens: int = 1 << 22,
+        on_batch: Callable[[int, int, list[float]], None] | None = None,
     ) -> None:
-        """max_batch_tokens 0 turns merging off: each request is its own batch."""
+        """max_batch_tokens 0 turns merging off: each request is its own batch.
+
+        on_batch(requests, tokens, queue_seconds_of_each) is called after every batch (metrics).
+        """
         self._model = model
         self._max_batch_tokens = max_batch_tokens
         self._max_wait = max_wait_us / 1e6
         self._max_queue_tokens = max_queue_tokens
-        self._pending: deque[tuple[EmbedJob, asyncio.Future[torch.Tensor]]] = deque()
+        self._pending: deque[tuple[EmbedJob, asyncio.Future[Timed]]] = deque()
+        self._on_batch = on_batch
         self._queued_tokens = 0
         self._arrived = asyncio.Event()
         self._drainer: asyncio.Task[None] | None = None
@@ -52,6 +65,7 @@ class EmbedBatcher:
         self._seconds_per_token = 1e-7  # running estimate, for the retry hint
         self._alone = 0  # how many queued jobs run one at a time (after a merged batch failed)
         self.stats = BatcherStats()
+        self._enqueued: dict[int, float] = {}
 
     @property
     def queued_tokens(self) -> int:
@@ -59,13 +73,18 @@ class EmbedBatcher:
 
     async def embed(self, job: EmbedJob) -> torch.Tensor:
         """The job's embeddings on the CPU, [*ids.shape, D], in the job's output dtype."""
+        return (await self.embed_timed(job)).result
+
+    async def embed_timed(self, job: EmbedJob) -> Timed:
+        """embed(), with how long the job waited for the device and how long its batch took."""
         if self._queued_tokens + job.tokens > self._max_queue_tokens and self._queued_tokens > 0:
             retry_ms = max(1, round(1000 * self._queued_tokens * self._seconds_per_token))
             raise Overloaded(
                 f"{self._queued_tokens} tokens are already queued (--max-queue {self._max_queue_tokens}); "
                 f"retry in about {retry_ms} ms"
             )
-        future: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Timed] = asyncio.get_running_loop().create_future()
+        self._enqueued[id(future)] = time.perf_counter()
         self._pending.append((job, future))
         self._queued_tokens += job.tokens
         self._arrived.set()
@@ -73,18 +92,19 @@ class EmbedBatcher:
             self._drainer = asyncio.create_task(self._drain())
         return await future
 
-    def _take(self) -> list[tuple[EmbedJob, asyncio.Future[torch.Tensor]]]:
+    def _take(self) -> list[tuple[EmbedJob, asyncio.Future[Timed]]]:
         """The next batch: the first queued job and those after it of its output dtype that fit the budget.
 
         Jobs of another output dtype keep their place for a later batch.
         """
-        taken: list[tuple[EmbedJob, asyncio.Future[torch.Tensor]]] = []
-        kept: list[tuple[EmbedJob, asyncio.Future[torch.Tensor]]] = []
+        taken: list[tuple[EmbedJob, asyncio.Future[Timed]]] = []
+        kept: list[tuple[EmbedJob, asyncio.Future[Timed]]] = []
         tokens = 0
         while self._pending:
             job, future = self._pending.popleft()
             if future.done():  # its caller went away
                 self._queued_tokens -= job.tokens
+                self._enqueued.pop(id(future), None)
                 continue
             if taken:
                 if not self._max_batch_tokens or self._alone or tokens + job.tokens > self._max_batch_tokens:
@@ -131,6 +151,7 @@ class EmbedBatcher:
             except Exception as error:
                 self._last_batch_end = time.perf_counter()
                 if len(taken) == 1:
+                    self._enqueued.pop(id(taken[0][1]), None)
                     if not taken[0][1].done():
                         taken[0][1].set_exception(error)
                     continue
@@ -148,6 +169,10 @@ class EmbedBatcher:
             self.stats.requests += len(jobs)
             self.stats.tokens += tokens
             self.stats.largest_batch_requests = max(self.stats.largest_batch_requests, len(jobs))
-            for (_, future), result in zip(taken, results, strict=True):
+            compute = self._last_batch_end - started
+            waits = [started - self._enqueued.pop(id(future), started) for _, future in taken]
+            if self._on_batch is not None:
+                self._on_batch(len(jobs), tokens, waits)
+            for (_, future), result, waited in zip(taken, results, waits, strict=True):
                 if not future.done():
-                    future.set_result(result)
+                    future.set_result(Timed(result, waited, compute))

@@ -1,0 +1,142 @@
+"""Prometheus metrics (`--metrics-port`): calls by method and status, latency, batching, queues, streams."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+if TYPE_CHECKING:
+    _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:  # not subscriptable at run time
+    _ServerInterceptor = grpc.aio.ServerInterceptor
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    """One registry per server process; `serve` exposes it over HTTP."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.calls = Counter(
+            "embedserve_calls",
+            "RPCs finished, by method and status code",
+            ["method", "code"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "embedserve_call_seconds", "RPC duration (whole stream for streams)", ["method"],
+            buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.open_streams = Gauge(
+            "embedserve_open_streams", "streams in progress", ["method"], registry=self.registry
+        )
+        self.queue_seconds = Histogram(
+            "embedserve_embed_queue_seconds", "time an Embed lookup waited for the device",
+            buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.batch_requests = Histogram(
+            "embedserve_embed_batch_requests", "requests merged into one device lookup",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry,
+        )  # fmt: skip
+        self.batch_tokens = Histogram(
+            "embedserve_embed_batch_tokens", "tokens in one device lookup",
+            buckets=(64, 256, 1024, 4096, 16384, 65536, 262144), registry=self.registry,
+        )  # fmt: skip
+        self.queue_tokens = Gauge(
+            "embedserve_embed_queue_tokens", "tokens waiting for the device", registry=self.registry
+        )
+        self.model_load_seconds = Gauge(
+            "embedserve_model_load_seconds", "time to load each model", ["model"], registry=self.registry
+        )
+
+    def serve_http(self, port: int, host: str) -> None:
+        start_http_server(port, addr=host, registry=self.registry)
+
+
+def _code(context: Any, error: BaseException | None) -> str:
+    code = context.code() if hasattr(context, "code") else None
+    if code is None:
+        if error is None:
+            return "OK"
+        return (
+            "CANCELLED"
+            if isinstance(error, BaseException) and type(error).__name__ == "CancelledError"
+            else "UNKNOWN"
+        )
+    return str(getattr(code, "name", code))
+
+
+class MetricsInterceptor(_ServerInterceptor):
+    """Counts every call by method and final status code, and times it."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler: Any = await continuation(handler_call_details)  # None for unknown methods
+        if handler is None:
+            return None  # type: ignore[return-value]  # gRPC answers UNIMPLEMENTED
+        method = (handler_call_details.method or "").rsplit("/", 1)[-1]
+        metrics = self._metrics
+
+        def finish(context: Any, started: float, error: BaseException | None) -> None:
+            metrics.calls.labels(method, _code(context, error)).inc()
+            metrics.latency.labels(method).observe(time.perf_counter() - started)
+
+        if handler.response_streaming:
+            inner_stream: Any = handler.unary_stream or handler.stream_stream
+
+            async def streamed(request: Any, context: Any) -> AsyncIterator[Any]:
+                started, error = time.perf_counter(), None
+                metrics.open_streams.labels(method).inc()
+                try:
+                    async for reply in inner_stream(request, context):
+                        yield reply
+                except BaseException as raised:
+                    error = raised
+                    raise
+                finally:
+                    metrics.open_streams.labels(method).dec()
+                    finish(context, started, error)
+
+            factory = (
+                grpc.unary_stream_rpc_method_handler
+                if handler.unary_stream
+                else grpc.stream_stream_rpc_method_handler
+            )
+            return factory(
+                streamed,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        inner: Any = handler.unary_unary or handler.stream_unary
+
+        async def unary(request: Any, context: Any) -> Any:
+            started, error = time.perf_counter(), None
+            try:
+                return await inner(request, context)
+            except BaseException as raised:
+                error = raised
+                raise
+            finally:
+                finish(context, started, error)
+
+        factory = (
+            grpc.unary_unary_rpc_method_handler
+            if handler.unary_unary
+            else grpc.stream_unary_rpc_method_handler
+        )
+        return factory(
+            unary,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )

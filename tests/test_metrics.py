@@ -1,0 +1,65 @@
+"""Prometheus metrics and per-call timings."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import urllib.request
+from dataclasses import replace
+
+import grpc
+import numpy as np
+from embedserve.client import AsyncClient, EmbedServeError
+from embedserve.server import ServerConfig
+from embedserve.server.app import METRICS_BY_SERVER, Components
+from embedserve.v1 import embedding_pb2, embedding_pb2_grpc, tensor_pb2
+from prometheus_client import generate_latest
+
+from .conftest import ServerThread, start_cli_server
+
+TINY = ServerConfig(port=0, device="cpu", word_vectors="none", log_level="WARNING")
+
+
+async def test_calls_batches_and_timings_are_measured(default_components: Components) -> None:
+    running = ServerThread(TINY, replace(default_components, config=TINY))
+    try:
+        async with AsyncClient(running.target) as client:
+            for _ in range(3):
+                await client.embed(np.arange(16).reshape(2, 8))
+            with contextlib.suppress(EmbedServeError):
+                await client.embed([99999])
+            _ = [b async for b in client.stream_batches(text="a b c d e f g h i j k", max_length=2, stride=2)]
+        async with grpc.aio.insecure_channel(running.target) as channel:
+            call = embedding_pb2_grpc.EmbeddingServiceStub(channel).Embed(
+                embedding_pb2.EmbedRequest(
+                    token_ids=tensor_pb2.Tensor(
+                        dtype=tensor_pb2.DTYPE_INT32, shape=[2], data=np.array([1, 2], np.int32).tobytes()
+                    )
+                )
+            )
+            await call
+            trailing = dict(await call.trailing_metadata())
+        assert float(trailing["embedserve-queue-ms"]) >= 0
+        assert float(trailing["embedserve-compute-ms"]) > 0
+        text = generate_latest(METRICS_BY_SERVER[running.server].registry).decode()
+    finally:
+        running.stop()
+    assert 'embedserve_calls_total{code="OK",method="Embed"} 4.0' in text
+    assert 'embedserve_calls_total{code="INVALID_ARGUMENT",method="Embed"} 1.0' in text
+    assert 'embedserve_calls_total{code="OK",method="StreamBatches"} 1.0' in text
+    assert "embedserve_embed_batch_tokens_count 4.0" in text
+    assert 'embedserve_model_load_seconds{model="embedding"}' in text
+    assert 'embedserve_open_streams{method="StreamBatches"} 0.0' in text
+
+
+def test_metrics_port_serves_prometheus_text() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = start_cli_server("--device", "cpu", "--word-vectors", "none", "--metrics-port", str(port))
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+            body = reply.read().decode()
+        assert "embedserve_call_seconds" in body
+    finally:
+        assert server.terminate() == 0, server.log
