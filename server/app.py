@@ -79,6 +79,7 @@ def load_components(config: ServerConfig, environ: Mapping[str, str] | None = No
         "max_queries_per_request",
         "max_queue",
         "stream_window",
+        "workers",
     ):
         if getattr(config, name) <= 0:
             raise StartupError(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
@@ -141,7 +142,9 @@ def channel_options(config: ServerConfig) -> list[tuple[str, int]]:
     return [
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.max_receive_message_length", config.max_message_bytes),
-        ("grpc.so_reuseport", 0),
+        # Several worker processes share one port only when asked to; otherwise a second server
+        # on the same port is an error rather than a silent split of the traffic.
+        ("grpc.so_reuseport", 1 if config.workers > 1 else 0),
     ]
 
 

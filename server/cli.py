@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from .config import add_server_arguments, config_from_namespace
+from .config import ServerConfig, add_server_arguments, config_from_namespace
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
@@ -54,6 +56,8 @@ def _run_serve(args: argparse.Namespace) -> int:
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     tune_allocator()
+    if config.workers > 1:
+        return _run_workers(config)
     try:
         stopped = asyncio.run(serve(config))
     except StartupError as exc:
@@ -68,6 +72,56 @@ def _run_serve(args: argparse.Namespace) -> int:
         sys.stderr.flush()
         os._exit(0)
     return 0
+
+
+def _run_workers(config: ServerConfig) -> int:
+    """Forks `workers` server processes on one port (SO_REUSEPORT) and waits for them.
+
+    The fork happens before any gRPC object, thread or model exists in this process (gRPC
+    does not survive a fork of a process that already uses it). Each worker loads its own
+    embedding tables; memory-mapped word vectors and prepared corpora are shared by the OS.
+    SIGTERM or SIGINT here is passed to every worker; the exit code is 0 when all exit 0.
+    """
+    from .app import serve
+    from .core import StartupError
+
+    if config.port == 0:
+        print(
+            "embedserve: --workers needs a fixed --port (with 0 each worker would pick its own)",
+            file=sys.stderr,
+        )
+        return 2
+    if config.metrics_port:
+        print("embedserve: --workers with --metrics-port is not supported yet", file=sys.stderr)
+        return 2
+    children = []
+    for index in range(config.workers):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                logging.getLogger(__name__).info(
+                    "worker %d of %d (pid %d)", index + 1, config.workers, os.getpid()
+                )
+                asyncio.run(serve(config))  # a load still running is left behind by os._exit
+                code = 0
+            except StartupError as exc:
+                print(f"embedserve: {exc}", file=sys.stderr)
+                code = 2
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        children.append(pid)
+
+    def forward(signum: int, frame: object) -> None:
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    codes = [os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) for child in children]
+    return 0 if all(code == 0 for code in codes) else 1
 
 
 def _run_tokenize(args: argparse.Namespace) -> int:

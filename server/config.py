@@ -52,6 +52,7 @@ class ServerConfig:
     tls_client_ca: Path | None = None
     insecure: bool = False
     metrics_port: int = 0
+    workers: int = 1
 
     @property
     def address(self) -> str:
@@ -132,6 +133,7 @@ _FLAGS: Mapping[str, tuple[Callable[[str], Any], str]] = {
     "tls_client_ca": (_optional_path, "PEM CA bundle: require client certificates it signed (mutual TLS)"),
     "insecure": (str, "allow a non-loopback --host with neither TLS nor API keys"),
     "metrics_port": (int, "serve Prometheus metrics over HTTP on this port of --host (0: off)"),
+    "workers": (int, "server processes sharing --port through SO_REUSEPORT (one core each, past the GIL)"),
 }
 
 

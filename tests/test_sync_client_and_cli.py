@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import gc
+import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -258,3 +260,30 @@ def test_sigterm_while_word_vectors_load_exits_cleanly(tmp_path: Path) -> None:
     # Whether the read finished first or not, no half-written cache is left behind.
     leftovers = [p.name for p in cache.glob("*")] if cache.exists() else []
     assert all((cache / name / "meta.json").is_file() for name in leftovers), leftovers
+
+
+def test_workers_share_one_port_and_stop_together() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = start_cli_server(
+        "--port", str(port), "--workers", "2", "--vocab-size", "6", "--dim", "3", "--device", "cpu",
+        "--word-vectors", "none",
+    )  # fmt: skip
+    try:
+        children_file = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children")
+        workers = children_file.read_text().split()
+        assert len(workers) == 2
+        deadline = time.monotonic() + 30
+        while server.log.count("listening on") < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for _ in range(8):  # a fresh connection each time: the kernel spreads them over the workers
+            with Client(f"127.0.0.1:{port}") as client:
+                np.testing.assert_allclose(
+                    client.embed([2, 3, 5, 1], include_positional=False)[0],
+                    [1.2753, -0.2010, -0.1606],
+                    atol=1e-4,
+                )
+    finally:
+        assert server.terminate() == 0, server.log
+    assert server.log.count("shutting down") == 2
