@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import types
 from collections.abc import (
     AsyncGenerator,
@@ -73,6 +74,32 @@ async def _as_async_iterator(items: Iterable[_T] | AsyncIterable[_T]) -> AsyncIt
             yield item
 
 
+# Calls that change nothing on the server are retried on UNAVAILABLE (a restarting or departed
+# replica) and RESOURCE_EXHAUSTED (a full queue), with exponential backoff. Streams are not:
+# stream_batches resumes from its cursor instead.
+RETRY_SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [
+                    {"service": "embedserve.v1.TokenizerService"},
+                    {"service": "embedserve.v1.EmbeddingService", "method": "Embed"},
+                    {"service": "embedserve.v1.EmbeddingService", "method": "Info"},
+                    {"service": "embedserve.v1.WordVectorsService"},
+                ],
+                "retryPolicy": {
+                    "maxAttempts": 5,
+                    "initialBackoff": "0.1s",
+                    "maxBackoff": "2s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
+                },
+            }
+        ]
+    }
+)
+
+
 class AsyncClient:
     """Client of an embedserve server; use as `async with AsyncClient(target) as client:`.
 
@@ -114,7 +141,12 @@ class AsyncClient:
             ("grpc.max_receive_message_length", max_message_bytes),
             # Without a local pool, channels to one target share one connection.
             ("grpc.use_local_subchannel_pool", 1),
-            *options,
+            ("grpc.enable_retries", 1),
+            ("grpc.service_config", RETRY_SERVICE_CONFIG),
+            # A dead peer is noticed within about a minute even on an idle connection.
+            ("grpc.keepalive_time_ms", 60_000),
+            ("grpc.keepalive_timeout_ms", 20_000),
+            *options,  # later entries win: every default above can be overridden
         ]
         interceptors = api_key_interceptors(api_key) if api_key else None
         if (client_certificate is None) != (client_key is None):

@@ -145,6 +145,9 @@ def channel_options(config: ServerConfig) -> list[tuple[str, int]]:
         # Several worker processes share one port only when asked to; otherwise a second server
         # on the same port is an error rather than a silent split of the traffic.
         ("grpc.so_reuseport", 1 if config.workers > 1 else 0),
+        # Clients ping idle connections every minute (keepalive); allow it.
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 30_000),
+        ("grpc.keepalive_permit_without_calls", 1),
     ]
 
 
