@@ -139,7 +139,16 @@ def load_components(config: ServerConfig, environ: Mapping[str, str] | None = No
 
 
 def channel_options(config: ServerConfig) -> list[tuple[str, int]]:
+    age = (
+        [
+            ("grpc.max_connection_age_ms", max(1, int(config.max_connection_age * 1000))),
+            ("grpc.max_connection_age_grace_ms", max(1, int(config.grace * 1000))),
+        ]
+        if config.max_connection_age > 0
+        else []
+    )
     return [
+        *age,
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.max_receive_message_length", config.max_message_bytes),
         # Several worker processes share one port only when asked to; otherwise a second server

@@ -53,6 +53,7 @@ class ServerConfig:
     insecure: bool = False
     metrics_port: int = 0
     workers: int = 1
+    max_connection_age: float = 0.0
 
     @property
     def address(self) -> str:
@@ -133,6 +134,11 @@ _FLAGS: Mapping[str, tuple[Callable[[str], Any], str]] = {
     "tls_client_ca": (_optional_path, "PEM CA bundle: require client certificates it signed (mutual TLS)"),
     "insecure": (str, "allow a non-loopback --host with neither TLS nor API keys"),
     "metrics_port": (int, "serve Prometheus metrics over HTTP on this port of --host (0: off)"),
+    "max_connection_age": (
+        float,
+        "seconds before the server asks a client to reconnect (0: never); spreads long-lived clients "
+        "over replicas behind an L4 balancer",
+    ),
     "workers": (int, "server processes sharing --port through SO_REUSEPORT (one core each, past the GIL)"),
 }
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 import grpc
@@ -9,7 +11,10 @@ import numpy as np
 import pytest
 from embedserve.client import AsyncClient, EmbedServeError
 from embedserve.client.tensor import to_tensor_pb
+from embedserve.server import ServerConfig
 from embedserve.v1 import tokenizer_pb2
+
+from .conftest import start_server
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -59,3 +64,21 @@ async def test_idempotent_calls_are_retried_with_backoff() -> None:
         assert calls[0] == 1  # not retryable
     finally:
         await server.stop(None)
+
+
+async def test_connections_past_their_maximum_age_are_replaced_without_failing_calls() -> None:
+    config = ServerConfig(
+        port=0, device="cpu", word_vectors="none", vocab_size=6, dim=3, max_connection_age=0.3, grace=1.0
+    )
+    running = start_server(config)
+    try:
+        async with AsyncClient(running.target, connections=1) as client:
+            deadline = time.monotonic() + 1.5
+            calls = 0
+            while time.monotonic() < deadline:  # spans several connection lifetimes
+                assert (await client.embed([1, 2])).shape == (2, 3)
+                calls += 1
+                await asyncio.sleep(0.02)
+        assert calls > 20
+    finally:
+        running.stop()
