@@ -9,6 +9,7 @@ from embedserve.client.tensor import TensorFormatError, dtype_name, from_tensor_
 from embedserve.v1 import tensor_pb2
 
 from .core import OUTPUT_DTYPES, InvalidInput
+from .core.embedding import tensor_bytes
 
 _INTEGER_DTYPES = (tensor_pb2.DTYPE_INT32, tensor_pb2.DTYPE_INT64, tensor_pb2.DTYPE_UINT16)
 _WIRE_DTYPE_BY_TORCH = {
@@ -56,12 +57,8 @@ def wire_dtype(dtype: torch.dtype) -> tensor_pb2.Dtype.ValueType:
 
 def tensor_pb_from_torch(tensor: torch.Tensor) -> tensor_pb2.Tensor:
     """Encodes a CPU tensor as raw little-endian bytes (x86-64 and arm64 hosts are little-endian)."""
-    contiguous = tensor.detach().contiguous()
-    raw = contiguous.view(torch.int16) if contiguous.dtype == torch.bfloat16 else contiguous
     return tensor_pb2.Tensor(
-        dtype=wire_dtype(contiguous.dtype),
-        shape=list(contiguous.shape),
-        data=raw.numpy().tobytes(),
+        dtype=wire_dtype(tensor.dtype), shape=list(tensor.shape), data=tensor_bytes(tensor).tobytes()
     )
 
 
@@ -88,12 +85,10 @@ def encode_tensor_field(field_number: int, tensor: torch.Tensor) -> bytes:
     that), without building the message first: protobuf would copy the data into the message
     and again into the serialized reply, which for a 2 MB result costs more than the lookup.
     """
-    contiguous = tensor.detach().contiguous()
-    raw = contiguous.view(torch.int16) if contiguous.dtype == torch.bfloat16 else contiguous
-    data = raw.numpy().reshape(-1).view(np.uint8).data
-    body = bytearray(b"\x08" + _varint(wire_dtype(contiguous.dtype)))
-    if contiguous.dim():
-        packed = b"".join(_varint(int(d)) for d in contiguous.shape)
+    data = tensor_bytes(tensor).data
+    body = bytearray(b"\x08" + _varint(wire_dtype(tensor.dtype)))
+    if tensor.dim():
+        packed = b"".join(_varint(int(d)) for d in tensor.shape)
         body += b"\x12" + _varint(len(packed)) + packed
     if len(data):
         body += b"\x1a" + _varint(len(data))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -59,16 +60,13 @@ class Metrics:
 
 
 def _code(context: Any, error: BaseException | None) -> str:
-    code = context.code() if hasattr(context, "code") else None
-    if code is None:
-        if error is None:
-            return "OK"
-        return (
-            "CANCELLED"
-            if isinstance(error, BaseException) and type(error).__name__ == "CancelledError"
-            else "UNKNOWN"
-        )
-    return str(getattr(code, "name", code))
+    """The call's final status code: what the handler set or aborted with, else from how it ended."""
+    code = context.code()
+    if code is not None:
+        return str(getattr(code, "name", code))
+    if error is None:
+        return "OK"
+    return "CANCELLED" if isinstance(error, asyncio.CancelledError) else "UNKNOWN"
 
 
 class MetricsInterceptor(_ServerInterceptor):

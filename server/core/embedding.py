@@ -6,8 +6,6 @@ the reference notebook computes with two nn.Embedding layers.
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import logging
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +32,17 @@ OUTPUT_DTYPES: Mapping[str, torch.dtype] = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
 }
+
+
+def tensor_bytes(tensor: torch.Tensor) -> npt.NDArray[np.uint8]:
+    """A CPU tensor's elements as flat little-endian bytes, without a copy when it is contiguous.
+
+    numpy has no bfloat16, so those go through their int16 bit patterns. (x86-64 and arm64 hosts
+    are little-endian, so the native layout is the wire layout.)
+    """
+    contiguous = tensor.detach().contiguous()
+    raw = contiguous.view(torch.int16) if contiguous.dtype == torch.bfloat16 else contiguous
+    return raw.numpy().reshape(-1).view(np.uint8)
 
 
 @dataclass(frozen=True)
@@ -233,42 +242,9 @@ class EmbeddingModel:
         include_positional: bool = True,
         output_dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
-        """[B, T] (or [T]) IDs -> [B, T, D] (or [T, D]) on the CPU. Call check() first for full messages.
-
-        The range check here is cheap and always runs: an index past the table
-        is a device-side assert on CUDA, which poisons the context for good.
-        """
-        if token_ids.size and (int(token_ids.min()) < 0 or int(token_ids.max()) >= self.vocab_size):
-            self.check(token_ids, include_positional=False)
-        with torch.inference_mode():
-            # Decoded requests are read-only views of the message; torch wants writable memory.
-            host_ids = token_ids if token_ids.flags.writeable else token_ids.copy()
-            ids = torch.from_numpy(np.ascontiguousarray(host_ids)).to(self.device, non_blocking=True)
-            if ids.dtype not in (torch.int32, torch.int64):
-                ids = ids.long()
-            out = F.embedding(ids, self._token)
-            if include_positional:
-                length = token_ids.shape[-1]
-                out += self._position[position_offset : position_offset + length]
-            return out.to(output_dtype).cpu()
-
-    async def embed_async(
-        self,
-        token_ids: npt.NDArray[np.integer],
-        *,
-        position_offset: int = 0,
-        include_positional: bool = True,
-        output_dtype: torch.dtype = torch.float32,
-    ) -> torch.Tensor:
-        """embed() in the model's worker thread, so the event loop stays free."""
-        call = functools.partial(
-            self.embed,
-            token_ids,
-            position_offset=position_offset,
-            include_positional=include_positional,
-            output_dtype=output_dtype,
-        )
-        return await asyncio.get_running_loop().run_in_executor(self.executor, call)
+        """[B, T] (or [T]) IDs -> [B, T, D] (or [T, D]) on the CPU: embed_many() of this one job."""
+        job = EmbedJob(token_ids, position_offset, include_positional, output_dtype)
+        return self.embed_many([job])[0]
 
     def embed_many(self, jobs: list[EmbedJob]) -> list[torch.Tensor]:
         """Several requests (of one output dtype) as one lookup: one transfer in, one out.
@@ -297,11 +273,11 @@ class EmbeddingModel:
                 row = np.full(length, self.context_length, dtype=np.int64)
             positions.append(np.broadcast_to(row, job.token_ids.shape).reshape(-1))
         host = torch.from_numpy(np.stack([np.concatenate(flat_ids), np.concatenate(positions)]))
-        low, high = int(host[0].min()), int(host[0].max())
-        if low < 0 or high >= self.vocab_size:  # a device-side assert would poison a CUDA context
-            raise InvalidInput(
-                f"token id {low if low < 0 else high} is outside the vocabulary [0, {self.vocab_size})"
-            )
+        # Always checked, cheaply: an index past the table is a device-side assert on CUDA, which
+        # poisons the context for good. check() then names the first bad ID and its position.
+        if host.shape[1] and (int(host[0].min()) < 0 or int(host[0].max()) >= self.vocab_size):
+            for job in jobs:
+                self.check(job.token_ids, include_positional=False)
         with torch.inference_mode():
             if self._pin:
                 host = host.pin_memory()

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .embedding import tensor_bytes
 from .errors import InvalidInput, NotFound
 
 SHM_DIR = Path("/dev/shm")
@@ -85,9 +86,7 @@ class SharedMemoryRegistry:
 
     def write(self, handle: str, offset: int, tensor: torch.Tensor) -> int:
         """Copies a CPU tensor's bytes into the region at offset; returns the byte count."""
-        contiguous = tensor.detach().contiguous()
-        raw = contiguous.view(torch.int16) if contiguous.dtype == torch.bfloat16 else contiguous
-        source = raw.numpy().reshape(-1).view(np.uint8)
+        source = tensor_bytes(tensor)
         self.check(handle, offset, source.size)
         region = self._regions[handle]
         np.frombuffer(region.mapping, dtype=np.uint8, count=source.size, offset=offset)[:] = source
