@@ -171,11 +171,18 @@ _HEALTH_BY_SERVER: weakref.WeakKeyDictionary[grpc.aio.Server, health_aio.HealthS
 )
 
 
+_DRAINING_BY_SERVER: weakref.WeakKeyDictionary[grpc.aio.Server, asyncio.Event] = weakref.WeakKeyDictionary()
+
+
 async def enter_shutdown(server: grpc.aio.Server) -> None:
-    """Every service NOT_SERVING (so balancers stop sending), before the server stops."""
+    """Every service NOT_SERVING (so balancers stop sending), and streams end at their next
+    reply boundary with UNAVAILABLE (so clients resume elsewhere), before the server stops."""
     health = _HEALTH_BY_SERVER.get(server)
     if health is not None:
         await health.enter_graceful_shutdown()
+    draining = _DRAINING_BY_SERVER.get(server)
+    if draining is not None:
+        draining.set()
 
 
 def _track_health(health: health_aio.HealthServicer, served: list[str], word_vectors: WordVectorSlot) -> None:
@@ -231,11 +238,17 @@ def build_server(config: ServerConfig, components: Components | None = None) -> 
         TokenizerServicer(components.tokenizer, config), server
     )
     batcher = embed_batcher(components.model, config, metrics)  # one per server: it lives on its loop
+    draining = _DRAINING_BY_SERVER[server] = asyncio.Event()
     batches_pb2_grpc.add_BatchesServiceServicer_to_server(
-        BatchesServicer(components.tokenizer, components.corpora, components.model, config, batcher), server
+        BatchesServicer(
+            components.tokenizer, components.corpora, components.model, config, batcher, draining
+        ),
+        server,
     )
     add_embedding_service(
-        EmbeddingServicer(components.model, components.tokenizer, config, batcher, components.shared_memory),
+        EmbeddingServicer(
+            components.model, components.tokenizer, config, batcher, components.shared_memory, draining
+        ),
         server,
     )
     health = health_aio.HealthServicer()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -27,6 +27,7 @@ from .core import (
     EmbedJob,
     InvalidInput,
     LimitExceeded,
+    NotReady,
     PreconditionFailed,
     Tokenizer,
     WindowPlan,
@@ -43,6 +44,30 @@ from .errors import Context, stream_errors, unary_errors
 from .metrics import Metrics
 
 _FAILED_STREAM_DRAIN_SECONDS = 2.0
+SHUTTING_DOWN_MESSAGE = "the server is shutting down; resume from the last reply on another replica"
+_Item = TypeVar("_Item")
+
+
+async def _next_or_drained(queue: asyncio.Queue[_Item], draining: asyncio.Event) -> _Item:
+    """The queue's next item; once the server drains, what is queued and then NotReady."""
+    if not queue.empty():
+        return queue.get_nowait()
+    if not draining.is_set():
+        get = asyncio.ensure_future(queue.get())
+        drained = asyncio.ensure_future(draining.wait())
+        try:
+            await asyncio.wait({get, drained}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            drained.cancel()
+            if not get.done():
+                get.cancel()  # a cancelled Queue.get takes nothing off the queue
+        if get.done() and not get.cancelled():
+            return get.result()
+    if not queue.empty():
+        return queue.get_nowait()
+    raise NotReady(SHUTTING_DOWN_MESSAGE)
+
+
 # Room for a reply's fields besides its tensors' bytes.
 _REPLY_OVERHEAD_BYTES = 4096
 
@@ -135,12 +160,14 @@ class BatchesServicer(batches_pb2_grpc.BatchesServiceServicer):
         model: EmbeddingModel,
         config: ServerConfig,
         batcher: EmbedBatcher,
+        draining: asyncio.Event,
     ) -> None:
         self._tokenizer = tokenizer
         self._corpora = corpora
         self._model = model
         self._config = config
         self._batcher = batcher
+        self._draining = draining
 
     async def _source_tokens(
         self, request: batches_pb2.StreamBatchesRequest
@@ -220,6 +247,8 @@ class BatchesServicer(batches_pb2_grpc.BatchesServiceServicer):
         _check_reply_bytes(reply_bytes, self._config, f"a batch of {plan.batch_size} x {plan.max_length}")
 
         for batch in iterate_batches(plan_for, epoch=start.epoch, index=start.batch, last_epoch=last_epoch):
+            if self._draining.is_set():  # at a batch boundary: the client has the cursor to resume from
+                raise NotReady(SHUTTING_DOWN_MESSAGE)
             inputs, targets = gather_windows(tokens, batch.starts, plan.max_length)
             embeddings = None
             if request.include_embeddings:
@@ -248,12 +277,14 @@ class EmbeddingServicer:
         config: ServerConfig,
         batcher: EmbedBatcher,
         shared_memory: SharedMemoryRegistry,
+        draining: asyncio.Event,
     ) -> None:
         self._model = model
         self._tokenizer = tokenizer
         self._config = config
         self._batcher = batcher
         self._shared_memory = shared_memory
+        self._draining = draining
 
     async def _embed(self, token_ids: tensor_pb2.Tensor, options: embedding_pb2.EmbedOptions) -> bytes:
         """The encoded `embeddings` field of the reply (see encode_tensor_field)."""
@@ -337,7 +368,7 @@ class EmbeddingServicer:
                 async for request in request_iterator:
                     if finished:
                         return
-                    if failed:
+                    if failed or self._draining.is_set():
                         continue
                     task = asyncio.create_task(self._embed(request.token_ids, request.options))
                     await in_flight.put((task, request.sequence_id))
@@ -359,7 +390,7 @@ class EmbeddingServicer:
         reader = asyncio.create_task(read_ahead())
         reader.add_done_callback(lambda task: task.cancelled() or task.exception())
         try:
-            while (item := await in_flight.get()) is not None:
+            while (item := await _next_or_drained(in_flight, self._draining)) is not None:
                 task, sequence_id = item
                 yield await task + (_codec.encode_varint_field(2, sequence_id) if sequence_id else b"")
             await reader  # a failure reading the requests ends the stream with it

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import importlib.util
 import os
@@ -12,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -20,7 +22,7 @@ import grpc
 import pytest
 import tiktoken
 from embedserve.server import ServerConfig
-from embedserve.server.app import Components, build_server, load_components
+from embedserve.server.app import Components, build_server, enter_shutdown, load_components
 from embedserve.server.core.tokenizer import GPT2_ENCODER_JSON_URL, GPT2_VOCAB_BPE_URL, find_gpt2_bpe_files
 
 # The default word vectors; the GPU machine lacks the package (CI installs it).
@@ -48,6 +50,17 @@ class ServerThread:
 
         self.server, self.port = asyncio.run_coroutine_threadsafe(start(), self._loop).result(timeout=30)
         self.target = f"127.0.0.1:{self.port}"
+
+    def begin_shutdown(self, grace: float) -> concurrent.futures.Future[float]:
+        """What `embedserve serve` does on SIGTERM; the future gives the seconds it took."""
+
+        async def shut_down() -> float:
+            started = time.monotonic()
+            await enter_shutdown(self.server)
+            await self.server.stop(grace)
+            return time.monotonic() - started
+
+        return asyncio.run_coroutine_threadsafe(shut_down(), self._loop)
 
     def stop(self) -> None:
         asyncio.run_coroutine_threadsafe(self.server.stop(None), self._loop).result(timeout=30)
