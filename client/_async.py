@@ -31,7 +31,7 @@ from embedserve.v1 import (
 )
 
 from ._auth import api_key_interceptors
-from ._errors import error_from_rpc
+from ._errors import call_idempotent, error_from_rpc
 from ._shared_memory import SharedMemoryRegion
 from ._values import Batch, EmbeddingInfo, RequestLimits
 from ._word_vectors import AsyncWordVectors
@@ -193,10 +193,7 @@ class AsyncClient:
         return self._embedding_pool[self._next_connection]
 
     async def _unary(self, call: Callable[..., Awaitable[_T]], request: Any) -> _T:
-        try:
-            return await call(request, timeout=self.timeout)
-        except grpc.RpcError as error:
-            raise error_from_rpc(error) from None
+        return await call_idempotent(call, request, self.timeout)
 
     # Tokenizer
 

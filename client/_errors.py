@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 
 import grpc
+
+_T = TypeVar("_T")
+# A call reset by the transport (an L7 proxy whose upstream replica died mid-call) arrives as
+# INTERNAL "RST_STREAM"; the server never saw it fail, so it is unavailability, not a server bug.
+TRANSPORT_RESET_ATTEMPTS = 4
 
 
 class EmbedServeError(Exception):
@@ -71,8 +79,35 @@ _ERROR_BY_CODE: Mapping[grpc.StatusCode, type[EmbedServeError]] = {
 }
 
 
+def _is_transport_reset(code: grpc.StatusCode, details: str) -> bool:
+    return code is grpc.StatusCode.INTERNAL and "RST_STREAM" in details
+
+
 def error_from_rpc(error: grpc.RpcError) -> EmbedServeError:
-    """The typed exception for a failed call."""
+    """The typed exception for a failed call; a call reset by the transport is UnavailableError."""
     code = error.code() if callable(getattr(error, "code", None)) else grpc.StatusCode.UNKNOWN
-    details = error.details() if callable(getattr(error, "details", None)) else str(error)
-    return _ERROR_BY_CODE.get(code, EmbedServeError)(code, details or "")
+    details = (error.details() if callable(getattr(error, "details", None)) else str(error)) or ""
+    if _is_transport_reset(code, details):
+        return UnavailableError(grpc.StatusCode.UNAVAILABLE, f"the call was reset in transit ({details})")
+    return _ERROR_BY_CODE.get(code, EmbedServeError)(code, details)
+
+
+async def call_idempotent(method: Callable[..., Awaitable[_T]], request: Any, seconds: float) -> _T:
+    """One unary call of a method that changes nothing on the server, within `seconds`.
+
+    gRPC's retry policy (the channel's service config) already retries UNAVAILABLE answers; a call
+    reset in transit never reaches it as such, so that case is retried here.
+    """
+    deadline = time.monotonic() + seconds
+    for attempt in range(TRANSPORT_RESET_ATTEMPTS):
+        try:
+            return await method(request, timeout=max(0.0, deadline - time.monotonic()))
+        except grpc.RpcError as error:
+            details = error.details() if callable(getattr(error, "details", None)) else ""
+            code = error.code() if callable(getattr(error, "code", None)) else grpc.StatusCode.UNKNOWN
+            pause = 0.05 * 2**attempt
+            retry = _is_transport_reset(code, details or "") and attempt + 1 < TRANSPORT_RESET_ATTEMPTS
+            if not retry or time.monotonic() + pause >= deadline:
+                raise error_from_rpc(error) from None
+            await asyncio.sleep(pause)
+    raise AssertionError("unreachable")

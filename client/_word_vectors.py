@@ -11,7 +11,7 @@ import numpy as np
 import numpy.typing as npt
 from embedserve.v1 import word_vectors_pb2, word_vectors_pb2_grpc
 
-from ._errors import EmbedServeError, NotFoundError, error_from_rpc
+from ._errors import EmbedServeError, NotFoundError, call_idempotent
 from .tensor import from_tensor_pb, to_tensor_pb
 
 if TYPE_CHECKING:
@@ -113,12 +113,9 @@ class AsyncWordVectors:
 
     async def _call(self, method: Callable[..., Awaitable[_T]], request: Any) -> _T:
         try:
-            return await method(request, timeout=self._timeout())
-        except grpc.RpcError as error:
-            failure = error_from_rpc(error)
-            if failure.code is grpc.StatusCode.NOT_FOUND:
-                raise WordNotFoundError(failure.code, failure.details) from None
-            raise failure from None
+            return await call_idempotent(method, request, self._timeout())
+        except NotFoundError as failure:
+            raise WordNotFoundError(failure.code, failure.details) from None
 
     async def get_vectors(self, words: Sequence[str]) -> tuple[npt.NDArray[np.float32], list[str]]:
         """[len(words), D] raw vectors (zero rows for unknown words) and the unknown words."""

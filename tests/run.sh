@@ -23,6 +23,6 @@ MYPYPATH=.typecheck "$bin/mypy" -p embedserve
 MYPYPATH=.typecheck "$bin/mypy" tests protos/generate.py bench/word_vectors.py
 
 if [ "${CI:-}" = true ]; then
-  export EMBEDSERVE_REQUIRE_BUF=1
+  export EMBEDSERVE_REQUIRE_BUF=1 EMBEDSERVE_REQUIRE_NGINX=1
 fi
 "$bin/python" -m pytest "$@"

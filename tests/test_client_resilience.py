@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from embedserve.client import AsyncClient, EmbedServeError
+from embedserve.client import AsyncClient, EmbedServeError, InternalError
 from embedserve.client.tensor import to_tensor_pb
 from embedserve.server import ServerConfig
 from embedserve.v1 import tokenizer_pb2
@@ -19,7 +19,9 @@ from .conftest import start_server
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
-async def _flaky_server(failures: list[grpc.StatusCode]) -> tuple[grpc.aio.Server, int, list[int]]:
+async def _flaky_server(
+    failures: list[grpc.StatusCode], details: str = "try again"
+) -> tuple[grpc.aio.Server, int, list[int]]:
     """A TokenizerService whose Tokenize fails with the given codes, then answers [7, 8, 9]."""
     calls = [0]
 
@@ -28,7 +30,7 @@ async def _flaky_server(failures: list[grpc.StatusCode]) -> tuple[grpc.aio.Serve
     ) -> bytes:
         calls[0] += 1
         if calls[0] <= len(failures):
-            await context.abort(failures[calls[0] - 1], "try again")
+            await context.abort(failures[calls[0] - 1], details)
         reply = tokenizer_pb2.TokenizeResponse(
             token_ids=to_tensor_pb(np.array([7, 8, 9], np.int32)), lengths=[3]
         )
@@ -62,6 +64,26 @@ async def test_idempotent_calls_are_retried_with_backoff() -> None:
             with pytest.raises(EmbedServeError, match="INVALID_ARGUMENT"):
                 await client.tokenize("anything")
         assert calls[0] == 1  # not retryable
+    finally:
+        await server.stop(None)
+
+
+async def test_calls_reset_in_transit_are_retried_but_server_failures_are_not() -> None:
+    # What a client behind nginx sees when the replica serving its call dies mid-call.
+    reset = "Stream removed (RST_STREAM (Received RST_STREAM with error code 2))"
+    server, port, calls = await _flaky_server([grpc.StatusCode.INTERNAL] * 2, details=reset)
+    try:
+        async with AsyncClient(f"127.0.0.1:{port}") as client:
+            assert await client.tokenize("anything") == [7, 8, 9]
+        assert calls[0] == 3
+    finally:
+        await server.stop(None)
+    server, port, calls = await _flaky_server([grpc.StatusCode.INTERNAL] * 2)
+    try:
+        async with AsyncClient(f"127.0.0.1:{port}") as client:
+            with pytest.raises(InternalError):
+                await client.tokenize("anything")
+        assert calls[0] == 1
     finally:
         await server.stop(None)
 
