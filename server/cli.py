@@ -15,16 +15,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from .config import ServerConfig, add_server_arguments, config_from_namespace
+
+MULTIPROCESS_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"  # as metrics.py, which this module cannot import early
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
@@ -48,16 +53,16 @@ def _add_client_arguments(parser: argparse.ArgumentParser, environ: Mapping[str,
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from .app import serve, tune_allocator
-    from .core import StartupError
-
     config = config_from_namespace(args)
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    tune_allocator()
     if config.workers > 1:
         return _run_workers(config)
+    from .app import serve, tune_allocator
+    from .core import StartupError
+
+    tune_allocator()
     try:
         stopped = asyncio.run(serve(config))
     except StartupError as exc:
@@ -81,19 +86,33 @@ def _run_workers(config: ServerConfig) -> int:
     does not survive a fork of a process that already uses it). Each worker loads its own
     embedding tables; memory-mapped word vectors and prepared corpora are shared by the OS.
     SIGTERM or SIGINT here is passed to every worker; the exit code is 0 when all exit 0.
+    With --metrics-port, this process serves the metrics of all workers added up.
     """
-    from .app import serve
-    from .core import StartupError
-
     if config.port == 0:
         print(
             "embedserve: --workers needs a fixed --port (with 0 each worker would pick its own)",
             file=sys.stderr,
         )
         return 2
-    if config.metrics_port:
-        print("embedserve: --workers with --metrics-port is not supported yet", file=sys.stderr)
-        return 2
+    metrics_folder = None
+    if config.metrics_port and MULTIPROCESS_VARIABLE not in os.environ:
+        # Before prometheus_client is imported (below, through .app), so it runs in multiprocess mode.
+        metrics_folder = tempfile.mkdtemp(prefix="embedserve-metrics-")
+        os.environ[MULTIPROCESS_VARIABLE] = metrics_folder
+    try:
+        return _fork_workers(config)
+    finally:
+        if metrics_folder is not None:
+            shutil.rmtree(metrics_folder, ignore_errors=True)
+
+
+def _fork_workers(config: ServerConfig) -> int:
+    from .app import serve, tune_allocator
+    from .core import StartupError
+    from .metrics import serve_workers_http, worker_exited
+
+    tune_allocator()
+    worker_config = dataclasses.replace(config, metrics_port=0)  # served here, not by each worker
     children = []
     for index in range(config.workers):
         pid = os.fork()
@@ -103,7 +122,7 @@ def _run_workers(config: ServerConfig) -> int:
                 logging.getLogger(__name__).info(
                     "worker %d of %d (pid %d)", index + 1, config.workers, os.getpid()
                 )
-                asyncio.run(serve(config))  # a load still running is left behind by os._exit
+                asyncio.run(serve(worker_config))  # a load still running is left behind by os._exit
                 code = 0
             except StartupError as exc:
                 print(f"embedserve: {exc}", file=sys.stderr)
@@ -120,7 +139,16 @@ def _run_workers(config: ServerConfig) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    codes = [os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) for child in children]
+    if config.metrics_port:
+        serve_workers_http(config.metrics_port, config.host)
+        logging.getLogger(__name__).info(
+            "metrics of %d workers on http://%s:%d/metrics", config.workers, config.host, config.metrics_port
+        )
+    codes = []
+    for child in children:
+        codes.append(os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]))
+        if config.metrics_port:
+            worker_exited(child)
     return 0 if all(code == 0 for code in codes) else 1
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, start_http_server
 
 if TYPE_CHECKING:
     _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
@@ -33,9 +34,11 @@ class Metrics:
             "embedserve_call_seconds", "RPC duration (whole stream for streams)", ["method"],
             buckets=_LATENCY_BUCKETS, registry=self.registry,
         )  # fmt: skip
+        # multiprocess_mode: how `--workers` processes' values add up (ignored with one process).
         self.open_streams = Gauge(
-            "embedserve_open_streams", "streams in progress", ["method"], registry=self.registry
-        )
+            "embedserve_open_streams", "streams in progress", ["method"], registry=self.registry,
+            multiprocess_mode="livesum",
+        )  # fmt: skip
         self.queue_seconds = Histogram(
             "embedserve_embed_queue_seconds", "time an Embed lookup waited for the device",
             buckets=_LATENCY_BUCKETS, registry=self.registry,
@@ -49,14 +52,35 @@ class Metrics:
             buckets=(64, 256, 1024, 4096, 16384, 65536, 262144), registry=self.registry,
         )  # fmt: skip
         self.queue_tokens = Gauge(
-            "embedserve_embed_queue_tokens", "tokens waiting for the device", registry=self.registry
-        )
+            "embedserve_embed_queue_tokens", "tokens waiting for the device", registry=self.registry,
+            multiprocess_mode="livesum",
+        )  # fmt: skip
         self.model_load_seconds = Gauge(
-            "embedserve_model_load_seconds", "time to load each model", ["model"], registry=self.registry
-        )
+            "embedserve_model_load_seconds", "time to load each model", ["model"], registry=self.registry,
+            multiprocess_mode="max",
+        )  # fmt: skip
 
     def serve_http(self, port: int, host: str) -> None:
         start_http_server(port, addr=host, registry=self.registry)
+
+
+MULTIPROCESS_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def serve_workers_http(port: int, host: str) -> None:
+    """Serves the sum over every `--workers` process (prometheus-client's multiprocess mode).
+
+    The variable must have been set before prometheus_client was first imported in this process
+    and its workers; each worker then writes its values to files there.
+    """
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=os.environ[MULTIPROCESS_VARIABLE])  # type: ignore[no-untyped-call]
+    start_http_server(port, addr=host, registry=registry)
+
+
+def worker_exited(pid: int) -> None:
+    """Drops the live gauges of a worker that has exited."""
+    multiprocess.mark_process_dead(pid, os.environ[MULTIPROCESS_VARIABLE])  # type: ignore[no-untyped-call]
 
 
 def _code(context: Any, error: BaseException | None) -> str:

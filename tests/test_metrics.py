@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import time
 import urllib.request
 from dataclasses import replace
+from pathlib import Path
 
 import grpc
 import numpy as np
-from embedserve.client import AsyncClient, EmbedServeError
+from embedserve.client import AsyncClient, Client, EmbedServeError
 from embedserve.server import ServerConfig
 from embedserve.server.app import METRICS_BY_SERVER, Components
 from embedserve.v1 import embedding_pb2, embedding_pb2_grpc, tensor_pb2
@@ -63,3 +65,35 @@ def test_metrics_port_serves_prometheus_text() -> None:
         assert "embedserve_call_seconds" in body
     finally:
         assert server.terminate() == 0, server.log
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_metrics_of_workers_add_up(tmp_path: Path) -> None:
+    port, metrics_port = _free_port(), _free_port()
+    server = start_cli_server(
+        "--port", str(port), "--workers", "2", "--metrics-port", str(metrics_port), "--vocab-size", "6",
+        "--dim", "3", "--device", "cpu", "--word-vectors", "none",
+        env={"TMPDIR": str(tmp_path)},
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while server.log.count("listening on") < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        calls = 16
+        for _ in range(calls):  # a fresh connection each time: the kernel spreads them over the workers
+            with Client(f"127.0.0.1:{port}") as client:
+                assert client.tokenize("hello world") == [31373, 995]
+        (folder,) = tmp_path.glob("embedserve-metrics-*")
+        assert len(list(folder.glob("counter_*.db"))) == 2, "both workers served calls"
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as reply:
+            body = reply.read().decode()
+        assert f'embedserve_calls_total{{code="OK",method="Tokenize"}} {calls}.0' in body, body
+        assert 'embedserve_model_load_seconds{model="embedding"}' in body
+    finally:
+        assert server.terminate() == 0, server.log
+    assert not list(tmp_path.glob("embedserve-metrics-*")), "the metrics folder is removed at exit"
