@@ -10,9 +10,7 @@ from typing import Any, TypeVar
 import grpc
 
 _T = TypeVar("_T")
-# A call reset by the transport (an L7 proxy whose upstream replica died mid-call) arrives as
-# INTERNAL "RST_STREAM"; the server never saw it fail, so it is unavailability, not a server bug.
-TRANSPORT_RESET_ATTEMPTS = 4
+DROPPED_CALL_ATTEMPTS = 4
 
 
 class EmbedServeError(Exception):
@@ -57,7 +55,7 @@ class PermissionDeniedError(EmbedServeError):
 
 
 class CallCancelledError(EmbedServeError):
-    """The call was cancelled."""
+    """The call was cancelled (a CANCELLED status from the server arrives as UnavailableError)."""
 
 
 class InternalError(EmbedServeError):
@@ -79,34 +77,50 @@ _ERROR_BY_CODE: Mapping[grpc.StatusCode, type[EmbedServeError]] = {
 }
 
 
-def _is_transport_reset(code: grpc.StatusCode, details: str) -> bool:
-    return code is grpc.StatusCode.INTERNAL and "RST_STREAM" in details
+def _dropped(code: grpc.StatusCode, details: str) -> str | None:
+    """Why a call was dropped on its way, or None when the server answered it.
+
+    Two failures say nothing about the request and everything about availability:
+    - INTERNAL "RST_STREAM": the transport reset the call, e.g. an L7 proxy whose upstream replica
+      died mid-call;
+    - CANCELLED as a status: a server that was shutting down dropped the call before running it
+      (a call this client cancels raises asyncio.CancelledError instead).
+    """
+    if code is grpc.StatusCode.INTERNAL and "RST_STREAM" in details:
+        return f"the call was reset in transit ({details})"
+    if code is grpc.StatusCode.CANCELLED:
+        return f"the server dropped the call, likely shutting down ({details})"
+    return None
+
+
+def _code_and_details(error: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
+    code = error.code() if callable(getattr(error, "code", None)) else grpc.StatusCode.UNKNOWN
+    details = (error.details() if callable(getattr(error, "details", None)) else str(error)) or ""
+    return code, details
 
 
 def error_from_rpc(error: grpc.RpcError) -> EmbedServeError:
-    """The typed exception for a failed call; a call reset by the transport is UnavailableError."""
-    code = error.code() if callable(getattr(error, "code", None)) else grpc.StatusCode.UNKNOWN
-    details = (error.details() if callable(getattr(error, "details", None)) else str(error)) or ""
-    if _is_transport_reset(code, details):
-        return UnavailableError(grpc.StatusCode.UNAVAILABLE, f"the call was reset in transit ({details})")
+    """The typed exception for a failed call; a dropped call (see _dropped) is UnavailableError."""
+    code, details = _code_and_details(error)
+    reason = _dropped(code, details)
+    if reason is not None:
+        return UnavailableError(grpc.StatusCode.UNAVAILABLE, reason)
     return _ERROR_BY_CODE.get(code, EmbedServeError)(code, details)
 
 
 async def call_idempotent(method: Callable[..., Awaitable[_T]], request: Any, seconds: float) -> _T:
     """One unary call of a method that changes nothing on the server, within `seconds`.
 
-    gRPC's retry policy (the channel's service config) already retries UNAVAILABLE answers; a call
-    reset in transit never reaches it as such, so that case is retried here.
+    gRPC's retry policy (the channel's service config) already retries UNAVAILABLE answers; a
+    dropped call (see _dropped) never reaches it as such, so that case is retried here.
     """
     deadline = time.monotonic() + seconds
-    for attempt in range(TRANSPORT_RESET_ATTEMPTS):
+    for attempt in range(DROPPED_CALL_ATTEMPTS):
         try:
             return await method(request, timeout=max(0.0, deadline - time.monotonic()))
         except grpc.RpcError as error:
-            details = error.details() if callable(getattr(error, "details", None)) else ""
-            code = error.code() if callable(getattr(error, "code", None)) else grpc.StatusCode.UNKNOWN
             pause = 0.05 * 2**attempt
-            retry = _is_transport_reset(code, details or "") and attempt + 1 < TRANSPORT_RESET_ATTEMPTS
+            retry = _dropped(*_code_and_details(error)) is not None and attempt + 1 < DROPPED_CALL_ATTEMPTS
             if not retry or time.monotonic() + pause >= deadline:
                 raise error_from_rpc(error) from None
             await asyncio.sleep(pause)

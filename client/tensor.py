@@ -82,7 +82,10 @@ def tensor_shape(tensor: tensor_pb2.Tensor, max_elements: int | None = None) -> 
     elements = math.prod(shape)
     if max_elements is not None and elements > max_elements:
         raise TensorFormatError(f"tensor shape {list(shape)} has {elements} elements, over {max_elements}")
-    if elements * itemsize != len(tensor.data) or (elements == 0 and any(d > 2**40 for d in shape)):
+    # An empty tensor still needs a shape numpy can hold: [0, 2**31, 2**31] cannot be reshaped to.
+    if math.prod(d for d in shape if d) > 2**40:
+        raise TensorFormatError(f"tensor shape {list(shape)} is too large")
+    if elements * itemsize != len(tensor.data):
         raise TensorFormatError(
             f"tensor of shape {list(shape)} and dtype {NAME_BY_DTYPE[tensor.dtype]} needs "
             f"{elements * itemsize} bytes, got {len(tensor.data)}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import json
 import logging
 import os
 import signal
@@ -35,6 +36,7 @@ from .core import (
 from .core.shared_memory import SharedMemoryRegistry
 from .core.vector_sources import default_cache_dir, load_word_vectors
 from .core.word_vector_slot import WordVectorSlot
+from .malformed import MalformedRequestInterceptor
 from .metrics import Metrics, MetricsInterceptor
 from .security import ApiKeyInterceptor, check_exposure, server_credentials
 from .services import (
@@ -225,6 +227,7 @@ def build_server(config: ServerConfig, components: Components | None = None) -> 
     interceptors: list[Any] = [MetricsInterceptor(metrics)]
     if config.api_keys:
         interceptors.append(ApiKeyInterceptor(config.api_keys))
+    interceptors.append(MalformedRequestInterceptor())  # innermost: it wraps the servicers' handlers
     server = grpc.aio.server(options=channel_options(config), interceptors=interceptors)
     METRICS_BY_SERVER[server] = metrics
     for model, seconds in components.load_seconds.items():
@@ -317,6 +320,10 @@ async def serve(config: ServerConfig, *, grace_seconds: float | None = None) -> 
         _LOGGER.info("shutting down (grace %.1f s)", grace)
         await enter_shutdown(server)
         await server.stop(grace)
+        # One line an operator (or the reliability suite) can check: nothing cut off at shutdown.
+        _LOGGER.info(
+            "calls finished: %s", json.dumps(METRICS_BY_SERVER[server].finished_calls(), sort_keys=True)
+        )
     finally:
         stopped = await asyncio.to_thread(components.close, grace)
     return stopped

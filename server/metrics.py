@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, start_http_server
 
+from ._handlers import replies_of
+
 if TYPE_CHECKING:
     _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
 else:  # not subscriptable at run time
@@ -63,6 +65,16 @@ class Metrics:
     def serve_http(self, port: int, host: str) -> None:
         start_http_server(port, addr=host, registry=self.registry)
 
+    def finished_calls(self) -> dict[str, dict[str, int]]:
+        """Calls finished so far: {method: {status code: count}}."""
+        counts: dict[str, dict[str, int]] = {}
+        for metric in self.calls.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_total"):
+                    by_code = counts.setdefault(sample.labels["method"], {})
+                    by_code[sample.labels["code"]] = int(sample.value)
+        return counts
+
 
 MULTIPROCESS_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -90,7 +102,11 @@ def _code(context: Any, error: BaseException | None) -> str:
         return str(getattr(code, "name", code))
     if error is None:
         return "OK"
-    return "CANCELLED" if isinstance(error, asyncio.CancelledError) else "UNKNOWN"
+    if isinstance(error, asyncio.CancelledError | GeneratorExit) or context.cancelled():
+        # The client went away or its deadline passed: gRPC stops the handler either way.
+        remaining = context.time_remaining()
+        return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+    return "UNKNOWN"
 
 
 class MetricsInterceptor(_ServerInterceptor):
@@ -121,7 +137,7 @@ class MetricsInterceptor(_ServerInterceptor):
                 started, error = time.perf_counter(), None
                 metrics.open_streams.labels(method).inc()
                 try:
-                    async for reply in inner_stream(request, context):
+                    async for reply in replies_of(inner_stream(request, context)):
                         yield reply
                 except BaseException as raised:
                     error = raised

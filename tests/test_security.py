@@ -148,6 +148,14 @@ async def test_health_turns_not_serving_when_shutdown_starts(default_components:
     running = ServerThread(TINY, replace(default_components, config=TINY))
     try:
         assert await _health(running.target) == health_pb2.HealthCheckResponse.SERVING
+        async with grpc.aio.insecure_channel(running.target) as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+            assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+            await asyncio.wrap_future(
+                asyncio.run_coroutine_threadsafe(enter_shutdown(running.server), running._loop)
+            )
+            assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            watch.cancel()
         await asyncio.wrap_future(
             asyncio.run_coroutine_threadsafe(enter_shutdown(running.server), running._loop)
         )

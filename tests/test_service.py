@@ -328,6 +328,8 @@ async def test_batches_with_embeddings_refuse_ids_past_a_small_vocabulary(tiny_s
 async def test_hostile_shapes_and_names_are_not_internal(server: ServerThread) -> None:
     hostile = [
         tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_INT32, shape=[0, 2**62], data=b""),
+        # Found by the reliability suite: no dimension alone is huge, their product is.
+        tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_INT32, shape=[0, 2**31, 2**31, 2**31], data=b""),
         tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_INT32, shape=[1] * 65, data=b"\0" * 4),
     ]
     async with grpc.aio.insecure_channel(server.target) as channel:
