@@ -100,6 +100,19 @@ RETRY_SERVICE_CONFIG = json.dumps(
 )
 
 
+def _split_scheme(target: str) -> tuple[str, bool]:
+    """(gRPC target, whether TLS is asked for) of `https://host[:port]`, `http://host:port` or a
+    plain gRPC target."""
+    for scheme, tls, default_port in (("https://", True, 443), ("http://", False, 80)):
+        if target.startswith(scheme):
+            address = target[len(scheme) :].rstrip("/")
+            if "/" in address:
+                raise ValueError(f"{target!r}: a target has no path")
+            has_port = address.rsplit("]", 1)[-1].count(":") == 1
+            return (address if has_port else f"{address}:{default_port}"), tls
+    return target, False
+
+
 class AsyncClient:
     """Client of an embedserve server; use as `async with AsyncClient(target) as client:`.
 
@@ -126,14 +139,17 @@ class AsyncClient:
         replies multiplexed on one HTTP/2 connection stall one another in gRPC Python (four
         2 MB calls in flight on one connection run at a quarter of the rate of four on four).
 
-        `api_key` is sent as `authorization: Bearer KEY`. TLS is used when `root_certificates`
-        (PEM of the CA that signed the server's certificate) or a client certificate (mutual TLS:
-        `client_certificate` and `client_key`, PEM) is given."""
+        `api_key` is sent as `authorization: Bearer KEY`. TLS is used when the target is
+        `https://host[:port]` (port 443 by default; the system's CAs unless `root_certificates`),
+        or when `root_certificates` (PEM of the CA that signed the server's certificate) or a
+        client certificate (mutual TLS: `client_certificate` and `client_key`, PEM) is given.
+        `http://host:port` is plaintext, like a bare `host:port`."""
         if timeout <= 0 or stream_timeout <= 0:
             raise ValueError("timeouts must be positive")
         if connections < 1:
             raise ValueError("connections must be >= 1")
         self.target = target
+        target, tls_scheme = _split_scheme(target)
         self.timeout = timeout
         self.stream_timeout = stream_timeout
         channel_options = [
@@ -151,7 +167,7 @@ class AsyncClient:
         interceptors = api_key_interceptors(api_key) if api_key else None
         if (client_certificate is None) != (client_key is None):
             raise ValueError("client_certificate and client_key go together")
-        if root_certificates is not None or client_certificate is not None:
+        if tls_scheme or root_certificates is not None or client_certificate is not None:
             credentials = grpc.ssl_channel_credentials(root_certificates, client_key, client_certificate)
             self._channels = [
                 grpc.aio.secure_channel(

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from embedserve.client import AsyncClient, Batch
 
-from .conftest import CliServer, start_cli_server
+from .conftest import CliServer, free_port, start_cli_server
 
 NGINX_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "nginx" / "embedserve.conf"
 REPLICA_FLAGS = ("--device", "cpu", "--word-vectors", "none", "--dim", "64", "--context-length", "64")
@@ -31,12 +31,6 @@ TEXT = " ".join(f"replica{i % 389} serves window {i}" for i in range(6000))
 STREAM: dict[str, Any] = {
     "batch_size": 16, "max_length": 64, "stride": 8, "shuffle": True, "seed": 11, "include_embeddings": True,
 }  # fmt: skip
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _nginx_binary() -> str:
@@ -76,7 +70,7 @@ def render_nginx_config(folder: Path, listen_port: int, replica_ports: list[int]
 class Nginx:
     def __init__(self, folder: Path, replica_ports: list[int]) -> None:
         self.folder = folder
-        self.port = _free_port()
+        self.port = free_port()
         config = render_nginx_config(folder, self.port, replica_ports)
         binary = _nginx_binary()
         check = subprocess.run([binary, "-t", "-c", str(config), "-e", str(folder / "error.log")],
@@ -113,7 +107,7 @@ class Nginx:
 
 class Replica:
     def __init__(self) -> None:
-        self.metrics_port = _free_port()
+        self.metrics_port = free_port()
         self.server: CliServer = start_cli_server(*REPLICA_FLAGS, "--metrics-port", str(self.metrics_port))
         self.port = self.server.port
 

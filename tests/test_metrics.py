@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import socket
 import time
 import urllib.request
 from dataclasses import replace
@@ -17,7 +16,7 @@ from embedserve.server.app import METRICS_BY_SERVER, Components
 from embedserve.v1 import embedding_pb2, embedding_pb2_grpc, tensor_pb2
 from prometheus_client import generate_latest
 
-from .conftest import ServerThread, start_cli_server
+from .conftest import ServerThread, free_port, start_cli_server
 
 TINY = ServerConfig(port=0, device="cpu", word_vectors="none", log_level="WARNING")
 
@@ -55,9 +54,7 @@ async def test_calls_batches_and_timings_are_measured(default_components: Compon
 
 
 def test_metrics_port_serves_prometheus_text() -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     server = start_cli_server("--device", "cpu", "--word-vectors", "none", "--metrics-port", str(port))
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
@@ -67,14 +64,8 @@ def test_metrics_port_serves_prometheus_text() -> None:
         assert server.terminate() == 0, server.log
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def test_metrics_of_workers_add_up(tmp_path: Path) -> None:
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port = free_port(), free_port()
     server = start_cli_server(
         "--port", str(port), "--workers", "2", "--metrics-port", str(metrics_port), "--vocab-size", "6",
         "--dim", "3", "--device", "cpu", "--word-vectors", "none",

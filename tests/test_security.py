@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 from embedserve.client import AsyncClient, EmbedServeError
+from embedserve.client._async import _split_scheme
 from embedserve.server import ServerConfig
 from embedserve.server.app import Components, enter_shutdown
 from embedserve.server.core import StartupError
@@ -103,6 +104,12 @@ async def test_tls_and_mutual_tls(tmp_path: Path, default_components: Components
     try:
         async with AsyncClient(running.target, root_certificates=ca) as client:
             assert (await client.embed([1])).shape == (1, 256)
+        async with AsyncClient(f"https://{running.target}", root_certificates=ca) as client:
+            assert (await client.embed([1])).shape == (1, 256)
+        async with AsyncClient(f"https://{running.target}", timeout=3) as system_roots:
+            with pytest.raises(EmbedServeError) as raised:  # the test CA is not among the system's
+                await system_roots.embed([1])
+            assert "CERTIFICATE_VERIFY_FAILED" in raised.value.details  # so TLS was spoken
         async with AsyncClient(running.target, timeout=3) as plain:  # no TLS: the handshake fails
             with pytest.raises(EmbedServeError) as raised:
                 await plain.embed([1])
@@ -163,3 +170,14 @@ async def test_health_turns_not_serving_when_shutdown_starts(default_components:
             assert await _health(running.target, service) == health_pb2.HealthCheckResponse.NOT_SERVING
     finally:
         running.stop()
+
+
+def test_target_schemes() -> None:
+    assert _split_scheme("127.0.0.1:50051") == ("127.0.0.1:50051", False)
+    assert _split_scheme("dns:///embedserve-headless:50051") == ("dns:///embedserve-headless:50051", False)
+    assert _split_scheme("https://embed.example.com") == ("embed.example.com:443", True)
+    assert _split_scheme("https://embed.example.com:8443/") == ("embed.example.com:8443", True)
+    assert _split_scheme("https://[::1]:8443") == ("[::1]:8443", True)
+    assert _split_scheme("http://localhost:50051") == ("localhost:50051", False)
+    with pytest.raises(ValueError, match="no path"):
+        _split_scheme("https://embed.example.com/v1")

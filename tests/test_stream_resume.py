@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from typing import Any
 
 import numpy as np
@@ -14,7 +13,7 @@ from embedserve.server.core import InvalidInput, iterate_batches, plan_windows
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from .conftest import ServerThread, start_cli_server, start_server
+from .conftest import ServerThread, free_port, start_cli_server, start_server
 
 TEXT = " ".join(f"word{i % 97} and {i}" for i in range(3000))  # a few thousand tokens
 
@@ -159,14 +158,8 @@ async def test_a_cursor_from_other_settings_is_refused_with_the_reason(tiny_serv
             await resume(TEXT, 3, forged)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 async def test_the_client_resumes_across_a_server_restart() -> None:
-    port = _free_port()
+    port = free_port()
     flags = (
         "--port",
         str(port),

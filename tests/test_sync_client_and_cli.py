@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import socket
 import subprocess
 import sys
 import threading
@@ -18,7 +17,7 @@ from embedserve.client import Client, InvalidArgumentError, NotFoundError
 from embedserve.server import ServerConfig, parse_server_config
 from embedserve.server.cli import main
 
-from .conftest import ServerThread, start_cli_server
+from .conftest import ServerThread, free_port, start_cli_server
 
 
 def test_sync_client_mirrors_the_async_one(server: ServerThread) -> None:
@@ -263,9 +262,7 @@ def test_sigterm_while_word_vectors_load_exits_cleanly(tmp_path: Path) -> None:
 
 
 def test_workers_share_one_port_and_stop_together() -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     server = start_cli_server(
         "--port", str(port), "--workers", "2", "--vocab-size", "6", "--dim", "3", "--device", "cpu",
         "--word-vectors", "none",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections import Counter
 from pathlib import Path
@@ -17,12 +16,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ..conftest import CliServer, start_cli_server
 
 SEED, VOCAB, DIM, CONTEXT = 123, 50257, 256, 1024
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def start(port: int, cache_dir: Path, *flags: str) -> CliServer:

@@ -20,8 +20,8 @@ import tiktoken
 from embedserve.client import AsyncClient, DeadlineExceededError, EmbedServeError, UnavailableError
 from embedserve.server.app import METRICS_BY_SERVER
 
-from ..conftest import TINY_CONFIG, ServerThread
-from ._server import ReferenceEmbeddings, free_port, start, wait_serving, windows
+from ..conftest import TINY_CONFIG, ServerThread, free_port
+from ._server import ReferenceEmbeddings, start, wait_serving, windows
 from .conftest import Scale
 
 TEXT = " ".join(f"fault{i} in the stream" for i in range(3000))

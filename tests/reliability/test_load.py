@@ -18,7 +18,8 @@ from embedserve.client import AsyncClient, EmbedServeError
 from embedserve.server.app import WORD_VECTORS_SERVICE as WORD_VECTORS
 from embedserve.server.app import Components
 
-from ._server import ReferenceEmbeddings, free_port, rss_bytes, start, wait_serving, windows
+from ..conftest import free_port
+from ._server import ReferenceEmbeddings, rss_bytes, start, wait_serving, windows
 from .conftest import Scale
 
 STREAM_TEXT = " ".join(f"item{i} of the load corpus" for i in range(1500))
