@@ -106,30 +106,38 @@ class Nginx:
 
 
 class Replica:
+    """`embedserve serve` on a fixed port (so a restarted replica is where nginx expects it)."""
+
     def __init__(self) -> None:
+        self.port = free_port()
         self.metrics_port = free_port()
-        self.server: CliServer = start_cli_server(*REPLICA_FLAGS, "--metrics-port", str(self.metrics_port))
-        self.port = self.server.port
+        self.server = self._start()
+
+    def _start(self) -> CliServer:
+        flags = ("--port", str(self.port), "--metrics-port", str(self.metrics_port), "--grace", "10")
+        return start_cli_server(*REPLICA_FLAGS, *flags)
+
+    def _metric(self, name: str, labels: str) -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as reply:
+            text = reply.read().decode()
+        found = re.search(rf"^{name}\{{{re.escape(labels)}\}} (\S+)$", text, flags=re.MULTILINE)
+        return float(found.group(1)) if found else 0.0
 
     def calls(self, method: str) -> float:
         """OK calls of `method` this replica has finished, from its Prometheus metrics."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as reply:
-            text = reply.read().decode()
-        pattern = rf'^embedserve_calls_total\{{code="OK",method="{method}"\}} (\S+)$'
-        found = re.search(pattern, text, flags=re.MULTILINE)
-        return float(found.group(1)) if found else 0.0
+        return self._metric("embedserve_calls_total", f'code="OK",method="{method}"')
 
     def open_streams(self, method: str) -> float:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as reply:
-            text = reply.read().decode()
-        found = re.search(
-            rf'^embedserve_open_streams\{{method="{method}"\}} (\S+)$', text, flags=re.MULTILINE
-        )
-        return float(found.group(1)) if found else 0.0
+        return self._metric("embedserve_open_streams", f'method="{method}"')
 
     def kill(self) -> None:
         self.server.process.kill()
         self.server.process.wait(10)
+
+    def restart(self) -> None:
+        """A rolling update's step: SIGTERM (the replica drains), then a new one on the same port."""
+        assert self.server.terminate() == 0, self.server.log
+        self.server = self._start()
 
     def stop(self) -> None:
         if self.server.process.poll() is None:
@@ -220,3 +228,44 @@ async def test_a_replica_killed_under_load_loses_no_call_and_no_window(
         assert np.array_equal(got.embeddings, want.embeddings)
     survivor = next(replica for replica in replicas if replica is not victim)
     assert survivor.calls("StreamBatches") >= 1  # the resumed stream
+
+
+async def test_a_rolling_restart_drops_no_call(balanced: tuple[Nginx, list[Replica]]) -> None:
+    nginx, replicas = balanced
+    async with AsyncClient(nginx.target) as client:
+        expected = [batch async for batch in client.stream_batches(text=TEXT, **STREAM)]
+        reference = await client.embed(np.arange(256).reshape(8, 32))
+        stop_load = asyncio.Event()
+        outcomes: list[str] = []
+
+        async def unary_load() -> None:
+            while not stop_load.is_set():
+                try:
+                    embedded = await client.embed(np.arange(256).reshape(8, 32))
+                    outcomes.append("OK" if np.array_equal(embedded, reference) else "WRONG")
+                except Exception as error:  # recorded, so the test reports every failure
+                    outcomes.append(f"{type(error).__name__}: {error}")
+                    await asyncio.sleep(0.01)
+
+        async def consume() -> list[Batch]:
+            received = []
+            async for batch in client.stream_batches(text=TEXT, **STREAM):
+                received.append(batch)
+                await asyncio.sleep(0.02)  # a training step: the stream outlives both restarts
+            return received
+
+        load = [asyncio.create_task(unary_load()) for _ in range(8)]
+        consumer = asyncio.create_task(consume())
+        for replica in replicas:  # one at a time, as a Deployment with maxUnavailable 0 does
+            await asyncio.sleep(0.5)
+            await asyncio.to_thread(replica.restart)
+        await asyncio.sleep(0.5)
+        stop_load.set()
+        await asyncio.gather(*load)
+        received = await consumer
+
+    failures = [outcome for outcome in outcomes if outcome != "OK"]
+    assert not failures, f"{len(failures)} of {len(outcomes)} calls failed: {sorted(set(failures))[:5]}"
+    assert len(outcomes) > 50
+    print(f"{len(outcomes)} calls through nginx during a rolling restart of both replicas, all answered")
+    assert _windows(received) == _windows(expected)
