@@ -1,7 +1,7 @@
-"""Two replicas behind a real nginx (deploy/nginx/embedserve.conf), all on 127.0.0.1: calls
-spread over both, and when one replica is killed under load unary calls still succeed (client
-retries) and a StreamBatches consumer resumes on the other replica with no window lost or
-repeated."""
+"""Two replicas (with API keys) behind a real nginx (deploy/nginx/embedserve.conf), all on
+127.0.0.1: calls spread over both; when one replica is killed under load, or both are restarted
+in turn, unary calls still succeed (client retries, nginx's next upstream) and a StreamBatches
+consumer resumes on the other replica with no window lost or repeated."""
 
 from __future__ import annotations
 
@@ -19,10 +19,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from embedserve.client import AsyncClient, Batch
+from embedserve.client import AsyncClient, Batch, UnauthenticatedError
 
 from .conftest import CliServer, free_port, start_cli_server
 
+API_KEY = "load-balanced-key"  # replicas require it; nginx passes the header through
 NGINX_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "nginx" / "embedserve.conf"
 REPLICA_FLAGS = ("--device", "cpu", "--word-vectors", "none", "--dim", "64", "--context-length", "64")
 TEXT = " ".join(f"replica{i % 389} serves window {i}" for i in range(6000))
@@ -114,7 +115,8 @@ class Replica:
         self.server = self._start()
 
     def _start(self) -> CliServer:
-        flags = ("--port", str(self.port), "--metrics-port", str(self.metrics_port), "--grace", "10")
+        flags = ["--port", str(self.port), "--metrics-port", str(self.metrics_port), "--grace", "10"]
+        flags += ["--api-key", API_KEY]
         return start_cli_server(*REPLICA_FLAGS, *flags)
 
     def _metric(self, name: str, labels: str) -> float:
@@ -165,12 +167,16 @@ def _windows(batches: list[Batch]) -> list[tuple[int, ...]]:
 
 async def test_calls_spread_over_both_replicas(balanced: tuple[Nginx, list[Replica]]) -> None:
     nginx, replicas = balanced
-    async with AsyncClient(nginx.target, connections=1) as client:  # one connection, many replicas
+    # One connection to nginx, calls spread over the replicas behind it.
+    async with AsyncClient(nginx.target, connections=1, api_key=API_KEY) as client:
         texts = [f"call {i} through nginx" for i in range(40)]
         answers = await asyncio.gather(*(client.tokenize(text) for text in texts))
         assert answers[3] == await client.tokenize(texts[3])
         embedded = await client.embed(np.arange(64).reshape(2, 32))
     assert embedded.shape == (2, 32, 64)
+    async with AsyncClient(nginx.target) as keyless:
+        with pytest.raises(UnauthenticatedError):
+            await keyless.tokenize("no key")
     served = [replica.calls("Tokenize") for replica in replicas]
     assert sum(served) == 41
     assert min(served) >= 10, f"round robin should spread 41 calls over both replicas, got {served}"
@@ -180,7 +186,7 @@ async def test_a_replica_killed_under_load_loses_no_call_and_no_window(
     balanced: tuple[Nginx, list[Replica]],
 ) -> None:
     nginx, replicas = balanced
-    async with AsyncClient(nginx.target) as client:
+    async with AsyncClient(nginx.target, api_key=API_KEY) as client:
         expected = [batch async for batch in client.stream_batches(text=TEXT, **STREAM)]
         assert len(expected) > 40
         reference = await client.embed(np.arange(256).reshape(8, 32))
@@ -232,7 +238,7 @@ async def test_a_replica_killed_under_load_loses_no_call_and_no_window(
 
 async def test_a_rolling_restart_drops_no_call(balanced: tuple[Nginx, list[Replica]]) -> None:
     nginx, replicas = balanced
-    async with AsyncClient(nginx.target) as client:
+    async with AsyncClient(nginx.target, api_key=API_KEY) as client:
         expected = [batch async for batch in client.stream_batches(text=TEXT, **STREAM)]
         reference = await client.embed(np.arange(256).reshape(8, 32))
         stop_load = asyncio.Event()
