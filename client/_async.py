@@ -77,6 +77,7 @@ async def _as_async_iterator(items: Iterable[_T] | AsyncIterable[_T]) -> AsyncIt
 # Calls that change nothing on the server are retried on UNAVAILABLE (a restarting or departed
 # replica) and RESOURCE_EXHAUSTED (a full queue), with exponential backoff. Streams are not:
 # stream_batches resumes from its cursor instead.
+PACKED_MESSAGE_BYTES = 256 * 1024
 RETRY_SERVICE_CONFIG = json.dumps(
     {
         "methodConfig": [
@@ -98,6 +99,14 @@ RETRY_SERVICE_CONFIG = json.dumps(
         ]
     }
 )
+
+
+def _auto_batches_per_message(batch_size: int, max_length: int, include_embeddings: bool) -> int:
+    """Small batches share messages: one message costs more than copying a few kB."""
+    if include_embeddings or batch_size <= 0 or max_length <= 0:
+        return 1
+    token_bytes = 2 * 4 * batch_size * max_length  # inputs and targets, int32
+    return max(1, min(64, PACKED_MESSAGE_BYTES // token_bytes))
 
 
 def _split_scheme(target: str) -> tuple[str, bool]:
@@ -260,6 +269,7 @@ class AsyncClient:
         world_size: int = 1,
         cursor: bytes | None = None,
         reconnect_attempts: int = 5,
+        batches_per_message: int | None = None,
     ) -> AsyncGenerator[Batch, None]:
         """Sliding-window batches of `text` or of a corpus in the server's --data-dir.
 
@@ -270,7 +280,9 @@ class AsyncClient:
         `cursor=` to continue right after that batch. When the server becomes UNAVAILABLE
         mid-stream (a restart, a replica going away), the iterator reconnects and resumes from
         its last cursor, up to `reconnect_attempts` times in a row, with growing pauses.
-        Closing the iterator early cancels the stream on the server.
+        Closing the iterator early cancels the stream on the server. `batches_per_message` packs
+        that many batches into one message (None: up to 256 kB of small batches without
+        embeddings, one otherwise); batches still arrive one by one, each with its cursor.
         """
         if (text is None) == (corpus is None):
             raise ValueError("pass exactly one of text= or corpus=")
@@ -288,6 +300,11 @@ class AsyncClient:
             rank=rank,
             world_size=world_size,
             cursor=cursor or b"",
+            batches_per_message=(
+                _auto_batches_per_message(batch_size, max_length, include_embeddings)
+                if batches_per_message is None
+                else batches_per_message
+            ),
         )
         if text is not None:
             request.text = text
@@ -297,18 +314,21 @@ class AsyncClient:
         while True:
             call = self._batches.StreamBatches(request, timeout=self.stream_timeout)
             try:
-                async for reply in call:
+                async for message in call:
                     failures = 0
-                    request.cursor = reply.cursor
-                    yield Batch(
-                        index=reply.index,
-                        inputs=from_tensor_pb(reply.inputs),  # type: ignore[arg-type]
-                        targets=from_tensor_pb(reply.targets),  # type: ignore[arg-type]
-                        embeddings=from_tensor_pb(reply.embeddings) if reply.HasField("embeddings") else None,
-                        num_batches=reply.num_batches,
-                        epoch=reply.epoch,
-                        cursor=reply.cursor,
-                    )
+                    for reply in (message, *message.more):
+                        request.cursor = reply.cursor
+                        yield Batch(
+                            index=reply.index,
+                            inputs=from_tensor_pb(reply.inputs),  # type: ignore[arg-type]
+                            targets=from_tensor_pb(reply.targets),  # type: ignore[arg-type]
+                            embeddings=(
+                                from_tensor_pb(reply.embeddings) if reply.HasField("embeddings") else None
+                            ),
+                            num_batches=reply.num_batches,
+                            epoch=reply.epoch,
+                            cursor=reply.cursor,
+                        )
                 return
             except grpc.RpcError as error:
                 failure = error_from_rpc(error)

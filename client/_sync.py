@@ -144,6 +144,7 @@ class Client:
         world_size: int = 1,
         cursor: bytes | None = None,
         reconnect_attempts: int = 5,
+        batches_per_message: int | None = None,
     ) -> Generator[Batch, None, None]:
         """AsyncClient.stream_batches, as a plain iterator."""
         return self._iterate(
@@ -164,6 +165,7 @@ class Client:
                 world_size=world_size,
                 cursor=cursor,
                 reconnect_attempts=reconnect_attempts,
+                batches_per_message=batches_per_message,
             )
         )
 

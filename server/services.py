@@ -44,6 +44,7 @@ from .errors import Context, stream_errors, unary_errors
 from .metrics import Metrics
 
 _FAILED_STREAM_DRAIN_SECONDS = 2.0
+MAX_BATCHES_PER_MESSAGE = 256
 SHUTTING_DOWN_MESSAGE = "the server is shutting down; resume from the last reply on another replica"
 _Item = TypeVar("_Item")
 
@@ -246,25 +247,44 @@ class BatchesServicer(batches_pb2_grpc.BatchesServiceServicer):
                 )
         _check_reply_bytes(reply_bytes, self._config, f"a batch of {plan.batch_size} x {plan.max_length}")
 
+        per_message = min(max(1, request.batches_per_message), MAX_BATCHES_PER_MESSAGE)
+        per_message = max(1, min(per_message, self._config.max_message_bytes // reply_bytes))
+        pending: list[batches_pb2.StreamBatchesResponse] = []
         for batch in iterate_batches(plan_for, epoch=start.epoch, index=start.batch, last_epoch=last_epoch):
             if self._draining.is_set():  # at a batch boundary: the client has the cursor to resume from
+                if pending:
+                    yield _packed(pending)
                 raise NotReady(SHUTTING_DOWN_MESSAGE)
             inputs, targets = gather_windows(tokens, batch.starts, plan.max_length)
             embeddings = None
             if request.include_embeddings:
                 embedded = await self._batcher.embed(EmbedJob(inputs, output_dtype=embeddings_dtype))
                 embeddings = _codec.tensor_pb_from_torch(embedded)
-            yield batches_pb2.StreamBatchesResponse(
-                index=batch.index,
-                inputs=to_tensor_pb(inputs, "int32"),
-                targets=to_tensor_pb(targets, "int32"),
-                embeddings=embeddings,
-                num_batches=batch.plan.num_batches,
-                num_windows=batch.plan.num_windows,
-                num_tokens=batch.plan.num_tokens,
-                epoch=batch.epoch,
-                cursor=encode_cursor(settings, Position(batch.next_epoch, batch.next_index)),
+            pending.append(
+                batches_pb2.StreamBatchesResponse(
+                    index=batch.index,
+                    inputs=to_tensor_pb(inputs, "int32"),
+                    targets=to_tensor_pb(targets, "int32"),
+                    embeddings=embeddings,
+                    num_batches=batch.plan.num_batches,
+                    num_windows=batch.plan.num_windows,
+                    num_tokens=batch.plan.num_tokens,
+                    epoch=batch.epoch,
+                    cursor=encode_cursor(settings, Position(batch.next_epoch, batch.next_index)),
+                )
             )
+            if len(pending) == per_message:
+                yield _packed(pending)
+                pending = []
+        if pending:
+            yield _packed(pending)
+
+
+def _packed(batches: list[batches_pb2.StreamBatchesResponse]) -> batches_pb2.StreamBatchesResponse:
+    """One message: the first batch, with the others in `more`."""
+    first = batches[0]
+    first.more.extend(batches[1:])
+    return first
 
 
 class EmbeddingServicer:

@@ -404,7 +404,9 @@ async def test_a_cancelled_stream_stops_generating_on_the_server(
 
     monkeypatch.setattr(services, "gather_windows", counting)
     async with AsyncClient(server.target) as client:
-        stream = client.stream_batches(text="word " * 5000, batch_size=2, max_length=8, stride=1)
+        stream = client.stream_batches(
+            text="word " * 5000, batch_size=2, max_length=8, stride=1, batches_per_message=1
+        )
         first = await anext(stream)
         assert first.num_batches > 2000
         await stream.aclose()

@@ -18,7 +18,9 @@ from .conftest import TINY_CONFIG, ServerThread
 
 CONFIG = replace(TINY_CONFIG, vocab_size=50257, dim=8, context_length=64)
 TEXT = " ".join(f"token{i % 211} and {i}" for i in range(4000))
-STREAM: dict[str, Any] = {"batch_size": 4, "max_length": 16, "stride": 8, "shuffle": True, "seed": 7}
+STREAM: dict[str, Any] = {
+    "batch_size": 4, "max_length": 16, "stride": 8, "shuffle": True, "seed": 7, "batches_per_message": 1,
+}  # fmt: skip
 GRACE = 20.0
 
 

@@ -234,3 +234,19 @@ def test_resuming_after_any_batch_continues_with_exactly_the_rest(
     assert [(b.epoch, b.index, b.starts.tolist()) for b in stitched] == [
         (b.epoch, b.index, b.starts.tolist()) for b in full
     ]
+
+
+async def test_packed_messages_carry_the_same_batches_and_cursors(tiny_server: ServerThread) -> None:
+    settings: dict[str, Any] = {"batch_size": 2, "max_length": 4, "stride": 3, "shuffle": True, "seed": 5}
+    async with AsyncClient(tiny_server.target) as client:
+        one_each = [b async for b in client.stream_batches(text=TEXT, batches_per_message=1, **settings)]
+        packed = [b async for b in client.stream_batches(text=TEXT, batches_per_message=7, **settings)]
+        default = [b async for b in client.stream_batches(text=TEXT, **settings)]
+        assert len(one_each) > 30
+        for stream in (packed, default):
+            assert [b.index for b in stream] == [b.index for b in one_each]
+            assert all(np.array_equal(a.inputs, b.inputs) for a, b in zip(stream, one_each, strict=True))
+            assert [b.cursor for b in stream] == [b.cursor for b in one_each]
+        # Stopping in the middle of a packed message and resuming from that batch's cursor.
+        rest = client.stream_batches(text=TEXT, batches_per_message=7, cursor=packed[10].cursor, **settings)
+        assert [b.index async for b in rest] == [b.index for b in one_each[11:]]

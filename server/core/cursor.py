@@ -10,6 +10,7 @@ differ. The encoding is compact JSON with a checksum: opaque to clients, readabl
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass, fields
@@ -43,11 +44,17 @@ class Position:
     batch: int
 
 
+@functools.lru_cache(maxsize=64)
+def _settings_json(settings: StreamSettings) -> str:
+    return json.dumps(asdict(settings), separators=(",", ":"), sort_keys=True)
+
+
 def encode_cursor(settings: StreamSettings, position: Position) -> bytes:
-    body = json.dumps(
-        {"settings": asdict(settings), "epoch": position.epoch, "batch": position.batch},
-        separators=(",", ":"),
-        sort_keys=True,
+    # What json.dumps(..., sort_keys=True) gives for the whole object, with the settings (the same
+    # for every batch of a stream) serialized once.
+    body = (
+        f'{{"batch":{int(position.batch)},"epoch":{int(position.epoch)},'
+        f'"settings":{_settings_json(settings)}}}'
     ).encode()
     check = hashlib.sha256(body).digest()[:8]
     return _MAGIC + base64.b64encode(check + body)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from embedserve.v1 import tensor_pb2 as embedserve_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x65mbedserve/v1/batches.proto\x12\rembedserve.v1\x1a\x1a\x65mbedserve/v1/tensor.proto\"\xc9\x02\n\x14StreamBatchesRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x10\n\x06\x63orpus\x18\x02 \x01(\tH\x00\x12\x12\n\nbatch_size\x18\x03 \x01(\x03\x12\x12\n\nmax_length\x18\x04 \x01(\x03\x12\x0e\n\x06stride\x18\x05 \x01(\x03\x12\x0f\n\x07shuffle\x18\x06 \x01(\x08\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x11\n\tdrop_last\x18\x08 \x01(\x08\x12\x1a\n\x12include_embeddings\x18\t \x01(\x08\x12.\n\x10\x65mbeddings_dtype\x18\n \x01(\x0e\x32\x14.embedserve.v1.Dtype\x12\r\n\x05\x65poch\x18\x0b \x01(\x04\x12\x0e\n\x06\x65pochs\x18\x0c \x01(\x04\x12\x0c\n\x04rank\x18\r \x01(\r\x12\x12\n\nworld_size\x18\x0e \x01(\r\x12\x0e\n\x06\x63ursor\x18\x0f \x01(\x0c\x42\x08\n\x06source\"\xfd\x01\n\x15StreamBatchesResponse\x12\r\n\x05index\x18\x01 \x01(\x03\x12%\n\x06inputs\x18\x02 \x01(\x0b\x32\x15.embedserve.v1.Tensor\x12&\n\x07targets\x18\x03 \x01(\x0b\x32\x15.embedserve.v1.Tensor\x12)\n\nembeddings\x18\x04 \x01(\x0b\x32\x15.embedserve.v1.Tensor\x12\x13\n\x0bnum_batches\x18\x05 \x01(\x03\x12\x13\n\x0bnum_windows\x18\x06 \x01(\x03\x12\x12\n\nnum_tokens\x18\x07 \x01(\x03\x12\r\n\x05\x65poch\x18\x08 \x01(\x04\x12\x0e\n\x06\x63ursor\x18\t \x01(\x0c\x32n\n\x0e\x42\x61tchesService\x12\\\n\rStreamBatches\x12#.embedserve.v1.StreamBatchesRequest\x1a$.embedserve.v1.StreamBatchesResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x65mbedserve/v1/batches.proto\x12\rembedserve.v1\x1a\x1a\x65mbedserve/v1/tensor.proto\"\xe6\x02\n\x14StreamBatchesRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x10\n\x06\x63orpus\x18\x02 \x01(\tH\x00\x12\x12\n\nbatch_size\x18\x03 \x01(\x03\x12\x12\n\nmax_length\x18\x04 \x01(\x03\x12\x0e\n\x06stride\x18\x05 \x01(\x03\x12\x0f\n\x07shuffle\x18\x06 \x01(\x08\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x11\n\tdrop_last\x18\x08 \x01(\x08\x12\x1a\n\x12include_embeddings\x18\t \x01(\x08\x12.\n\x10\x65mbeddings_dtype\x18\n \x01(\x0e\x32\x14.embedserve.v1.Dtype\x12\r\n\x05\x65poch\x18\x0b \x01(\x04\x12\x0e\n\x06\x65pochs\x18\x0c \x01(\x04\x12\x0c\n\x04rank\x18\r \x01(\r\x12\x12\n\nworld_size\x18\x0e \x01(\r\x12\x0e\n\x06\x63ursor\x18\x0f \x01(\x0c\x12\x1b\n\x13\x62\x61tches_per_message\x18\x10 \x01(\rB\x08\n\x06source\"\xb1\x02\n\x15StreamBatchesResponse\x12\r\n\x05index\x18\x01 \x01(\x03\x12%\n\x06inputs\x18\x02 \x01(\x0b\x32\x15.embedserve.v1.Tensor\x12&\n\x07targets\x18\x03 \x01(\x0b\x32\x15.embedserve.v1.Tensor\x12)\n\nembeddings\x18\x04 \x01(\x0b\x32\x15.embedserve.v1.Tensor\x12\x13\n\x0bnum_batches\x18\x05 \x01(\x03\x12\x13\n\x0bnum_windows\x18\x06 \x01(\x03\x12\x12\n\nnum_tokens\x18\x07 \x01(\x03\x12\r\n\x05\x65poch\x18\x08 \x01(\x04\x12\x0e\n\x06\x63ursor\x18\t \x01(\x0c\x12\x32\n\x04more\x18\n \x03(\x0b\x32$.embedserve.v1.StreamBatchesResponse2n\n\x0e\x42\x61tchesService\x12\\\n\rStreamBatches\x12#.embedserve.v1.StreamBatchesRequest\x1a$.embedserve.v1.StreamBatchesResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,9 +33,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'embedserve.v1.batches_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STREAMBATCHESREQUEST']._serialized_start=75
-  _globals['_STREAMBATCHESREQUEST']._serialized_end=404
-  _globals['_STREAMBATCHESRESPONSE']._serialized_start=407
-  _globals['_STREAMBATCHESRESPONSE']._serialized_end=660
-  _globals['_BATCHESSERVICE']._serialized_start=662
-  _globals['_BATCHESSERVICE']._serialized_end=772
+  _globals['_STREAMBATCHESREQUEST']._serialized_end=433
+  _globals['_STREAMBATCHESRESPONSE']._serialized_start=436
+  _globals['_STREAMBATCHESRESPONSE']._serialized_end=741
+  _globals['_BATCHESSERVICE']._serialized_start=743
+  _globals['_BATCHESSERVICE']._serialized_end=853
 # @@protoc_insertion_point(module_scope)

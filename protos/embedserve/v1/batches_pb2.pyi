@@ -3,9 +3,11 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from embedserve.v1 import tensor_pb2 as _tensor_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -36,6 +38,7 @@ class StreamBatchesRequest(_message.Message):
     RANK_FIELD_NUMBER: _builtins.int
     WORLD_SIZE_FIELD_NUMBER: _builtins.int
     CURSOR_FIELD_NUMBER: _builtins.int
+    BATCHES_PER_MESSAGE_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """Text sent with the request; tokenized with <|endoftext|> allowed."""
     corpus: _builtins.str
@@ -64,6 +67,11 @@ class StreamBatchesRequest(_message.Message):
     world_size: _builtins.int
     cursor: _builtins.bytes
     """A batch's cursor: the stream continues right after that batch (same settings required)."""
+    batches_per_message: _builtins.int
+    """Up to this many consecutive batches travel in one message (the first in the message's own
+    fields, the rest in `more`), so small batches do not each pay a message's overhead. 0 and 1
+    mean one batch per message. The server may send fewer, and caps it at 256.
+    """
     def __init__(
         self,
         *,
@@ -82,10 +90,11 @@ class StreamBatchesRequest(_message.Message):
         rank: _builtins.int = ...,
         world_size: _builtins.int = ...,
         cursor: _builtins.bytes = ...,
+        batches_per_message: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["corpus", b"corpus", "source", b"source", "text", b"text"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "corpus", b"corpus", "cursor", b"cursor", "drop_last", b"drop_last", "embeddings_dtype", b"embeddings_dtype", "epoch", b"epoch", "epochs", b"epochs", "include_embeddings", b"include_embeddings", "max_length", b"max_length", "rank", b"rank", "seed", b"seed", "shuffle", b"shuffle", "source", b"source", "stride", b"stride", "text", b"text", "world_size", b"world_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "batches_per_message", b"batches_per_message", "corpus", b"corpus", "cursor", b"cursor", "drop_last", b"drop_last", "embeddings_dtype", b"embeddings_dtype", "epoch", b"epoch", "epochs", b"epochs", "include_embeddings", b"include_embeddings", "max_length", b"max_length", "rank", b"rank", "seed", b"seed", "shuffle", b"shuffle", "source", b"source", "stride", b"stride", "text", b"text", "world_size", b"world_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["text", "corpus"]  # noqa: Y015
     _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
@@ -106,6 +115,7 @@ class StreamBatchesResponse(_message.Message):
     NUM_TOKENS_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
     CURSOR_FIELD_NUMBER: _builtins.int
+    MORE_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """0-based position of this batch in its epoch, for this rank."""
     num_batches: _builtins.int
@@ -128,6 +138,12 @@ class StreamBatchesResponse(_message.Message):
     def embeddings(self) -> _tensor_pb2.Tensor:
         """[B, T, D] token + positional embeddings of inputs, when asked for."""
 
+    @_builtins.property
+    def more(self) -> _containers.RepeatedCompositeFieldContainer[Global___StreamBatchesResponse]:
+        """The batches that follow this one, in order, when the request set batches_per_message > 1.
+        Each is complete (index, cursor...) and has no `more` of its own.
+        """
+
     def __init__(
         self,
         *,
@@ -140,10 +156,11 @@ class StreamBatchesResponse(_message.Message):
         num_tokens: _builtins.int = ...,
         epoch: _builtins.int = ...,
         cursor: _builtins.bytes = ...,
+        more: _abc.Iterable[Global___StreamBatchesResponse] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["embeddings", b"embeddings", "inputs", b"inputs", "targets", b"targets"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "embeddings", b"embeddings", "epoch", b"epoch", "index", b"index", "inputs", b"inputs", "num_batches", b"num_batches", "num_tokens", b"num_tokens", "num_windows", b"num_windows", "targets", b"targets"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "embeddings", b"embeddings", "epoch", b"epoch", "index", b"index", "inputs", b"inputs", "more", b"more", "num_batches", b"num_batches", "num_tokens", b"num_tokens", "num_windows", b"num_windows", "targets", b"targets"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
