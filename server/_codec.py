@@ -62,7 +62,8 @@ def tensor_pb_from_torch(tensor: torch.Tensor) -> tensor_pb2.Tensor:
     )
 
 
-def _varint(value: int) -> bytes:
+def varint(value: int) -> bytes:
+    """Protobuf's base-128 encoding of a non-negative integer."""
     out = bytearray()
     while True:
         low, value = value & 0x7F, value >> 7
@@ -75,7 +76,7 @@ def _varint(value: int) -> bytes:
 
 def encode_varint_field(field_number: int, value: int) -> bytes:
     """The wire bytes of a non-negative integer field (what SerializeToString writes for it)."""
-    return _varint(field_number << 3) + _varint(value)
+    return varint(field_number << 3) + varint(value)
 
 
 def encode_tensor_field(field_number: int, tensor: torch.Tensor) -> bytes:
@@ -86,11 +87,11 @@ def encode_tensor_field(field_number: int, tensor: torch.Tensor) -> bytes:
     and again into the serialized reply, which for a 2 MB result costs more than the lookup.
     """
     data = tensor_bytes(tensor).data
-    body = bytearray(b"\x08" + _varint(wire_dtype(tensor.dtype)))
+    body = bytearray(b"\x08" + varint(wire_dtype(tensor.dtype)))
     if tensor.dim():
-        packed = b"".join(_varint(int(d)) for d in tensor.shape)
-        body += b"\x12" + _varint(len(packed)) + packed
+        packed = b"".join(varint(int(d)) for d in tensor.shape)
+        body += b"\x12" + varint(len(packed)) + packed
     if len(data):
-        body += b"\x1a" + _varint(len(data))
-    head = _varint(field_number << 3 | 2) + _varint(len(body) + len(data)) + bytes(body)
+        body += b"\x1a" + varint(len(data))
+    head = varint(field_number << 3 | 2) + varint(len(body) + len(data)) + bytes(body)
     return b"".join((head, data))

@@ -27,9 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ServerConfig, add_server_arguments, config_from_namespace
-
-MULTIPROCESS_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"  # as metrics.py, which this module cannot import early
+from .config import (
+    PROMETHEUS_MULTIPROCESS_VARIABLE,
+    ServerConfig,
+    add_server_arguments,
+    config_from_namespace,
+)
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
@@ -95,10 +98,10 @@ def _run_workers(config: ServerConfig) -> int:
         )
         return 2
     metrics_folder = None
-    if config.metrics_port and MULTIPROCESS_VARIABLE not in os.environ:
+    if config.metrics_port and PROMETHEUS_MULTIPROCESS_VARIABLE not in os.environ:
         # Before prometheus_client is imported (below, through .app), so it runs in multiprocess mode.
         metrics_folder = tempfile.mkdtemp(prefix="embedserve-metrics-")
-        os.environ[MULTIPROCESS_VARIABLE] = metrics_folder
+        os.environ[PROMETHEUS_MULTIPROCESS_VARIABLE] = metrics_folder
     try:
         return _fork_workers(config)
     finally:

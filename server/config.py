@@ -15,6 +15,11 @@ DEFAULT_CONTEXT_LENGTH = 1024
 MIB = 1024 * 1024
 
 
+# The folder prometheus-client's multiprocess mode keeps `--workers` metrics in; it must be set
+# before prometheus_client is imported, so cli.py sets it without importing metrics.py.
+PROMETHEUS_MULTIPROCESS_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"

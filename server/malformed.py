@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from ._handlers import replies_of
+from ._handlers import behaviour_of, rebuilt, replies_of
 from .core import InvalidInput
 
 if TYPE_CHECKING:
@@ -58,45 +58,28 @@ class MalformedRequestInterceptor(_ServerInterceptor):
             return handler  # type: ignore[no-any-return]
         method = handler_call_details.method or "this method"
         deserializer = _total(handler.request_deserializer, method)
-        serializer = handler.response_serializer
-        if handler.unary_unary is not None:
-            inner_unary = handler.unary_unary
+        inner = behaviour_of(handler)
+        request_streaming = handler.request_streaming
 
-            async def unary_unary(request: Any, context: Any) -> Any:
-                if isinstance(request, MalformedRequest):
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-                return await inner_unary(request, context)
+        if handler.response_streaming:
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary, request_deserializer=deserializer, response_serializer=serializer
-            )
-        if handler.unary_stream is not None:
-            inner_stream = handler.unary_stream
-
-            async def unary_stream(request: Any, context: Any) -> AsyncIterator[Any]:
-                if isinstance(request, MalformedRequest):
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-                async for reply in replies_of(inner_stream(request, context)):
+            async def streamed(request: Any, context: Any) -> AsyncIterator[Any]:
+                parsed = await _parsed(request, context, request_streaming)
+                async for reply in replies_of(inner(parsed, context)):
                     yield reply
 
-            return grpc.unary_stream_rpc_method_handler(
-                unary_stream, request_deserializer=deserializer, response_serializer=serializer
-            )
-        if handler.stream_unary is not None:
-            inner_client_stream = handler.stream_unary
+            return rebuilt(handler, streamed, deserializer)
 
-            async def stream_unary(requests: AsyncIterator[Any], context: Any) -> Any:
-                return await inner_client_stream(_checked(requests), context)
+        async def unary(request: Any, context: Any) -> Any:
+            return await inner(await _parsed(request, context, request_streaming), context)
 
-            return grpc.stream_unary_rpc_method_handler(
-                stream_unary, request_deserializer=deserializer, response_serializer=serializer
-            )
-        inner_bidi = handler.stream_stream
+        return rebuilt(handler, unary, deserializer)
 
-        async def stream_stream(requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
-            async for reply in replies_of(inner_bidi(_checked(requests), context)):
-                yield reply
 
-        return grpc.stream_stream_rpc_method_handler(
-            stream_stream, request_deserializer=deserializer, response_serializer=serializer
-        )
+async def _parsed(request: Any, context: Any, streaming: bool) -> Any:
+    """The request (or request stream), with a malformed message answered INVALID_ARGUMENT."""
+    if streaming:
+        return _checked(request)
+    if isinstance(request, MalformedRequest):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+    return request

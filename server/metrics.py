@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, start_http_server
 
-from ._handlers import replies_of
+from ._handlers import behaviour_of, rebuilt, replies_of
+from .config import PROMETHEUS_MULTIPROCESS_VARIABLE
 
 if TYPE_CHECKING:
     _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
@@ -76,9 +77,6 @@ class Metrics:
         return counts
 
 
-MULTIPROCESS_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
-
-
 def serve_workers_http(port: int, host: str) -> None:
     """Serves the sum over every `--workers` process (prometheus-client's multiprocess mode).
 
@@ -86,13 +84,13 @@ def serve_workers_http(port: int, host: str) -> None:
     and its workers; each worker then writes its values to files there.
     """
     registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry, path=os.environ[MULTIPROCESS_VARIABLE])  # type: ignore[no-untyped-call]
+    multiprocess.MultiProcessCollector(registry, path=os.environ[PROMETHEUS_MULTIPROCESS_VARIABLE])  # type: ignore[no-untyped-call]
     start_http_server(port, addr=host, registry=registry)
 
 
 def worker_exited(pid: int) -> None:
     """Drops the live gauges of a worker that has exited."""
-    multiprocess.mark_process_dead(pid, os.environ[MULTIPROCESS_VARIABLE])  # type: ignore[no-untyped-call]
+    multiprocess.mark_process_dead(pid, os.environ[PROMETHEUS_MULTIPROCESS_VARIABLE])  # type: ignore[no-untyped-call]
 
 
 def _code(context: Any, error: BaseException | None) -> str:
@@ -130,14 +128,14 @@ class MetricsInterceptor(_ServerInterceptor):
             metrics.calls.labels(method, _code(context, error)).inc()
             metrics.latency.labels(method).observe(time.perf_counter() - started)
 
+        inner = behaviour_of(handler)
         if handler.response_streaming:
-            inner_stream: Any = handler.unary_stream or handler.stream_stream
 
             async def streamed(request: Any, context: Any) -> AsyncIterator[Any]:
                 started, error = time.perf_counter(), None
                 metrics.open_streams.labels(method).inc()
                 try:
-                    async for reply in replies_of(inner_stream(request, context)):
+                    async for reply in replies_of(inner(request, context)):
                         yield reply
                 except BaseException as raised:
                     error = raised
@@ -146,17 +144,7 @@ class MetricsInterceptor(_ServerInterceptor):
                     metrics.open_streams.labels(method).dec()
                     finish(context, started, error)
 
-            factory = (
-                grpc.unary_stream_rpc_method_handler
-                if handler.unary_stream
-                else grpc.stream_stream_rpc_method_handler
-            )
-            return factory(
-                streamed,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        inner: Any = handler.unary_unary or handler.stream_unary
+            return rebuilt(handler, streamed)
 
         async def unary(request: Any, context: Any) -> Any:
             started, error = time.perf_counter(), None
@@ -168,13 +156,4 @@ class MetricsInterceptor(_ServerInterceptor):
             finally:
                 finish(context, started, error)
 
-        factory = (
-            grpc.unary_unary_rpc_method_handler
-            if handler.unary_unary
-            else grpc.stream_unary_rpc_method_handler
-        )
-        return factory(
-            unary,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return rebuilt(handler, unary)

@@ -46,3 +46,11 @@ def create_dataloader_v1(
         num_workers=0,
         generator=generator,
     )
+
+
+def notebook_tables(
+    vocab_size: int = 50257, dim: int = 256, context_length: int = 1024, seed: int = 123
+) -> tuple[torch.nn.Embedding, torch.nn.Embedding]:
+    """The notebook's token and positional embedding layers, seeded as it seeds them."""
+    torch.manual_seed(seed)
+    return torch.nn.Embedding(vocab_size, dim), torch.nn.Embedding(context_length, dim)

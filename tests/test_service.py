@@ -23,18 +23,13 @@ from embedserve.client import (
 from embedserve.v1 import embedding_pb2, embedding_pb2_grpc, tensor_pb2, tokenizer_pb2, tokenizer_pb2_grpc
 
 from .conftest import ServerThread
-from .notebook_reference import create_dataloader_v1
+from .notebook_reference import create_dataloader_v1, notebook_tables
 from .test_core_embedding import NOTEBOOK_ROWS_2_3_5_1
 from .test_core_windows import FIRST_BATCH
 
 
-def _notebook_tables() -> tuple[torch.nn.Embedding, torch.nn.Embedding]:
-    torch.manual_seed(123)
-    return torch.nn.Embedding(50257, 256), torch.nn.Embedding(1024, 256)
-
-
 async def test_notebook_flow_tokenize_batches_embeddings(server: ServerThread, verdict_text: str) -> None:
-    token_layer, pos_layer = _notebook_tables()
+    token_layer, pos_layer = notebook_tables()
     async with AsyncClient(server.target) as client:
         ids = await client.tokenize(verdict_text)
         assert len(ids) == 5154
@@ -120,7 +115,7 @@ async def test_tiny_model_golden_rows(tiny_server: ServerThread) -> None:
 
 
 async def test_embed_options_and_dtypes(server: ServerThread) -> None:
-    token_layer, pos_layer = _notebook_tables()
+    token_layer, pos_layer = notebook_tables()
     ids = np.array([[40, 367, 2885], [1807, 3619, 402]], dtype=np.int64)
     expected = (token_layer(torch.from_numpy(ids)) + pos_layer(torch.arange(7, 10))).detach()
     async with AsyncClient(server.target) as client:

@@ -10,12 +10,10 @@ from pathlib import Path
 import grpc
 import numpy as np
 import numpy.typing as npt
-import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ..conftest import CliServer, start_cli_server
-
-SEED, VOCAB, DIM, CONTEXT = 123, 50257, 256, 1024
+from ..notebook_reference import notebook_tables
 
 
 def start(port: int, cache_dir: Path, *flags: str) -> CliServer:
@@ -53,9 +51,9 @@ class ReferenceEmbeddings:
     """The server's default tables, built as the notebook builds them: the direct computation."""
 
     def __init__(self) -> None:
-        torch.manual_seed(SEED)
-        self.token = torch.nn.Embedding(VOCAB, DIM).weight.detach().numpy()
-        self.position = torch.nn.Embedding(CONTEXT, DIM).weight.detach().numpy()
+        token, position = notebook_tables()
+        self.token = token.weight.detach().numpy()
+        self.position = position.weight.detach().numpy()
 
     def embed(self, ids: npt.NDArray[np.integer]) -> npt.NDArray[np.float32]:
         summed: npt.NDArray[np.float32] = self.token[ids] + self.position[np.arange(ids.shape[-1])]

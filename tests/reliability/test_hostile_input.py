@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 import pytest
+from embedserve.server._codec import varint
 from embedserve.server.app import Components
 from embedserve.v1 import batches_pb2, embedding_pb2, tokenizer_pb2, word_vectors_pb2
 from google.protobuf import descriptor as pb_descriptor
@@ -183,15 +184,6 @@ def seeded_strategy(method: pb_descriptor.MethodDescriptor) -> st.SearchStrategy
     return message_strategy(method.input_type, sparse=True).map(mutate)
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
 def malformed_strategy(descriptor: pb_descriptor.Descriptor) -> st.SearchStrategy[bytes]:
     """Bytes that are not a valid message: random, truncated, or invalid UTF-8 in a string field."""
     strings = [field.number for field in descriptor.fields if field.type == FieldDescriptor.TYPE_STRING]
@@ -203,7 +195,7 @@ def malformed_strategy(descriptor: pb_descriptor.Descriptor) -> st.SearchStrateg
     if strings:
         options.append(
             st.builds(
-                lambda number, text: _varint(number << 3 | 2) + _varint(len(text)) + text,
+                lambda number, text: varint(number << 3 | 2) + varint(len(text)) + text,
                 st.sampled_from(strings),
                 bad_utf8,
             )
