@@ -141,7 +141,6 @@ def embed_batcher(
         metrics.batch_tokens.observe(tokens)
         for waited in waits:
             metrics.queue_seconds.observe(waited)
-        metrics.queue_tokens.set(batcher.queued_tokens)
 
     batcher = EmbedBatcher(
         model,
@@ -149,6 +148,7 @@ def embed_batcher(
         max_wait_us=config.max_wait_us,
         max_queue_tokens=config.max_queue,
         on_batch=observe if metrics is not None else None,
+        on_queue_change=metrics.queue_tokens.set if metrics is not None else None,
     )
     return batcher
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 import time
 
 import numpy as np
@@ -108,6 +110,41 @@ async def test_cancelled_callers_leave_nothing_behind(model: EmbeddingModel) -> 
         assert torch.equal(outcome, _alone(model, job))
     assert batcher.queued_tokens == 0
     assert not batcher._enqueued  # no bookkeeping left for callers that went away
+
+
+async def test_a_cancelled_last_caller_frees_its_place_and_the_reported_queue(
+    model: EmbeddingModel,
+) -> None:
+    reported: list[int] = []
+    batcher = EmbedBatcher(model, max_queue_tokens=1000, on_queue_change=reported.append)
+    release = threading.Event()
+    embed_many = model.embed_many
+
+    def held(jobs: list[EmbedJob]) -> list[torch.Tensor]:
+        release.wait(5)
+        return embed_many(jobs)
+
+    model.embed_many = held  # type: ignore[method-assign]
+    try:
+        large = EmbedJob(np.zeros(900, dtype=np.int64), include_positional=False)
+        running = asyncio.create_task(batcher.embed(EmbedJob(np.zeros(10, dtype=np.int64))))
+        await asyncio.sleep(0.05)  # the first job holds the device
+        waiting = asyncio.create_task(batcher.embed(large))
+        await asyncio.sleep(0.01)
+        assert batcher.queued_tokens == 900
+        waiting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiting
+        # Nothing runs after it, yet its place is free at once and the gauge says so.
+        assert (batcher.queued_tokens, reported[-1]) == (0, 0)
+        admitted = asyncio.create_task(batcher.embed(large))
+        release.set()
+        assert (await running).shape == (10, 16)
+        assert (await admitted).shape == (900, 16)
+        assert (batcher.queued_tokens, reported[-1]) == (0, 0)
+    finally:
+        release.set()
+        del model.embed_many
 
 
 async def test_an_idle_batcher_does_not_wait(model: EmbeddingModel) -> None:

@@ -47,10 +47,12 @@ class EmbedBatcher:
         max_wait_us: int = 0,
         max_queue_tokens: int = 1 << 22,
         on_batch: Callable[[int, int, list[float]], None] | None = None,
+        on_queue_change: Callable[[int], None] | None = None,
     ) -> None:
         """max_batch_tokens 0 turns merging off: each request is its own batch.
 
-        on_batch(requests, tokens, queue_seconds_of_each) is called after every batch (metrics).
+        on_batch(requests, tokens, queue_seconds_of_each) is called after every batch, and
+        on_queue_change(queued_tokens) whenever the queue grows or shrinks (metrics).
         """
         self._model = model
         self._max_batch_tokens = max_batch_tokens
@@ -58,6 +60,7 @@ class EmbedBatcher:
         self._max_queue_tokens = max_queue_tokens
         self._pending: deque[tuple[EmbedJob, asyncio.Future[Timed]]] = deque()
         self._on_batch = on_batch
+        self._on_queue_change = on_queue_change
         self._queued_tokens = 0
         self._arrived = asyncio.Event()
         self._drainer: asyncio.Task[None] | None = None
@@ -70,6 +73,11 @@ class EmbedBatcher:
     @property
     def queued_tokens(self) -> int:
         return self._queued_tokens
+
+    def _queue_grew(self, tokens: int) -> None:
+        self._queued_tokens += tokens
+        if self._on_queue_change is not None:
+            self._on_queue_change(self._queued_tokens)
 
     async def embed(self, job: EmbedJob) -> torch.Tensor:
         """The job's embeddings on the CPU, [*ids.shape, D], in the job's output dtype."""
@@ -85,12 +93,24 @@ class EmbedBatcher:
             )
         future: asyncio.Future[Timed] = asyncio.get_running_loop().create_future()
         self._enqueued[id(future)] = time.perf_counter()
-        self._pending.append((job, future))
-        self._queued_tokens += job.tokens
+        entry = (job, future)
+        self._pending.append(entry)
+        self._queue_grew(job.tokens)
         self._arrived.set()
         if self._drainer is None or self._drainer.done():
             self._drainer = asyncio.create_task(self._drain())
-        return await future
+        try:
+            return await future
+        except asyncio.CancelledError:
+            # The caller went away (cancelled, deadline): give its place back now, not
+            # when the drainer next reaches it, so the queue bound and gauge stay true.
+            for index, queued in enumerate(self._pending):
+                if queued is entry:  # identity: jobs hold tensors, which do not compare
+                    del self._pending[index]
+                    self._enqueued.pop(id(future), None)
+                    self._queue_grew(-job.tokens)
+                    break
+            raise
 
     def _take(self) -> list[tuple[EmbedJob, asyncio.Future[Timed]]]:
         """The next batch: the first queued job and those after it of its output dtype that fit the budget.
@@ -103,7 +123,7 @@ class EmbedBatcher:
         while self._pending:
             job, future = self._pending.popleft()
             if future.done():  # its caller went away
-                self._queued_tokens -= job.tokens
+                self._queue_grew(-job.tokens)
                 self._enqueued.pop(id(future), None)
                 continue
             if taken:
@@ -113,7 +133,7 @@ class EmbedBatcher:
                 if job.output_dtype != taken[0][0].output_dtype:
                     kept.append((job, future))
                     continue
-            self._queued_tokens -= job.tokens
+            self._queue_grew(-job.tokens)
             taken.append((job, future))
             tokens += job.tokens
         self._pending.extendleft(reversed(kept))
@@ -157,7 +177,7 @@ class EmbedBatcher:
                     continue
                 # One bad job must not fail its neighbours: run them one by one.
                 self._pending.extendleft(reversed(taken))
-                self._queued_tokens += sum(job.tokens for job in jobs)
+                self._queue_grew(sum(job.tokens for job in jobs))
                 self._alone = len(taken)
                 continue
             self._last_batch_end = time.perf_counter()
