@@ -1,6 +1,7 @@
 """Benchmark: WordVectors.most_similar through a real server, against gensim and the bare GEMM.
 
-    .venv/bin/python bench/word_vectors.py [--smoke] [--json OUT] [--results bench/RESULTS.md]
+    .venv/bin/python bench/word_vectors.py [--smoke] [--prefilter auto|on|off] [--json OUT]
+        [--results bench/RESULTS.md]
 
 For each model (GloVe 6B 50d, 400k x 50, and random normal vectors, 1M x 300;
 100k x 300 with --smoke), on the same vectors and the same seeded random
@@ -9,10 +10,11 @@ vocabulary words, it measures
 1. gensim: KeyedVectors.most_similar(word, topn=10), one call per word, on a subset;
 2. server: AsyncClient.word_vectors.most_similar_batch over gRPC on 127.0.0.1, against a
    real in-process server (after a warm-up call), and the core's WordVectors.search alone,
-   off the server, on the same queries (to tell the scan from the gRPC path);
-3. the GEMM limit: a bare torch.mm of [queries x dim] by [dim x vocab], blocked over the
-   vocabulary (the fastest of 4096, 8192 and 32768 rows on CPU; the server's blocking on a
-   GPU), with no top-k;
+   off the server, on the same queries (to tell the scan from the gRPC path), with the
+   bfloat16 prefilter (where the server uses it) and without;
+3. the GEMM limit: a bare float32 torch.mm of [queries x dim] by [dim x vocab], blocked over
+   the vocabulary (the fastest of 4096, 8192 and 32768 rows on CPU; the server's blocking on
+   a GPU), with no top-k; with the prefilter, the same product in bfloat16 as well;
 4. verification: on the words gensim ran, the server's top-10 equals gensim's (a
    different word only where gensim scores both within 1e-6) with scores within 1e-5.
 
@@ -51,6 +53,7 @@ from gensim.models import KeyedVectors
 TOPN = 10
 GEMM_BLOCK_ROWS = (4096, 8192, 32768)  # the GEMM limit is the fastest of these blockings on CPU
 DEVICE = torch.device("cpu")  # set from --device
+PREFILTER = "auto"  # set from --prefilter
 SCORE_TOLERANCE = 1e-5
 TIE_TOLERANCE = 1e-6
 TARGET_GEMM_FRACTION = 0.70
@@ -111,7 +114,10 @@ class Result:
     gensim_ms: float = math.nan
     server_ms: float = math.nan
     search_ms: float = math.nan  # WordVectors.search alone, in this process, no gRPC
+    search_float32_ms: float = math.nan  # the same with the bfloat16 prefilter off
+    prefilter: bool = False
     gemm_ms: float = math.nan
+    gemm_bfloat16_ms: float = math.nan  # the bare product in bfloat16: the prefilter's first pass
     gemm_gflops: float = math.nan
     server_gflops: float = math.nan
     speedup: float = math.nan  # gensim ms / server ms
@@ -221,14 +227,16 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def time_gemm(vectors: torch.Tensor, queries: torch.Tensor, repeats: int) -> float:
+def time_gemm(
+    vectors: torch.Tensor, queries: torch.Tensor, repeats: int, dtype: torch.dtype = torch.float32
+) -> float:
     """ms per query of a bare [Q x D] @ [D x V] product, blocked over the vocabulary: the fastest
     blocking and the best of `repeats` (after a warm-up pass each)."""
-    vectors, queries = vectors.to(DEVICE), queries.to(DEVICE)
+    vectors, queries = vectors.to(DEVICE, dtype), queries.to(DEVICE, dtype)
     count, rows = vectors.shape[0], queries.shape[0]
     best = math.inf
     for block in gemm_block_rows(rows, count):
-        buffer = torch.empty(rows * min(block, count), dtype=torch.float32, device=DEVICE)  # reused
+        buffer = torch.empty(rows * min(block, count), dtype=dtype, device=DEVICE)  # reused
         with torch.inference_mode():
             for repeat in range(repeats + 1):
                 started = time.perf_counter()
@@ -289,7 +297,12 @@ def bench_model(
     """Starts a server on `spec`, builds gensim's model from the server's arrays (unless given), measures."""
     started = time.perf_counter()
     config = ServerConfig(
-        port=0, device=str(DEVICE), word_vectors=spec, cache_dir=cache_dir, log_level="WARNING"
+        port=0,
+        device=str(DEVICE),
+        word_vectors=spec,
+        cache_dir=cache_dir,
+        log_level="WARNING",
+        word_vector_prefilter=PREFILTER,
     )
     components = load_components(config)
     running = None
@@ -335,6 +348,16 @@ def bench_model(
 
         log(f"{label}: core search alone, same batches")
         result.search_ms = time_search(model, batches)
+        result.prefilter = model.prefilter
+        if model.prefilter:
+            log(f"{label}: core search alone, bfloat16 prefilter off")
+            model.prefilter = False
+            try:
+                result.search_float32_ms = time_search(model, batches)
+            finally:
+                model.prefilter = True
+        else:
+            result.search_float32_ms = result.search_ms
 
         log(f"{label}: bare GEMM [{plan.batch} x {model.dim}] x [{model.dim} x {model.vocab_size}]")
         with warnings.catch_warnings():
@@ -342,6 +365,10 @@ def bench_model(
             vectors = torch.from_numpy(np.asarray(model.vectors, dtype=np.float32))
         unit = np.stack([model.unit_vector(w) for w in batches[0]]).astype(np.float32)
         result.gemm_ms = time_gemm(vectors, torch.from_numpy(unit), plan.gemm_repeats)
+        if result.prefilter:
+            result.gemm_bfloat16_ms = time_gemm(
+                vectors, torch.from_numpy(unit), plan.gemm_repeats, torch.bfloat16
+            )
 
         flop_per_query = 2.0 * model.vocab_size * model.dim
         result.gemm_gflops = flop_per_query / (result.gemm_ms / 1000) / 1e9
@@ -383,7 +410,9 @@ COLUMNS = [
     ("gensim ms/q", 11),
     ("server ms/q", 11),
     ("search ms/q", 11),
+    ("float32 search ms/q", 19),
     ("GEMM ms/q", 9),
+    ("bf16 GEMM ms/q", 14),
     ("server/gensim", 20),
     ("server % GEMM", 20),
     ("GEMM GFLOP/s", 12),
@@ -402,8 +431,10 @@ def table_rows(results: list[Result]) -> list[list[str]]:
                 f"{r.label} {r.vocab_size // 1000}k x {r.dim}",
                 f"{r.gensim_ms:.2f}",
                 f"{r.server_ms:.3f}",
-                f"{r.search_ms:.3f}",
+                f"{r.search_ms:.3f}" + (" (prefilter)" if r.prefilter else ""),
+                f"{r.search_float32_ms:.3f}",
                 f"{r.gemm_ms:.3f}",
+                f"{r.gemm_bfloat16_ms:.3f}" if r.prefilter else "-",
                 f"{r.speedup:.1f}x (>={r.target_speedup:.0f}x {speed_ok})",
                 f"{100 * r.gemm_fraction:.0f}% (>={100 * r.target_gemm_fraction:.0f}% {gemm_ok})",
                 f"{r.gemm_gflops:.1f}",
@@ -454,8 +485,10 @@ def append_results(path: Path, results: list[Result], info: dict[str, Any], smok
         f"{plan.in_flight} in flight, "
         f"{plan.calls} timed calls after a warm-up; gensim on {plan.gensim_queries} of the same words; "
         f"topn {TOPN}",
-        "- ms/q is per query; search = WordVectors.search alone (no gRPC); GEMM = bare torch.mm in "
-        "the fastest of several blockings; server % GEMM = GEMM ms / server ms",
+        "- ms/q is per query; search = WordVectors.search alone (no gRPC), float32 search = the same "
+        "with the bfloat16 prefilter off; GEMM = bare float32 torch.mm in the fastest of several "
+        "blockings, bf16 GEMM the same in bfloat16 (the prefilter's first pass); server % GEMM = "
+        "float32 GEMM ms / server ms (over 100% where the prefilter does less than that product)",
         "",
         markdown_table(results),
         "",
@@ -502,11 +535,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in-flight", type=int, default=1, help="server calls at a time (default 1)")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--device", default="cpu", help="torch device of the server and the GEMM (cpu, cuda)")
+    parser.add_argument(
+        "--prefilter",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="the server's --word-vector-prefilter",
+    )
     parser.add_argument("--verbose", action="store_true", help="the server's INFO logs")
     args = parser.parse_args(argv)
 
-    global DEVICE
+    global DEVICE, PREFILTER
     DEVICE = torch.device(args.device)
+    PREFILTER = args.prefilter
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     torch.set_num_threads(cpu_cores())
     plan = SMOKE if args.smoke else FULL

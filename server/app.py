@@ -114,10 +114,20 @@ def load_components(config: ServerConfig, environ: Mapping[str, str] | None = No
         raise StartupError("--max-batch-tokens and --max-wait-us must be >= 0")
     model = EmbeddingModel(tables, device, OUTPUT_DTYPES[config.dtype])
     cache_dir = config.cache_dir or default_cache_dir(os.environ if environ is None else environ)
+    prefilter_choices: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
+    if config.word_vector_prefilter not in prefilter_choices:
+        raise StartupError(
+            f"--word-vector-prefilter must be auto, on or off, got {config.word_vector_prefilter!r}"
+        )
     word_vectors = WordVectorSlot(
         config.word_vectors,
         lambda cancel: load_word_vectors(
-            config.word_vectors, cache_dir=cache_dir, device=device, max_topn=config.max_topn, cancel=cancel
+            config.word_vectors,
+            cache_dir=cache_dir,
+            device=device,
+            max_topn=config.max_topn,
+            prefilter=prefilter_choices[config.word_vector_prefilter],
+            cancel=cancel,
         ),
     )
     _LOGGER.info(

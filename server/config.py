@@ -47,6 +47,7 @@ class ServerConfig:
     word_vectors: str = "glove-6b-50d"
     cache_dir: Path | None = None
     max_topn: int = 10000
+    word_vector_prefilter: str = "auto"
     max_queries_per_request: int = 4096
     log_level: str = "INFO"
     grace: float = 5.0
@@ -130,6 +131,11 @@ _FLAGS: Mapping[str, tuple[Callable[[str], Any], str]] = {
     ),
     "cache_dir": (_optional_path, "where converted word vectors are kept (default: ~/.cache/embedserve)"),
     "max_topn": (int, "largest topn of a MostSimilar query"),
+    "word_vector_prefilter": (
+        str,
+        "auto, on or off: scan 3CosAdd queries in bfloat16 first and score in float32 only what may rank "
+        "(same answers; auto: on CPUs with native bfloat16)",
+    ),
     "max_queries_per_request": (int, "most queries, pairs or words in one WordVectors call"),
     "log_level": (str, "DEBUG, INFO, WARNING or ERROR"),
     "grace": (float, "seconds that in-flight calls get to finish after SIGTERM or SIGINT"),

@@ -23,6 +23,7 @@ def test_word_vectors_benchmark_smoke(tmp_path: Path) -> None:
     (synthetic,) = json.loads(out.read_text())["results"]
     assert synthetic["matched"] == synthetic["compared"] > 0
     assert synthetic["server_ms"] > 0
+    assert synthetic["search_float32_ms"] > 0
 
 
 def test_serving_benchmark_smoke(tmp_path: Path) -> None:

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 from embedserve.server.core import Cancelled, InvalidInput, LimitExceeded, NotFound, NotReady, StartupError
+from embedserve.server.core import vectors as vectors_module
 from embedserve.server.core.vector_sources import load_word_vectors
-from embedserve.server.core.vectors import SimilarityQuery, Term, WordVectors
+from embedserve.server.core.vectors import SimilarityQuery, Term, WordVectors, prefilter_margin
 from embedserve.server.core.word_vector_slot import WordVectorSlot
 from gensim.models import KeyedVectors
 
@@ -156,14 +157,35 @@ def test_small_blocks_give_the_same_answers(pair: tuple[WordVectors, KeyedVector
         assert_same_ranking(ours(blocked, *args), ours(model, *args))
 
 
-def test_threshold_scan_over_many_blocks_matches_gensim() -> None:
-    """Past the first block the CPU scan collects only scores above each query's k-th best so far;
-    many 64-column-aligned blocks and a whole batch in one scan exercise that path and its merges."""
+def _count_prefiltered_blocks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the blocks a scan scores through the bfloat16 prefilter (one entry per block)."""
+    seen: list[int] = []
+    original = vectors_module._RunningTopK.add_prefiltered_block
+
+    def counted(self: Any, *args: Any) -> None:
+        seen.append(1)
+        original(self, *args)
+
+    monkeypatch.setattr(vectors_module._RunningTopK, "add_prefiltered_block", counted)
+    return seen
+
+
+@pytest.mark.parametrize("prefilter", [False, True], ids=["float32", "bfloat16 prefilter"])
+def test_threshold_scan_over_many_blocks_matches_gensim(
+    prefilter: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the first block the CPU scan collects only scores above each query's k-th best so far
+    (with the prefilter, from a bfloat16 scan); many 64-column-aligned blocks and a whole batch in
+    one scan exercise that path and its merges."""
     rng = np.random.default_rng(11)
     kv = KeyedVectors(16)
     kv.add_vectors([f"w{i}" for i in range(20_000)], rng.standard_normal((20_000, 16), dtype=np.float32))
     kv.vectors[17] = 0  # a zero vector is never returned
-    model = WordVectors(kv.index_to_key, kv.vectors, name="t", source="t", device=CPU, block_rows=256)
+    model = WordVectors(
+        kv.index_to_key, kv.vectors, name="t", source="t", device=CPU, block_rows=256, prefilter=prefilter
+    )
+    assert model.prefilter == prefilter
+    prefiltered = _count_prefiltered_blocks(monkeypatch)
     specs = list(_random_queries(rng, kv, 120))
     queries = [
         SimilarityQuery(
@@ -186,6 +208,56 @@ def test_threshold_scan_over_many_blocks_matches_gensim() -> None:
                     restrict_vocab=q["restrict"],
                 )
             assert_same_ranking(got, [(w, s) for w, s in expected if w != "w17"])
+    assert (len(prefiltered) > 20) == prefilter, len(prefiltered)
+
+
+def test_prefilter_margin_bounds_bfloat16_products() -> None:
+    """The margin holds for unit rows however their weight is spread (even, spiky, one-hot) and
+    for unit, short and zero queries, at small and large dims."""
+    rng = np.random.default_rng(5)
+    for dim in (16, 50, 300):
+        shapes = [
+            rng.standard_normal((2000, dim)),
+            rng.standard_t(1, (2000, dim)),  # heavy tails: a few components carry the row
+            np.eye(dim).repeat(2000 // dim + 1, axis=0)[:2000] + 1e-3 * rng.random((2000, dim)),
+        ]
+        rows = torch.nn.functional.normalize(torch.from_numpy(np.concatenate(shapes)).float(), dim=1)
+        queries = torch.nn.functional.normalize(
+            torch.from_numpy(rng.standard_t(2, (200, dim))).float(), dim=1
+        )
+        queries = torch.cat([queries, rows[:50], 0.3 * queries[:20], torch.zeros(1, dim)])
+        approximate = torch.mm(queries.bfloat16(), rows.bfloat16().T).float()
+        error = (approximate - torch.mm(queries, rows.T)).abs()
+        margin = prefilter_margin(queries.norm(dim=1), dim)[:, None]
+        assert bool((error <= margin).all()), float((error - margin).max())
+        assert float(error.max()) > 0.1 * float(margin.max())  # the bound is not vacuous
+
+
+@pytest.mark.parametrize("topn", [1, 10, 100])
+def test_prefilter_answers_are_the_float32_scans_among_near_ties(
+    topn: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Clusters of near-duplicate rows put many scores closer together than bfloat16 can tell
+    apart, around every query's k-th best: the prefilter must still find exactly what float32 does."""
+    rng = np.random.default_rng(topn)
+    centres = rng.standard_normal((600, 24)).astype(np.float32)
+    vectors = (centres.repeat(40, axis=0) + 1e-3 * rng.standard_normal((24_000, 24))).astype(np.float32)
+    vectors = vectors[rng.permutation(len(vectors))]
+    vectors[1234] = 0
+    words = [f"w{i}" for i in range(len(vectors))]
+    exact = WordVectors(words, vectors, name="e", source="e", device=CPU, block_rows=512, prefilter=False)
+    fast = WordVectors(words, vectors, name="f", source="f", device=CPU, block_rows=512, prefilter=True)
+    queries = []
+    for index in range(150):
+        positive = [Term(word=words[int(i)]) for i in rng.integers(0, len(words), 1 + index % 3)]
+        negative = [Term(vector=rng.standard_normal(24).astype(np.float32))] if index % 4 == 0 else []
+        restrict = int(rng.integers(5_000, 24_000)) if index % 5 == 0 else None
+        queries.append(SimilarityQuery(tuple(positive), tuple(negative), topn, restrict))
+    prefiltered = _count_prefiltered_blocks(monkeypatch)
+    got = fast.most_similar(queries)
+    assert prefiltered, "the prefilter never ran"
+    for result, expected in zip(got, exact.most_similar(queries), strict=True):
+        assert_same_ranking(result, expected)
 
 
 def test_cosmul_honours_restrict_vocab_which_gensim_ignores(pair: tuple[WordVectors, KeyedVectors]) -> None:
@@ -257,6 +329,8 @@ def test_convert_once_then_memory_map(tmp_path: Path) -> None:
     assert (folder / "vectors.npy").stat().st_mtime_ns == written
     assert isinstance(second.vectors, np.memmap)
     assert second.words == first.words
+    rounded = torch.from_numpy(np.load(folder / "unit.npy")).bfloat16().view(torch.int16).numpy()
+    assert np.array_equal(np.load(folder / "unit_bfloat16.npy").view(np.int16), rounded)
     assert load_word_vectors("none", cache_dir=cache, device=CPU) is None
     source.write_text(source.read_text().replace("the 0.418", "the 0.5", 1))
     third = load_word_vectors(str(source), cache_dir=cache, device=CPU)

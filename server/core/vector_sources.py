@@ -38,7 +38,7 @@ from .vectors import FloatArray, WordVectors, unit_rows
 _LOGGER = logging.getLogger(__name__)
 
 DEFAULT_WORD_VECTORS = "glove-6b-50d"
-_CACHE_FORMAT = 3
+_CACHE_FORMAT = 4
 
 
 def default_cache_dir(environ: Mapping[str, str]) -> Path:
@@ -164,6 +164,10 @@ def _write_cache(folder: Path, loaded: _Loaded, name: str, cancel: threading.Eve
         vectors = np.lib.format.open_memmap(staging / "vectors.npy", "w+", np.float32, (count, dim))
         norms = np.lib.format.open_memmap(staging / "norms.npy", "w+", np.float32, (count,))
         unit = np.lib.format.open_memmap(staging / "unit.npy", "w+", np.float32, (count, dim))
+        # numpy has no bfloat16: its bits as uint16, for the prefilter (see WordVectors).
+        unit_bfloat16 = np.lib.format.open_memmap(
+            staging / "unit_bfloat16.npy", "w+", np.uint16, (count, dim)
+        )
         step = 100_000
         last_log = time.monotonic()
         for start in range(0, count, step):
@@ -172,13 +176,21 @@ def _write_cache(folder: Path, loaded: _Loaded, name: str, cancel: threading.Eve
             vectors[start : start + step] = block
             norms[start : start + step] = np.linalg.norm(block, axis=1)
             unit_rows(block, norms[start : start + step], out=unit[start : start + step])
+            unit_bfloat16[start : start + step] = (
+                torch.from_numpy(unit[start : start + step])
+                .to(torch.bfloat16)
+                .view(torch.int16)
+                .numpy()
+                .view(np.uint16)
+            )
             if time.monotonic() - last_log > 2:
                 _LOGGER.info("converting %s: %d of %d vectors", name, min(start + step, count), count)
                 last_log = time.monotonic()
         vectors.flush()
         norms.flush()
         unit.flush()
-        del vectors, norms, unit
+        unit_bfloat16.flush()
+        del vectors, norms, unit, unit_bfloat16
         (staging / "words.json").write_text(json.dumps(loaded.words, ensure_ascii=False))
         meta = {"format": _CACHE_FORMAT, "name": name, "source": loaded.source, "count": count, "dim": dim}
         (staging / "meta.json").write_text(json.dumps(meta))
@@ -195,9 +207,12 @@ def load_word_vectors(
     cache_dir: Path,
     device: torch.device,
     max_topn: int = 10000,
+    prefilter: bool | None = None,
     cancel: threading.Event | None = None,
 ) -> WordVectors | None:
     """The model `--word-vectors` names, converted into the cache on first use and memory-mapped after.
+
+    prefilter: WordVectors' bfloat16 prefilter (None: where this machine multiplies bfloat16 natively).
 
     Setting `cancel` stops the work at the next step with Cancelled (a gensim read runs to its end).
     """
@@ -222,6 +237,7 @@ def load_word_vectors(
                     source=loaded.source,
                     device=device,
                     max_topn=max_topn,
+                    prefilter=prefilter,
                 )
     _check(cancel)
     meta = json.loads((folder / "meta.json").read_text())
@@ -231,18 +247,21 @@ def load_word_vectors(
         np.load(folder / "vectors.npy", mmap_mode="r"),
         norms=np.load(folder / "norms.npy", mmap_mode="r"),
         unit=np.load(folder / "unit.npy", mmap_mode="r"),
+        unit_bfloat16=np.load(folder / "unit_bfloat16.npy", mmap_mode="r"),
         name=spec,
         source=str(meta["source"]),
         device=device,
         max_topn=max_topn,
+        prefilter=prefilter,
     )
     _LOGGER.info(
-        "word vectors %s: %d x %d from %s (cache %s), ready in %.2f s",
+        "word vectors %s: %d x %d from %s (cache %s, bfloat16 prefilter %s), ready in %.2f s",
         spec,
         model.vocab_size,
         model.dim,
         model.source,
         folder,
+        "on" if model.prefilter else "off",
         time.perf_counter() - started,
     )
     return model

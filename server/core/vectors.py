@@ -13,6 +13,7 @@ float32 rounding.
 from __future__ import annotations
 
 import bisect
+import logging
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -25,6 +26,7 @@ import torch
 
 from .errors import InvalidInput, LimitExceeded, NotFound
 
+_LOGGER = logging.getLogger(__name__)
 FloatArray = npt.NDArray[np.float32]
 Method = Literal["add", "mul"]
 # gensim's epsilon in most_similar_cosmul's denominator.
@@ -34,6 +36,25 @@ _Scorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # Columns per group in the two-stage top-k.
 _TOPK_GROUP = 64
 _GPU_SCORE_BUFFER_ELEMENTS = 64 * 1024 * 1024
+# The prefilter pays only where few (query, column group) pairs need a second look: early in a
+# scan, when the k-th best scores so far are still low, blocks are scored in float32 alone.
+_PREFILTER_MAX_HIT_SHARE = 0.2
+
+
+def prefilter_margin(query_norms: torch.Tensor, dim: int) -> torch.Tensor:
+    """How far a bfloat16 product of a query with a unit row can fall from the float32 one.
+
+    Rounding each factor to bfloat16 (8 significant bits) moves each term by at most
+    2 * 2**-8 + 2**-16 of itself, so the sum by that share of |q| |u| = |q| (Cauchy-Schwarz);
+    rounding the float32-accumulated result to bfloat16 adds 2**-8 of it, and accumulation
+    (in either precision) dim * 2**-24 each: under 2**-6 + dim * 2**-22 of |q| in all.
+    """
+    return query_norms * (2**-6 + dim * 2**-22)
+
+
+def bfloat16_prefilter_available(device: torch.device) -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), so the prefilter pays."""
+    return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 @dataclass(frozen=True)
@@ -129,7 +150,14 @@ class WordVectors:
         unit: FloatArray | None = None,
         block_rows: int = 8192,
         max_topn: int = 10000,
+        prefilter: bool | None = None,
+        unit_bfloat16: npt.NDArray[np.uint16] | None = None,
     ) -> None:
+        """prefilter: scan 3CosAdd queries in bfloat16 first and score in float32 only the
+        column groups that may hold a result (None: where bfloat16_prefilter_available says it
+        pays). Results are the float32 scan's: see _search. unit_bfloat16: the unit rows already
+        rounded to bfloat16 (as uint16 bits, e.g. memory-mapped from the cache).
+        """
         if vectors.ndim != 2 or vectors.shape[0] != len(words):
             raise ValueError(f"{len(words)} words but vectors of shape {vectors.shape}")
         self.name = name
@@ -151,8 +179,45 @@ class WordVectors:
             warnings.simplefilter("ignore", UserWarning)
             unit = unit_rows(self._rows, self._row_norms) if unit is None else unit
             self._unit = torch.from_numpy(unit).to(device)
+            self._unit_bfloat16: torch.Tensor | None = None
+            self._prefilter_enabled = True
+            if bfloat16_prefilter_available(device) if prefilter is None else prefilter:
+                self._unit_bfloat16 = (
+                    self._unit.to(torch.bfloat16)
+                    if unit_bfloat16 is None
+                    else torch.from_numpy(unit_bfloat16).view(torch.bfloat16).to(device)
+                )
+                if not self._prefilter_within_margin():
+                    _LOGGER.warning(
+                        "bfloat16 products on %s stray past the prefilter's margin; scanning in float32",
+                        device,
+                    )
+                    self._unit_bfloat16 = None
         # gensim would score a zero vector NaN; here it is never returned.
         self._zero_rows = torch.from_numpy(self.norms == 0).to(device) if np.any(self.norms == 0) else None
+
+    @property
+    def prefilter(self) -> bool:
+        """Whether 3CosAdd scans use the bfloat16 prefilter."""
+        return self._unit_bfloat16 is not None and self._prefilter_enabled
+
+    @prefilter.setter
+    def prefilter(self, enabled: bool) -> None:
+        """Turns a prefilter the model was built with off and on again (benchmarks compare both)."""
+        if enabled and self._unit_bfloat16 is None:
+            raise ValueError("this model was built without the bfloat16 prefilter")
+        self._prefilter_enabled = enabled
+
+    def _prefilter_within_margin(self) -> bool:
+        """The margin assumes products accumulate in float32, which is this machine's kernels'
+        business: a check on some rows against the others, before any query relies on it."""
+        assert self._unit_bfloat16 is not None
+        sample = self._unit[: min(4096, self.vocab_size)]
+        queries = sample[:: max(1, len(sample) // 64)]
+        with torch.inference_mode():
+            approximate = torch.mm(queries.to(torch.bfloat16), self._unit_bfloat16[: len(sample)].T)
+            error = (approximate.float() - torch.mm(queries, sample.T)).abs()
+            return bool((error <= prefilter_margin(queries.norm(dim=1), self.dim)[:, None] / 2).all())
 
     @property
     def vocab_size(self) -> int:
@@ -329,15 +394,18 @@ class WordVectors:
         mul = [i for i, p in enumerate(prepared) if p.add_vector is None and p.topn > 0]
         with torch.inference_mode():
             if add:
-                self._search(add, prepared, results, self._add_scorer([prepared[i] for i in add]))
+                queries = self._add_queries([prepared[i] for i in add])
+                self._search(add, prepared, results, self._add_scorer(queries), exact_queries=queries)
             if mul:
                 self._search(mul, prepared, results, self._mul_scorer([prepared[i] for i in mul]))
         return results
 
-    def _add_scorer(self, group: list[PreparedQuery]) -> _Scorer:
-        queries = torch.from_numpy(np.stack([p.add_vector for p in group if p.add_vector is not None]))
-        queries = queries.to(self.device)
+    def _add_queries(self, group: list[PreparedQuery]) -> torch.Tensor:
+        return torch.from_numpy(np.stack([p.add_vector for p in group if p.add_vector is not None])).to(
+            self.device
+        )
 
+    def _add_scorer(self, queries: torch.Tensor) -> _Scorer:
         def score(unit_block: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
             # Into a reused buffer: a fresh [queries, rows] tensor per block costs as much as the product.
             return torch.mm(queries, unit_block.T, out=out)
@@ -377,7 +445,16 @@ class WordVectors:
         prepared: Sequence[PreparedQuery],
         results: list[list[tuple[str, float]]],
         score: _Scorer,
+        exact_queries: torch.Tensor | None = None,
     ) -> None:
+        """The blocked scan of one group of queries.
+
+        With the bfloat16 prefilter (exact_queries given, the float32 3CosAdd query matrix),
+        once every query has a k-th best so far, a block is scored in bfloat16 and only the
+        column groups whose best bfloat16 score comes within prefilter_margin of it are scored
+        again in float32; no float32 score that could enter the top k is skipped, so the
+        results are the float32 scan's.
+        """
         group = [prepared[i] for i in members]
         end = max(p.end for p in group)
         k = min(max(p.topn for p in group), end)
@@ -389,14 +466,8 @@ class WordVectors:
         excluded_starts = [index for index, _ in pairs]
         query_ends = torch.tensor([p.end for p in group], dtype=torch.int64, device=self.device)[:, None]
         smallest_end = min(p.end for p in group)
-        best = _RunningTopK(len(group), k, self.device)
-        buffer = torch.empty(len(group) * min(block_rows, end), device=self.device)
-        for start in range(0, end, block_rows):
-            stop = min(start + block_rows, end)
-            scores = score(
-                self._unit[start:stop],
-                buffer[: len(group) * (stop - start)].view(len(group), stop - start),
-            )
+
+        def mask(scores: torch.Tensor, start: int, stop: int) -> None:
             if self._zero_rows is not None:
                 scores.masked_fill_(self._zero_rows[start:stop], -math.inf)
             if smallest_end < stop:  # some query's restrict_vocab ends inside this block
@@ -409,8 +480,41 @@ class WordVectors:
             if first < last:
                 scores.index_put_(
                     (excluded_queries[first:last], excluded_rows[first:last] - start),
-                    torch.tensor(-math.inf, device=self.device),
+                    torch.tensor(-math.inf, dtype=scores.dtype, device=self.device),
                 )
+
+        best = _RunningTopK(len(group), k, self.device)
+        buffer = torch.empty(len(group) * min(block_rows, end), device=self.device)
+        prefilter = None
+        if exact_queries is not None and self.prefilter:
+            prefilter = _Prefilter(
+                exact_queries,
+                exact_queries.to(torch.bfloat16),
+                prefilter_margin(exact_queries.norm(dim=1), self.dim),
+                torch.empty(len(group) * min(block_rows, end), dtype=torch.bfloat16, device=self.device),
+            )
+        for start in range(0, end, block_rows):
+            stop = min(start + block_rows, end)
+            rows = stop - start
+            if (
+                prefilter is not None
+                and rows % _TOPK_GROUP == 0
+                and best.hit_share <= _PREFILTER_MAX_HIT_SHARE
+            ):
+                lowest = best.prefilter_bits(prefilter.margins)
+                if lowest is not None:
+                    approximate = torch.mm(
+                        prefilter.queries,
+                        self._unit_bfloat16[start:stop].T,  # type: ignore[index]
+                        out=prefilter.buffer[: len(group) * rows].view(len(group), rows),
+                    )
+                    mask(approximate, start, stop)
+                    best.add_prefiltered_block(
+                        approximate.view(torch.int16), lowest, start, self._unit[start:stop], prefilter
+                    )
+                    continue
+            scores = score(self._unit[start:stop], buffer[: len(group) * rows].view(len(group), rows))
+            mask(scores, start, stop)
             best.add_block(scores, start)
         best_scores, best_rows = best.result()
         top_scores, top_rows = best_scores.cpu().tolist(), best_rows.cpu().tolist()
@@ -521,6 +625,14 @@ def _block_candidates(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch
     return _group_candidates(scores, maxima, k)
 
 
+@dataclass(frozen=True)
+class _Prefilter:
+    exact_queries: torch.Tensor  # [queries, D] float32
+    queries: torch.Tensor  # the same in bfloat16
+    margins: torch.Tensor  # [queries], prefilter_margin
+    buffer: torch.Tensor  # bfloat16 scores of a block
+
+
 class _RunningTopK:
     """The k best (score, vocabulary row) of each query over a blocked scan, sorted best first.
 
@@ -540,6 +652,54 @@ class _RunningTopK:
         self._thresholds: torch.Tensor | None = None
         self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._pending_count = 0
+        self._prefilter_bits: torch.Tensor | None = None  # follows _thresholds
+        self._prefilter_checked = False  # whether _prefilter_bits is up to date
+        # The share of (query, column group) pairs of the last block that had to be looked at.
+        self.hit_share = 1.0
+
+    def prefilter_bits(self, margins: torch.Tensor) -> torch.Tensor | None:
+        """Per query, the int16 bits of a bfloat16 value at most (k-th best - margin); a block's
+        column group may hold a score above the k-th best only where its best bfloat16 score's
+        bits are greater. None until every query has a k-th best and it is above its margin:
+        int16 order is value order only for positive bfloat16 values.
+        """
+        if self._thresholds is None:
+            return None
+        if not self._prefilter_checked:
+            lowest = self._thresholds - margins
+            self._prefilter_bits = None
+            if bool((lowest > 0).all()):
+                rounded = lowest.to(torch.bfloat16)
+                bits = rounded.view(torch.int16)
+                # Rounded down, not to nearest: one bfloat16 step less where rounding went up.
+                self._prefilter_bits = torch.where(rounded.float() > lowest, bits - 1, bits)
+            self._prefilter_checked = True
+        return self._prefilter_bits
+
+    def add_prefiltered_block(
+        self,
+        approximate_bits: torch.Tensor,
+        lowest_bits: torch.Tensor,
+        start: int,
+        unit_block: torch.Tensor,
+        prefilter: _Prefilter,
+    ) -> None:
+        """A block scored in bfloat16 (as int16 bits, masked with -inf): the columns that may
+        hold a score above the k-th best are scored again in float32 and collected."""
+        assert self._thresholds is not None
+        queries, columns = approximate_bits.shape
+        grouped = approximate_bits.view(queries, columns // _TOPK_GROUP, _TOPK_GROUP)
+        query_index, group_index = (grouped.amax(dim=2) > lowest_bits[:, None]).nonzero(as_tuple=True)
+        self.hit_share = query_index.numel() / (queries * grouped.shape[1])
+        if query_index.numel() == 0:
+            return
+        hit, offset = (grouped[query_index, group_index] > lowest_bits[query_index, None]).nonzero(
+            as_tuple=True
+        )
+        query_index, column = query_index[hit], group_index[hit] * _TOPK_GROUP + offset
+        values = (unit_block[column] * prefilter.exact_queries[query_index]).sum(dim=1)
+        above = values > self._thresholds[query_index]
+        self._add_pending(query_index[above], values[above], column[above] + start)
 
     def add_block(self, scores: torch.Tensor, start: int) -> None:
         if self._thresholds is not None and scores.shape[1] % _TOPK_GROUP == 0:
@@ -550,6 +710,7 @@ class _RunningTopK:
         if self._collect and self.scores.shape[1] == self.k:
             kth = self.scores[:, -1]
             self._thresholds = kth.clone() if bool(kth.isfinite().all()) else None
+            self._prefilter_checked = False
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         self._flush()
@@ -566,15 +727,26 @@ class _RunningTopK:
         queries, columns = scores.shape
         grouped = scores.view(queries, columns // _TOPK_GROUP, _TOPK_GROUP)
         query_index, group_index = (grouped.amax(dim=2) > self._thresholds[:, None]).nonzero(as_tuple=True)
+        self.hit_share = query_index.numel() / (queries * grouped.shape[1])
         if query_index.numel() == 0:
             return
-        values = grouped[query_index, group_index]  # [hits, 64]
+        self._keep_above_thresholds(query_index, group_index, grouped[query_index, group_index], start)
+
+    def _keep_above_thresholds(
+        self, query_index: torch.Tensor, group_index: torch.Tensor, values: torch.Tensor, start: int
+    ) -> None:
+        """Keeps the scores above their query's k-th best of some column groups ([hits, 64] values)."""
+        assert self._thresholds is not None
         hit, offset = (values > self._thresholds[query_index, None]).nonzero(as_tuple=True)
-        self._pending.append(
-            (query_index[hit], values[hit, offset], group_index[hit] * _TOPK_GROUP + offset + start)
+        self._add_pending(
+            query_index[hit], values[hit, offset], group_index[hit] * _TOPK_GROUP + offset + start
         )
-        self._pending_count += hit.numel()
-        if self._pending_count >= queries * self.k:
+
+    def _add_pending(self, query_index: torch.Tensor, values: torch.Tensor, rows: torch.Tensor) -> None:
+        self._pending.append((query_index, values, rows))
+        self._pending_count += query_index.numel()
+        # Merged often enough that the k-th best (which decides what is looked at) stays fresh.
+        if self._pending_count >= self.scores.shape[0] * min(self.k, 4):
             self._flush()
 
     def _flush(self) -> None:
@@ -595,3 +767,4 @@ class _RunningTopK:
         packed_rows[query_index, slots] = rows
         self._merge(packed_scores, packed_rows)
         self._thresholds = self.scores[:, -1].clone()
+        self._prefilter_checked = False
