@@ -14,7 +14,9 @@ vocabulary words, it measures
    bfloat16 prefilter (where the server uses it) and without;
 3. the GEMM limit: a bare float32 torch.mm of [queries x dim] by [dim x vocab], blocked over
    the vocabulary (the fastest of 4096, 8192 and 32768 rows on CPU; the server's blocking on
-   a GPU), with no top-k; with the prefilter, the same product in bfloat16 as well;
+   a GPU), with no top-k; with the prefilter, the same product in bfloat16 as well. Server
+   calls and GEMM passes alternate (--rounds of each), and the share of the GEMM limit is
+   the median of the rounds' ratios, so a slow spell of a shared machine slows both;
 4. verification: on the words gensim ran, the server's top-10 equals gensim's (a
    different word only where gensim scores both within 1e-6) with scores within 1e-5.
 
@@ -32,6 +34,7 @@ import logging
 import math
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import threading
@@ -80,6 +83,7 @@ class Plan:
     in_flight: int  # server calls at a time
     calls: int  # timed server calls (after one warm-up call)
     gemm_repeats: int
+    rounds: int  # server calls and GEMM passes alternate this many times; the share is their median
 
 
 FULL = Plan(
@@ -90,6 +94,7 @@ FULL = Plan(
     in_flight=1,
     calls=4,
     gemm_repeats=3,
+    rounds=3,
 )
 SMOKE = Plan(
     synthetic_rows=100_000,
@@ -99,6 +104,7 @@ SMOKE = Plan(
     in_flight=1,
     calls=2,
     gemm_repeats=2,
+    rounds=2,
 )
 
 
@@ -121,7 +127,7 @@ class Result:
     gemm_gflops: float = math.nan
     server_gflops: float = math.nan
     speedup: float = math.nan  # gensim ms / server ms
-    gemm_fraction: float = math.nan  # GEMM-limit ms / server ms
+    gemm_fraction: float = math.nan  # median over rounds of GEMM-limit ms / server ms
     target_speedup: float = math.nan
     target_gemm_fraction: float = TARGET_GEMM_FRACTION
     matched: int = 0
@@ -191,10 +197,13 @@ def time_gensim(kv: KeyedVectors, words: list[str]) -> tuple[float, list[list[tu
 async def time_server(
     target: str, warmup: list[str], batches: list[list[str]], in_flight: int
 ) -> tuple[float, list[list[tuple[str, float]]]]:
-    """ms per query of most_similar_batch over gRPC with `in_flight` calls at a time (after one
-    warm-up call), and the answers in order."""
+    """ms per query of most_similar_batch over gRPC with `in_flight` calls at a time (after a
+    warm-up call, if `warmup` has words), and the answers in order."""
     async with AsyncClient(target, timeout=600) as client:
-        await client.word_vectors.most_similar_batch([Query(positive=[w], topn=TOPN) for w in warmup])
+        if warmup:
+            await client.word_vectors.most_similar_batch([Query(positive=[w], topn=TOPN) for w in warmup])
+        else:
+            await client.info()  # connected before the clock starts
         requests = [[Query(positive=[w], topn=TOPN) for w in words] for words in batches]
         replies: list[list[list[tuple[str, float]]]] = [[] for _ in batches]
         waiting = list(range(len(batches)))
@@ -228,14 +237,19 @@ def _sync() -> None:
 
 
 def time_gemm(
-    vectors: torch.Tensor, queries: torch.Tensor, repeats: int, dtype: torch.dtype = torch.float32
-) -> float:
-    """ms per query of a bare [Q x D] @ [D x V] product, blocked over the vocabulary: the fastest
-    blocking and the best of `repeats` (after a warm-up pass each)."""
+    vectors: torch.Tensor,
+    queries: torch.Tensor,
+    repeats: int,
+    dtype: torch.dtype = torch.float32,
+    blockings: tuple[int, ...] | None = None,
+) -> tuple[float, int]:
+    """ms per query of a bare [Q x D] @ [D x V] product, blocked over the vocabulary, and the
+    blocking: the fastest of `blockings` (default gemm_block_rows) and the best of `repeats`
+    (after a warm-up pass each)."""
     vectors, queries = vectors.to(DEVICE, dtype), queries.to(DEVICE, dtype)
     count, rows = vectors.shape[0], queries.shape[0]
-    best = math.inf
-    for block in gemm_block_rows(rows, count):
+    best, best_block = math.inf, 0
+    for block in blockings or gemm_block_rows(rows, count):
         buffer = torch.empty(rows * min(block, count), dtype=dtype, device=DEVICE)  # reused
         with torch.inference_mode():
             for repeat in range(repeats + 1):
@@ -246,9 +260,9 @@ def time_gemm(
                     torch.mm(queries, vectors[start:stop].T, out=out)
                 _sync()
                 elapsed = time.perf_counter() - started
-                if repeat:  # the first pass is a warm-up
-                    best = min(best, elapsed)
-    return best * 1000 / rows
+                if repeat and elapsed < best:  # the first pass is a warm-up
+                    best, best_block = elapsed, block
+    return best * 1000 / rows, best_block
 
 
 # Verification
@@ -340,11 +354,36 @@ def bench_model(
         gensim_words = measured[: plan.gensim_queries]
         result.gensim_ms, expected = time_gensim(kv, gensim_words)
 
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # a read-only memory map, never written
+            vectors = torch.from_numpy(np.asarray(model.vectors, dtype=np.float32))
+        unit = torch.from_numpy(np.stack([model.unit_vector(w) for w in batches[0]]).astype(np.float32))
         log(
-            f"{label}: server, {plan.calls} calls of {plan.batch} queries over gRPC, "
-            f"{plan.in_flight} at a time"
+            f"{label}: bare GEMM [{plan.batch} x {model.dim}] x [{model.dim} x {model.vocab_size}], blockings"
         )
-        result.server_ms, answers = asyncio.run(time_server(running.target, warmup, batches, plan.in_flight))
+        _, blocking = time_gemm(vectors, unit, plan.gemm_repeats)
+
+        # Server and GEMM alternate, so a slow spell of a shared machine hits both: the share is
+        # the median of each round's ratio.
+        server_rounds: list[float] = []
+        gemm_rounds: list[float] = []
+        answers: list[list[tuple[str, float]]] = []
+        for round_index in range(plan.rounds):
+            log(
+                f"{label}: round {round_index + 1}/{plan.rounds}: server, {plan.calls} calls of "
+                f"{plan.batch} queries over gRPC, {plan.in_flight} at a time; then the GEMM"
+            )
+            server_ms, round_answers = asyncio.run(
+                time_server(running.target, warmup if round_index == 0 else [], batches, plan.in_flight)
+            )
+            answers = answers or round_answers
+            server_rounds.append(server_ms)
+            gemm_rounds.append(time_gemm(vectors, unit, 1, blockings=(blocking,))[0])
+        result.server_ms = statistics.median(server_rounds)
+        result.gemm_ms = statistics.median(gemm_rounds)
+        result.gemm_fraction = statistics.median(
+            gemm / server for gemm, server in zip(gemm_rounds, server_rounds, strict=True)
+        )
 
         log(f"{label}: core search alone, same batches")
         result.search_ms = time_search(model, batches)
@@ -356,25 +395,14 @@ def bench_model(
                 result.search_float32_ms = time_search(model, batches)
             finally:
                 model.prefilter = True
+            result.gemm_bfloat16_ms, _ = time_gemm(vectors, unit, plan.gemm_repeats, torch.bfloat16)
         else:
             result.search_float32_ms = result.search_ms
-
-        log(f"{label}: bare GEMM [{plan.batch} x {model.dim}] x [{model.dim} x {model.vocab_size}]")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # a read-only memory map, never written
-            vectors = torch.from_numpy(np.asarray(model.vectors, dtype=np.float32))
-        unit = np.stack([model.unit_vector(w) for w in batches[0]]).astype(np.float32)
-        result.gemm_ms = time_gemm(vectors, torch.from_numpy(unit), plan.gemm_repeats)
-        if result.prefilter:
-            result.gemm_bfloat16_ms = time_gemm(
-                vectors, torch.from_numpy(unit), plan.gemm_repeats, torch.bfloat16
-            )
 
         flop_per_query = 2.0 * model.vocab_size * model.dim
         result.gemm_gflops = flop_per_query / (result.gemm_ms / 1000) / 1e9
         result.server_gflops = flop_per_query / (result.server_ms / 1000) / 1e9
         result.speedup = result.gensim_ms / result.server_ms
-        result.gemm_fraction = result.gemm_ms / result.server_ms
 
         for word, want, have in zip(gensim_words, expected, answers, strict=False):
             result.compared += 1
@@ -487,8 +515,9 @@ def append_results(path: Path, results: list[Result], info: dict[str, Any], smok
         f"topn {TOPN}",
         "- ms/q is per query; search = WordVectors.search alone (no gRPC), float32 search = the same "
         "with the bfloat16 prefilter off; GEMM = bare float32 torch.mm in the fastest of several "
-        "blockings, bf16 GEMM the same in bfloat16 (the prefilter's first pass); server % GEMM = "
-        "float32 GEMM ms / server ms (over 100% where the prefilter does less than that product)",
+        "blockings, bf16 GEMM the same in bfloat16 (the prefilter's first pass); server and GEMM "
+        f"alternate {plan.rounds} times and each is the median; server % GEMM = the median of the "
+        "rounds' float32 GEMM ms / server ms (over 100% where the prefilter does less than that product)",
         "",
         markdown_table(results),
         "",
