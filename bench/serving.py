@@ -23,6 +23,8 @@ matplotlib is installed.
 
 from __future__ import annotations
 
+# torch is imported after tune_openmp:
+# ruff: noqa: E402
 import argparse
 import asyncio
 import datetime
@@ -39,6 +41,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from embedserve.server.cli import tune_openmp
+
+tune_openmp(os.environ)  # before torch loads, as `embedserve serve` does
 
 import grpc
 import numpy as np

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import subprocess
 import sys
 import threading
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 from embedserve.client import Client, InvalidArgumentError, NotFoundError
 from embedserve.server import ServerConfig, parse_server_config
-from embedserve.server.cli import main
+from embedserve.server.cli import OPENMP_WAITING, main
 
 from .conftest import ServerThread, free_port, start_cli_server
 
@@ -132,6 +133,7 @@ def test_every_flag_reads_its_environment_variable() -> None:
         "EMBEDSERVE_WORD_VECTORS": "none",
         "EMBEDSERVE_CACHE_DIR": "/cache",
         "EMBEDSERVE_MAX_TOPN": "13",
+        "EMBEDSERVE_WORD_VECTOR_PREFILTER": "off",
         "EMBEDSERVE_MAX_QUERIES_PER_REQUEST": "14",
         "EMBEDSERVE_LOG_LEVEL": "DEBUG",
     }
@@ -156,11 +158,34 @@ def test_every_flag_reads_its_environment_variable() -> None:
         word_vectors="none",
         cache_dir=Path("/cache"),
         max_topn=13,
+        word_vector_prefilter="off",
         max_queries_per_request=14,
         log_level="DEBUG",
     )
     assert parse_server_config(["--port", "7000"], environ).port == 7000
     assert parse_server_config([], {}) == ServerConfig()
+
+
+def test_serve_sets_openmp_waiting_before_torch_loads() -> None:
+    """libgomp reads its variables once, when torch loads: `serve` sets them first, and only
+    where the operator set neither."""
+    probe = (
+        "import os, sys\n"
+        "from embedserve.server import cli\n"
+        "assert 'torch' not in sys.modules, 'the CLI must not load torch before it tunes OpenMP'\n"
+        "operator = {'OMP_WAIT_POLICY': 'PASSIVE'}\n"
+        "assert not cli.tune_openmp(operator) and operator == {'OMP_WAIT_POLICY': 'PASSIVE'}\n"
+        "assert cli.tune_openmp(os.environ)\n"
+        "import torch\n"
+        "assert not cli.tune_openmp({})  # too late once torch is loaded\n"
+        "print(os.environ['OMP_WAIT_POLICY'], os.environ['GOMP_SPINCOUNT'])\n"
+    )
+    environ = {k: v for k, v in os.environ.items() if k not in OPENMP_WAITING}
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, env=environ
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [OPENMP_WAITING["OMP_WAIT_POLICY"], OPENMP_WAITING["GOMP_SPINCOUNT"]]
 
 
 def test_serve_runs_and_stops_cleanly_on_sigterm() -> None:
