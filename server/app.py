@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import gc
 import json
 import logging
 import os
@@ -319,6 +320,11 @@ async def serve(config: ServerConfig, *, grace_seconds: float | None = None) -> 
         loop.add_signal_handler(signum, stop.set)
     components = await asyncio.to_thread(load_components, config)
     server, port = build_server(config, components)
+    # Everything imported and loaded so far lives as long as the process (torch's, gRPC's and
+    # protobuf's objects: about 175k). Out of the collector's generations, a full collection no
+    # longer walks them: it took 88 ms, paused every call in flight, and set the p99 of Embed
+    # under 64 clients. (The word vectors freeze their vocabulary again once loaded.)
+    gc.freeze()
     await server.start()
     if config.metrics_port:
         METRICS_BY_SERVER[server].serve_http(config.metrics_port, config.host)
