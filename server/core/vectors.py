@@ -154,9 +154,9 @@ class WordVectors:
         unit_bfloat16: npt.NDArray[np.uint16] | None = None,
     ) -> None:
         """prefilter: scan 3CosAdd queries in bfloat16 first and score in float32 only the
-        column groups that may hold a result (None: where bfloat16_prefilter_available says it
-        pays). Results are the float32 scan's: see _search. unit_bfloat16: the unit rows already
-        rounded to bfloat16 (as uint16 bits, e.g. memory-mapped from the cache).
+        columns that may rank (None: where bfloat16_prefilter_available says it pays). Results
+        are the float32 scan's: see _search. unit_bfloat16: the unit rows already rounded to
+        bfloat16 (as uint16 bits, e.g. memory-mapped from the cache).
         """
         if vectors.ndim != 2 or vectors.shape[0] != len(words):
             raise ValueError(f"{len(words)} words but vectors of shape {vectors.shape}")
@@ -451,9 +451,9 @@ class WordVectors:
 
         With the bfloat16 prefilter (exact_queries given, the float32 3CosAdd query matrix),
         once every query has a k-th best so far, a block is scored in bfloat16 and only the
-        column groups whose best bfloat16 score comes within prefilter_margin of it are scored
-        again in float32; no float32 score that could enter the top k is skipped, so the
-        results are the float32 scan's.
+        columns whose bfloat16 score comes within prefilter_margin of it are scored again in
+        float32 (a max per group of 64 columns finds them); no float32 score that could enter
+        the top k is skipped, so the results are the float32 scan's.
         """
         group = [prepared[i] for i in members]
         end = max(p.end for p in group)
