@@ -74,8 +74,8 @@ class EmbedBatcher:
     def queued_tokens(self) -> int:
         return self._queued_tokens
 
-    def _queue_grew(self, tokens: int) -> None:
-        self._queued_tokens += tokens
+    def _queue_changed(self, by_tokens: int) -> None:
+        self._queued_tokens += by_tokens
         if self._on_queue_change is not None:
             self._on_queue_change(self._queued_tokens)
 
@@ -95,7 +95,7 @@ class EmbedBatcher:
         self._enqueued[id(future)] = time.perf_counter()
         entry = (job, future)
         self._pending.append(entry)
-        self._queue_grew(job.tokens)
+        self._queue_changed(job.tokens)
         self._arrived.set()
         if self._drainer is None or self._drainer.done():
             self._drainer = asyncio.create_task(self._drain())
@@ -108,7 +108,7 @@ class EmbedBatcher:
                 if queued is entry:  # identity: jobs hold tensors, which do not compare
                     del self._pending[index]
                     self._enqueued.pop(id(future), None)
-                    self._queue_grew(-job.tokens)
+                    self._queue_changed(-job.tokens)
                     break
             raise
 
@@ -119,11 +119,11 @@ class EmbedBatcher:
         """
         taken: list[tuple[EmbedJob, asyncio.Future[Timed]]] = []
         kept: list[tuple[EmbedJob, asyncio.Future[Timed]]] = []
-        tokens = 0
+        tokens = left = 0
         while self._pending:
             job, future = self._pending.popleft()
             if future.done():  # its caller went away
-                self._queue_grew(-job.tokens)
+                left += job.tokens
                 self._enqueued.pop(id(future), None)
                 continue
             if taken:
@@ -133,10 +133,11 @@ class EmbedBatcher:
                 if job.output_dtype != taken[0][0].output_dtype:
                     kept.append((job, future))
                     continue
-            self._queue_grew(-job.tokens)
             taken.append((job, future))
             tokens += job.tokens
         self._pending.extendleft(reversed(kept))
+        if tokens or left:
+            self._queue_changed(-(tokens + left))
         self._alone = max(0, self._alone - len(taken))
         return taken
 
@@ -177,7 +178,7 @@ class EmbedBatcher:
                     continue
                 # One bad job must not fail its neighbours: run them one by one.
                 self._pending.extendleft(reversed(taken))
-                self._queue_grew(sum(job.tokens for job in jobs))
+                self._queue_changed(sum(job.tokens for job in jobs))
                 self._alone = len(taken)
                 continue
             self._last_batch_end = time.perf_counter()

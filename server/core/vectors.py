@@ -483,36 +483,30 @@ class WordVectors:
                     torch.tensor(-math.inf, dtype=scores.dtype, device=self.device),
                 )
 
-        best = _RunningTopK(len(group), k, self.device)
-        buffer = torch.empty(len(group) * min(block_rows, end), device=self.device)
+        buffer_size = len(group) * min(block_rows, end)
+        buffer = torch.empty(buffer_size, device=self.device)
         prefilter = None
         if exact_queries is not None and self.prefilter:
-            prefilter = _Prefilter(
-                exact_queries,
-                exact_queries.to(torch.bfloat16),
-                prefilter_margin(exact_queries.norm(dim=1), self.dim),
-                torch.empty(len(group) * min(block_rows, end), dtype=torch.bfloat16, device=self.device),
-            )
+            prefilter = (exact_queries, prefilter_margin(exact_queries.norm(dim=1), self.dim))
+            approximate_queries = exact_queries.to(torch.bfloat16)
+            approximate_buffer = torch.empty(buffer_size, dtype=torch.bfloat16, device=self.device)
+        best = _RunningTopK(len(group), k, self.device, prefilter)
         for start in range(0, end, block_rows):
             stop = min(start + block_rows, end)
             rows = stop - start
             if (
-                prefilter is not None
+                best.prefilter_bits is not None  # only ever set with a prefilter
                 and rows % _TOPK_GROUP == 0
                 and best.hit_share <= _PREFILTER_MAX_HIT_SHARE
             ):
-                lowest = best.prefilter_bits(prefilter.margins)
-                if lowest is not None:
-                    approximate = torch.mm(
-                        prefilter.queries,
-                        self._unit_bfloat16[start:stop].T,  # type: ignore[index]
-                        out=prefilter.buffer[: len(group) * rows].view(len(group), rows),
-                    )
-                    mask(approximate, start, stop)
-                    best.add_prefiltered_block(
-                        approximate.view(torch.int16), lowest, start, self._unit[start:stop], prefilter
-                    )
-                    continue
+                approximate = torch.mm(
+                    approximate_queries,
+                    self._unit_bfloat16[start:stop].T,  # type: ignore[index]
+                    out=approximate_buffer[: len(group) * rows].view(len(group), rows),
+                )
+                mask(approximate, start, stop)
+                best.add_prefiltered_block(approximate.view(torch.int16), start, self._unit[start:stop])
+                continue
             scores = score(self._unit[start:stop], buffer[: len(group) * rows].view(len(group), rows))
             mask(scores, start, stop)
             best.add_block(scores, start)
@@ -625,14 +619,6 @@ def _block_candidates(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch
     return _group_candidates(scores, maxima, k)
 
 
-@dataclass(frozen=True)
-class _Prefilter:
-    exact_queries: torch.Tensor  # [queries, D] float32
-    queries: torch.Tensor  # the same in bfloat16
-    margins: torch.Tensor  # [queries], prefilter_margin
-    buffer: torch.Tensor  # bfloat16 scores of a block
-
-
 class _RunningTopK:
     """The k best (score, vocabulary row) of each query over a blocked scan, sorted best first.
 
@@ -644,7 +630,15 @@ class _RunningTopK:
     back to the host each block and stall the stream.)
     """
 
-    def __init__(self, queries: int, k: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        queries: int,
+        k: int,
+        device: torch.device,
+        prefilter: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
+        """prefilter: the float32 query matrix and each query's prefilter_margin, for
+        add_prefiltered_block."""
         self.k = k
         self.scores = torch.full((queries, 0), -math.inf, device=device)
         self.rows = torch.zeros((queries, 0), dtype=torch.int64, device=device)
@@ -652,41 +646,37 @@ class _RunningTopK:
         self._thresholds: torch.Tensor | None = None
         self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._pending_count = 0
-        self._prefilter_bits: torch.Tensor | None = None  # follows _thresholds
-        self._prefilter_checked = False  # whether _prefilter_bits is up to date
+        self._prefilter = prefilter
+        # Per query, the int16 bits of a bfloat16 value at most (k-th best - margin): a column
+        # group may hold a score above the k-th best only where its best bfloat16 score's bits
+        # are greater. None until every query has a k-th best above its margin (int16 order is
+        # value order only for positive bfloat16 values); follows _thresholds.
+        self.prefilter_bits: torch.Tensor | None = None
         # The share of (query, column group) pairs of the last block that had to be looked at.
         self.hit_share = 1.0
 
-    def prefilter_bits(self, margins: torch.Tensor) -> torch.Tensor | None:
-        """Per query, the int16 bits of a bfloat16 value at most (k-th best - margin); a block's
-        column group may hold a score above the k-th best only where its best bfloat16 score's
-        bits are greater. None until every query has a k-th best and it is above its margin:
-        int16 order is value order only for positive bfloat16 values.
-        """
-        if self._thresholds is None:
-            return None
-        if not self._prefilter_checked:
-            lowest = self._thresholds - margins
-            self._prefilter_bits = None
-            if bool((lowest > 0).all()):
-                rounded = lowest.to(torch.bfloat16)
-                bits = rounded.view(torch.int16)
-                # Rounded down, not to nearest: one bfloat16 step less where rounding went up.
-                self._prefilter_bits = torch.where(rounded.float() > lowest, bits - 1, bits)
-            self._prefilter_checked = True
-        return self._prefilter_bits
+    def _set_thresholds(self, thresholds: torch.Tensor | None) -> None:
+        self._thresholds = thresholds
+        self.prefilter_bits = None
+        if thresholds is None or self._prefilter is None:
+            return
+        lowest = thresholds - self._prefilter[1]
+        if bool((lowest > 0).all()):
+            rounded = lowest.to(torch.bfloat16)
+            bits = rounded.view(torch.int16)
+            # Rounded down, not to nearest: one bfloat16 step less where rounding went up.
+            self.prefilter_bits = torch.where(rounded.float() > lowest, bits - 1, bits)
 
     def add_prefiltered_block(
-        self,
-        approximate_bits: torch.Tensor,
-        lowest_bits: torch.Tensor,
-        start: int,
-        unit_block: torch.Tensor,
-        prefilter: _Prefilter,
+        self, approximate_bits: torch.Tensor, start: int, unit_block: torch.Tensor
     ) -> None:
-        """A block scored in bfloat16 (as int16 bits, masked with -inf): the columns that may
-        hold a score above the k-th best are scored again in float32 and collected."""
+        """A block scored in bfloat16 (as int16 bits, masked with -inf), once prefilter_bits is
+        set: the columns that may hold a score above the k-th best are scored again in float32
+        and collected."""
+        lowest_bits = self.prefilter_bits
+        assert lowest_bits is not None
         assert self._thresholds is not None
+        assert self._prefilter is not None
         queries, columns = approximate_bits.shape
         grouped = approximate_bits.view(queries, columns // _TOPK_GROUP, _TOPK_GROUP)
         query_index, group_index = (grouped.amax(dim=2) > lowest_bits[:, None]).nonzero(as_tuple=True)
@@ -697,7 +687,7 @@ class _RunningTopK:
             as_tuple=True
         )
         query_index, column = query_index[hit], group_index[hit] * _TOPK_GROUP + offset
-        values = (unit_block[column] * prefilter.exact_queries[query_index]).sum(dim=1)
+        values = (unit_block[column] * self._prefilter[0][query_index]).sum(dim=1)
         above = values > self._thresholds[query_index]
         self._add_pending(query_index[above], values[above], column[above] + start)
 
@@ -709,8 +699,7 @@ class _RunningTopK:
         self._merge(candidate_scores, candidate_columns + start)
         if self._collect and self.scores.shape[1] == self.k:
             kth = self.scores[:, -1]
-            self._thresholds = kth.clone() if bool(kth.isfinite().all()) else None
-            self._prefilter_checked = False
+            self._set_thresholds(kth.clone() if bool(kth.isfinite().all()) else None)
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         self._flush()
@@ -730,13 +719,7 @@ class _RunningTopK:
         self.hit_share = query_index.numel() / (queries * grouped.shape[1])
         if query_index.numel() == 0:
             return
-        self._keep_above_thresholds(query_index, group_index, grouped[query_index, group_index], start)
-
-    def _keep_above_thresholds(
-        self, query_index: torch.Tensor, group_index: torch.Tensor, values: torch.Tensor, start: int
-    ) -> None:
-        """Keeps the scores above their query's k-th best of some column groups ([hits, 64] values)."""
-        assert self._thresholds is not None
+        values = grouped[query_index, group_index]  # [hits, 64]
         hit, offset = (values > self._thresholds[query_index, None]).nonzero(as_tuple=True)
         self._add_pending(
             query_index[hit], values[hit, offset], group_index[hit] * _TOPK_GROUP + offset + start
@@ -766,5 +749,4 @@ class _RunningTopK:
         packed_scores[query_index, slots] = values
         packed_rows[query_index, slots] = rows
         self._merge(packed_scores, packed_rows)
-        self._thresholds = self.scores[:, -1].clone()
-        self._prefilter_checked = False
+        self._set_thresholds(self.scores[:, -1].clone())
