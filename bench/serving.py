@@ -52,14 +52,16 @@ import tiktoken
 import torch
 from embedserve.client import AsyncClient
 from embedserve.server import ServerConfig
-from embedserve.server._codec import tensor_pb_from_torch
+from embedserve.server._codec import TensorReply, tensor_pb_from_torch
 from embedserve.server.app import load_components, tune_allocator
 from embedserve.server.core import load_gpt2_tokenizer
+from embedserve.server.core.embedding import EmbedJob
 from embedserve.v1 import embedding_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 VERDICT = ROOT.parent / "shared" / "data" / "the-verdict.txt"
+EMBEDDING_SERVICE = embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
 DEVICE = ["cpu"]  # --device: where the servers put the model
 WINDOW = (8, 256)
 DIM = 256
@@ -122,7 +124,8 @@ class ServerProcess:
 
 
 def ceiling_server_main(reply_bytes: int) -> None:
-    """A trivial server: any unary call gets the same pre-built reply of `reply_bytes` bytes."""
+    """A trivial server: the same pre-built reply of `reply_bytes` bytes to `ceiling.Ceiling/Get`
+    and to `EmbeddingService/Embed` (so the SDK's client can call it)."""
     payload = embedding_pb2.EmbedResponse(
         embeddings=tensor_pb_from_torch(torch.zeros(reply_bytes // 4, dtype=torch.float32))
     ).SerializeToString()
@@ -131,14 +134,16 @@ def ceiling_server_main(reply_bytes: int) -> None:
         def handler(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
             return payload
 
-        generic = grpc.method_handlers_generic_handler(
-            "ceiling.Ceiling",
-            {"Get": grpc.unary_unary_rpc_method_handler(handler)},  # bytes in, bytes out
-        )
+        methods = {  # bytes in, bytes out
+            "ceiling.Ceiling": {"Get": grpc.unary_unary_rpc_method_handler(handler)},
+            EMBEDDING_SERVICE: {"Embed": grpc.unary_unary_rpc_method_handler(handler)},
+        }
         server = grpc.aio.server(
             options=[("grpc.max_send_message_length", 1 << 30), ("grpc.max_receive_message_length", 1 << 30)]
         )
-        server.add_generic_rpc_handlers((generic,))
+        server.add_generic_rpc_handlers(
+            tuple(grpc.method_handlers_generic_handler(name, handlers) for name, handlers in methods.items())
+        )
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         print(f"listening on 127.0.0.1:{port}", file=sys.stderr, flush=True)
@@ -205,8 +210,19 @@ async def rate(
     return len(latencies) / (time.perf_counter() - started), latencies
 
 
-async def bench_embed_transport(seconds: float) -> list[Row]:
-    """a: Embed of [8, 256] windows against in-process lookup + serialization and the ceiling."""
+def median_ratio(values: list[float], baselines: list[float]) -> float:
+    """The median over rounds of value / baseline (each round measured both back to back)."""
+    return statistics.median(v / b for v, b in zip(values, baselines, strict=True))
+
+
+async def bench_embed_transport(seconds: float, rounds: int) -> list[Row]:
+    """a: Embed of [8, 256] windows against in-process lookup + serialization and the ceiling.
+
+    The ceiling is measured twice: with the SDK's own client (the same decoding as for Embed,
+    so the ratio is what the server costs) and with a client that takes the raw reply bytes
+    (what the transport alone moves). Server and ceilings alternate over `rounds` rounds; each
+    ratio is the median of the rounds'.
+    """
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 50257, size=WINDOW).astype(np.int32)
     tokens = ids.size
@@ -216,12 +232,18 @@ async def bench_embed_transport(seconds: float) -> list[Row]:
     components = load_components(config)
     model = components.model
     tune_allocator()  # as the server does
+
+    def lookup_and_encode() -> bytes:  # what the server does for one Embed
+        reply = TensorReply(1, (*ids.shape, DIM), torch.float32)
+        model.embed_many([EmbedJob(ids, out=reply.tensor)])
+        return reply.message()
+
     for _ in range(20):  # warm-up
-        embedding_pb2.EmbedResponse(embeddings=tensor_pb_from_torch(model.embed(ids))).SerializeToString()
+        lookup_and_encode()
     started = time.perf_counter()
     count = 0
     while time.perf_counter() - started < seconds:
-        embedding_pb2.EmbedResponse(embeddings=tensor_pb_from_torch(model.embed(ids))).SerializeToString()
+        lookup_and_encode()
         count += 1
     in_process = count / (time.perf_counter() - started)
     components.close()
@@ -237,51 +259,92 @@ async def bench_embed_transport(seconds: float) -> list[Row]:
     ]
     server = ServerProcess("--device", DEVICE[0], "--word-vectors", "none")
     ceiling = CeilingProcess(reply_bytes)
+    per_round = seconds / rounds
     try:
         for in_flight in (1, 4):
             options = [("grpc.max_receive_message_length", 1 << 30), ("grpc.use_local_subchannel_pool", 1)]
             channels = [grpc.aio.insecure_channel(ceiling.target, options=options) for _ in range(in_flight)]
-            ceiling_call = RoundRobin([c.unary_unary("/ceiling.Ceiling/Get") for c in channels])
-
-            ceiling_rate, _ = await rate(ceiling_call, in_flight, seconds)
+            raw_call = RoundRobin([c.unary_unary("/ceiling.Ceiling/Get") for c in channels])
+            measured: dict[str, list[float]] = {"embed": [], "ceiling": [], "raw": []}
+            latencies: list[float] = []
+            async with (
+                AsyncClient(server.target, connections=in_flight) as client,
+                AsyncClient(ceiling.target, connections=in_flight) as ceiling_client,
+            ):
+                for _ in range(rounds):
+                    measured["raw"].append((await rate(raw_call, in_flight, per_round))[0])
+                    measured["ceiling"].append(
+                        (await rate(lambda: ceiling_client.embed(ids), in_flight, per_round))[0]
+                    )
+                    embed_rate, embed_latencies = await rate(lambda: client.embed(ids), in_flight, per_round)
+                    measured["embed"].append(embed_rate)
+                    latencies += embed_latencies
             for channel in channels:
                 await channel.close()
-            async with AsyncClient(server.target, connections=in_flight) as client:
-                embed_rate, latencies = await rate(lambda: client.embed(ids), in_flight, seconds)
+            embed_rate, ceiling_rate, raw_rate = (
+                statistics.median(measured[k]) for k in ("embed", "ceiling", "raw")
+            )
+            share = statistics.median(
+                e / c for e, c in zip(measured["embed"], measured["ceiling"], strict=True)
+            )
+            raw_share = statistics.median(
+                e / r for e, r in zip(measured["embed"], measured["raw"], strict=True)
+            )
             rows.append(
                 Row(
                     "a",
                     f"Embed [8,256] x {DIM} f32, {in_flight} in flight",
                     embed_rate * tokens,
                     "tokens/s",
-                    baseline=ceiling_rate * tokens,
-                    baseline_what="trivial gRPC server, same bytes",
+                    baseline=embed_rate * tokens / share,
+                    baseline_what="trivial gRPC server, same bytes, same client",
                     target=">= 60 % of the ceiling",
-                    met=embed_rate >= 0.6 * ceiling_rate,
+                    met=share >= 0.6,
                     extra={
                         "gb_s": embed_rate * reply_bytes / 1e9,
                         "ceiling_gb_s": ceiling_rate * reply_bytes / 1e9,
+                        "raw_ceiling_gb_s": raw_rate * reply_bytes / 1e9,
+                        "share_of_raw_ceiling": raw_share,
                         "vs_in_process": embed_rate / in_process,
                         "p50_ms": 1000 * statistics.median(latencies),
+                        "rounds": measured,
                     },
+                )
+            )
+            rows.append(
+                Row(
+                    "a",
+                    f"Embed [8,256] x {DIM} f32, {in_flight} in flight, against raw bytes",
+                    embed_rate * tokens,
+                    "tokens/s",
+                    baseline=embed_rate * tokens / raw_share,
+                    baseline_what="trivial gRPC server, same bytes, client that does not decode",
                 )
             )
         async with (
             AsyncClient(server.target, connections=1) as client,
+            AsyncClient(ceiling.target, connections=1) as ceiling_client,
             client.shared_memory(reply_bytes) as region,
         ):
-            shm_rate, latencies = await rate(lambda: client.embed(ids, output=region), 1, seconds)
-        ceiling_1 = rows[1].baseline or 0.0
+            shm_rates, ceiling_rates = [], []
+            latencies = []
+            for _ in range(rounds):
+                ceiling_rates.append((await rate(lambda: ceiling_client.embed(ids), 1, per_round))[0])
+                shm_rate, shm_latencies = await rate(lambda: client.embed(ids, output=region), 1, per_round)
+                shm_rates.append(shm_rate)
+                latencies += shm_latencies
+        shm_share = median_ratio(shm_rates, ceiling_rates)
+        shm_rate = statistics.median(shm_rates)
         rows.append(
             Row(
                 "a",
                 f"Embed [8,256] x {DIM} f32 into shared memory, 1 in flight",
                 shm_rate * tokens,
                 "tokens/s",
-                baseline=ceiling_1,
-                baseline_what="trivial gRPC server, same bytes, 1 in flight",
+                baseline=shm_rate * tokens / shm_share,
+                baseline_what="trivial gRPC server, same bytes, same client, 1 in flight",
                 target="above the ceiling",
-                met=shm_rate * tokens > ceiling_1,
+                met=shm_share > 1,
                 extra={"gb_s": shm_rate * reply_bytes / 1e9, "p50_ms": 1000 * statistics.median(latencies)},
             )
         )
@@ -697,7 +760,7 @@ async def run(args: argparse.Namespace) -> list[Row]:
     args.curve = {}
     if "a" in args.sections:
         log("a: Embed [8,256] against in-process and the gRPC ceiling")
-        rows += await bench_embed_transport(seconds)
+        rows += await bench_embed_transport(seconds, 1 if args.smoke else 3)
     if "b" in args.sections:
         log("b: Embed under concurrent clients, batching on and off")
         levels = [1, 8, 64] if args.smoke else [1, 4, 16, 64]

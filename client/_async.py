@@ -35,12 +35,15 @@ from ._errors import call_idempotent, error_from_rpc
 from ._shared_memory import SharedMemoryRegion
 from ._values import Batch, EmbeddingInfo, RequestLimits
 from ._word_vectors import AsyncWordVectors
-from .tensor import DTYPE_BY_NAME, NAME_BY_DTYPE, from_tensor_pb, to_tensor_pb
+from .tensor import DTYPE_BY_NAME, NAME_BY_DTYPE, from_tensor_pb, tensor_field_decoder, to_tensor_pb
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_MAX_MESSAGE_BYTES = 128 * 1024 * 1024
 EmbeddingDtype = Literal["float32", "float16", "bfloat16"]
 _T = TypeVar("_T")
+_EMBEDDING_SERVICE = embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
+_EMBED_METHOD = f"/{_EMBEDDING_SERVICE}/Embed"
+_EMBED_STREAM_METHOD = f"/{_EMBEDDING_SERVICE}/EmbedStream"
 
 
 def _token_ids_pb(token_ids: npt.ArrayLike) -> tensor_pb2.Tensor:
@@ -193,9 +196,20 @@ class AsyncClient:
         self._tokenizer = tokenizer_pb2_grpc.TokenizerServiceStub(self._channel)
         self._batches = batches_pb2_grpc.BatchesServiceStub(self._channel)
         self._embedding = embedding_pb2_grpc.EmbeddingServiceStub(self._channel)
-        self._embedding_pool: list[embedding_pb2_grpc.EmbeddingServiceAsyncStub] = [
-            embedding_pb2_grpc.EmbeddingServiceStub(c) for c in self._channels
+        # Embed and EmbedStream replies leave their tensor's bytes in the received message.
+        self._embed_pool = [
+            channel.unary_unary(
+                _EMBED_METHOD,
+                request_serializer=embedding_pb2.EmbedRequest.SerializeToString,
+                response_deserializer=tensor_field_decoder(embedding_pb2.EmbedResponse, 1),
+            )
+            for channel in self._channels
         ]
+        self._embed_stream = self._channel.stream_stream(
+            _EMBED_STREAM_METHOD,
+            request_serializer=embedding_pb2.EmbedStreamRequest.SerializeToString,
+            response_deserializer=tensor_field_decoder(embedding_pb2.EmbedStreamResponse, 1),
+        )
         self._next_connection = 0
         self.word_vectors = AsyncWordVectors(self._channel, lambda: self.timeout)
         """gensim-style word-vector queries (most_similar, similarity, ...) on the server's model."""
@@ -212,10 +226,10 @@ class AsyncClient:
         for channel in self._channels:
             await channel.close(grace=None)
 
-    def _pooled_embedding(self) -> embedding_pb2_grpc.EmbeddingServiceAsyncStub:
-        """The next connection's stub, round robin."""
-        self._next_connection = (self._next_connection + 1) % len(self._embedding_pool)
-        return self._embedding_pool[self._next_connection]
+    def _pooled_embed(self) -> grpc.aio.UnaryUnaryMultiCallable[Any, Any]:
+        """The next connection's Embed, round robin."""
+        self._next_connection = (self._next_connection + 1) % len(self._embed_pool)
+        return self._embed_pool[self._next_connection]
 
     async def _unary(self, call: Callable[..., Awaitable[_T]], request: Any) -> _T:
         return await call_idempotent(call, request, self.timeout)
@@ -360,10 +374,10 @@ class AsyncClient:
         if output is not None:
             options.output_region.CopyFrom(output.output(output_offset))
         request = embedding_pb2.EmbedRequest(token_ids=_token_ids_pb(token_ids), options=options)
-        reply = await self._unary(self._pooled_embedding().Embed, request)
+        reply, data = await self._unary(self._pooled_embed(), request)
         if output is not None:
             return output.array(reply.embeddings, output_offset, reply.written_bytes)
-        return from_tensor_pb(reply.embeddings)
+        return from_tensor_pb(reply.embeddings, data)
 
     def shared_memory(self, byte_size: int) -> SharedMemoryRegion:
         """A shared-memory region of byte_size bytes for `embed(..., output=region)`; the server must
@@ -397,10 +411,10 @@ class AsyncClient:
             except Exception as error:
                 producer_error.append(error)
 
-        call = self._embedding.EmbedStream(requests(), timeout=self.stream_timeout)
+        call = self._embed_stream(requests(), timeout=self.stream_timeout)
         try:
-            async for reply in call:
-                yield from_tensor_pb(reply.embeddings)
+            async for reply, data in call:
+                yield from_tensor_pb(reply.embeddings, data)
         except grpc.RpcError as error:
             raise error_from_rpc(error) from None
         finally:

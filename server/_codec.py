@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
+import math
+import platform
+from functools import cache
+from typing import Any
+
 import numpy as np
 import numpy.typing as npt
 import torch
@@ -79,6 +85,18 @@ def encode_varint_field(field_number: int, value: int) -> bytes:
     return varint(field_number << 3) + varint(value)
 
 
+def _tensor_field_head(field_number: int, shape: tuple[int, ...], dtype: torch.dtype) -> bytes:
+    """The wire bytes of `Tensor` as field `field_number`, up to where its data begins."""
+    data_bytes = math.prod(shape) * dtype.itemsize
+    body = bytearray(b"\x08" + varint(wire_dtype(dtype)))
+    if shape:
+        packed = b"".join(varint(int(d)) for d in shape)
+        body += b"\x12" + varint(len(packed)) + packed
+    if data_bytes:
+        body += b"\x1a" + varint(data_bytes)
+    return varint(field_number << 3 | 2) + varint(len(body) + data_bytes) + bytes(body)
+
+
 def encode_tensor_field(field_number: int, tensor: torch.Tensor) -> bytes:
     """The wire bytes of `Tensor` as field `field_number` of its parent message, in one copy.
 
@@ -86,12 +104,75 @@ def encode_tensor_field(field_number: int, tensor: torch.Tensor) -> bytes:
     that), without building the message first: protobuf would copy the data into the message
     and again into the serialized reply, which for a 2 MB result costs more than the lookup.
     """
-    data = tensor_bytes(tensor).data
-    body = bytearray(b"\x08" + varint(wire_dtype(tensor.dtype)))
-    if tensor.dim():
-        packed = b"".join(varint(int(d)) for d in tensor.shape)
-        body += b"\x12" + varint(len(packed)) + packed
-    if len(data):
-        body += b"\x1a" + varint(len(data))
-    head = varint(field_number << 3 | 2) + varint(len(body) + len(data)) + bytes(body)
-    return b"".join((head, data))
+    head = _tensor_field_head(field_number, tuple(tensor.shape), tensor.dtype)
+    return b"".join((head, tensor_bytes(tensor).data))
+
+
+@cache
+def _bytes_written_in_place() -> bool:
+    """Whether new bytes objects can be filled in place (CPython; checked once on a sample)."""
+    if platform.python_implementation() != "CPython":
+        return False
+    try:
+        sample = _uninitialized_bytes(64)
+        _writable_view(sample)[:] = bytes(range(64))
+    except (AttributeError, OSError, ValueError):
+        return False
+    return sample == bytes(range(64))
+
+
+@cache
+def _new_bytes() -> Any:
+    function = ctypes.pythonapi.PyBytes_FromStringAndSize
+    function.restype = ctypes.py_object
+    function.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+    return function
+
+
+def _uninitialized_bytes(size: int) -> bytes:
+    return _new_bytes()(None, size)  # type: ignore[no-any-return]
+
+
+def _writable_view(message: bytes) -> memoryview:
+    """The memory of a bytes object no one else holds yet, writable; the view keeps it alive."""
+    # A bytes object's characters start one byte before the end of its fixed-size part.
+    memory = (ctypes.c_char * len(message)).from_address(id(message) + bytes.__basicsize__ - 1)
+    memory._message = message  # type: ignore[attr-defined]
+    return memoryview(memory).cast("B")
+
+
+class TensorReply:
+    """A reply message whose one tensor field is filled in place: the lookup writes its result
+    into `tensor`, a view of the reply's own bytes, and `message()` is what gRPC sends.
+
+    The bytes equal SerializeToString() of the parent with that field (and `trailer`, the
+    encoded fields numbered after it) set. gRPC copies a reply once into its own buffers and
+    accepts only `bytes`, which are immutable in Python; on CPython a new, unshared bytes object
+    is written through ctypes before anyone sees it, so a result is written once, by the lookup,
+    and then copied only by gRPC. Elsewhere the reply is built in a bytearray and copied once
+    more at the end.
+    """
+
+    def __init__(
+        self, field_number: int, shape: tuple[int, ...], dtype: torch.dtype, trailer: bytes = b""
+    ) -> None:
+        head = _tensor_field_head(field_number, shape, dtype)
+        count = math.prod(shape)
+        size = len(head) + count * dtype.itemsize + len(trailer)
+        self._message: bytes | bytearray
+        if _bytes_written_in_place():
+            self._message = _uninitialized_bytes(size)
+            memory = _writable_view(self._message)
+        else:
+            self._message = bytearray(size)
+            memory = memoryview(self._message)
+        memory[: len(head)] = head
+        memory[size - len(trailer) :] = trailer
+        self.tensor = (
+            torch.frombuffer(memory, dtype=dtype, offset=len(head), count=count).view(shape)
+            if count
+            else torch.empty(shape, dtype=dtype)
+        )
+
+    def message(self) -> bytes:
+        return self._message if isinstance(self._message, bytes) else bytes(self._message)

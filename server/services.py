@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
@@ -37,7 +38,7 @@ from .core import (
 )
 from .core.corpus import tokens_sha256
 from .core.cursor import Position, StreamSettings, decode_cursor, encode_cursor
-from .core.embed_batcher import EmbedBatcher, Timed
+from .core.embed_batcher import EmbedBatcher
 from .core.shared_memory import SharedMemoryRegistry
 from .core.tokenizer import ENDOFTEXT
 from .errors import Context, stream_errors, unary_errors
@@ -71,6 +72,10 @@ async def _next_or_drained(queue: asyncio.Queue[_Item], draining: asyncio.Event)
 
 # Room for a reply's fields besides its tensors' bytes.
 _REPLY_OVERHEAD_BYTES = 4096
+
+
+def _result_shape(job: EmbedJob, dim: int) -> tuple[int, ...]:
+    return (*job.token_ids.shape, dim)
 
 
 def _check_reply_bytes(nbytes: int, config: ServerConfig, what: str) -> None:
@@ -306,14 +311,20 @@ class EmbeddingServicer:
         self._shared_memory = shared_memory
         self._draining = draining
 
-    async def _embed(self, token_ids: tensor_pb2.Tensor, options: embedding_pb2.EmbedOptions) -> bytes:
-        """The encoded `embeddings` field of the reply (see encode_tensor_field)."""
+    async def _embed(
+        self, token_ids: tensor_pb2.Tensor, options: embedding_pb2.EmbedOptions, sequence_id: int = 0
+    ) -> bytes:
+        """An encoded EmbedStreamResponse (see _codec.TensorReply)."""
         if options.HasField("output_region"):
             raise InvalidInput("output_region is for Embed, not EmbedStream")
-        return _codec.encode_tensor_field(1, (await self._lookup(token_ids, options)).result)
+        trailer = _codec.encode_varint_field(2, sequence_id) if sequence_id else b""
+        job = self._job(token_ids, options)
+        reply = _codec.TensorReply(1, _result_shape(job, self._model.dim), job.output_dtype, trailer)
+        await self._batcher.embed_timed(dataclasses.replace(job, out=reply.tensor))
+        return reply.message()
 
-    async def _lookup(self, token_ids: tensor_pb2.Tensor, options: embedding_pb2.EmbedOptions) -> Timed:
-        """Checks the request, then waits for its turn in the batcher."""
+    def _job(self, token_ids: tensor_pb2.Tensor, options: embedding_pb2.EmbedOptions) -> EmbedJob:
+        """The request checked, as a job for the batcher."""
         ids = _codec.token_ids_from_pb(token_ids)
         output_dtype = _codec.output_dtype_from_pb(options.output_dtype)
         include_positional = options.include_positional if options.HasField("include_positional") else True
@@ -329,13 +340,11 @@ class EmbeddingServicer:
             self._shared_memory.check(region.handle, region.offset, nbytes)
         else:
             _check_reply_bytes(nbytes, self._config, f"the embeddings of {ids.size} tokens")
-        return await self._batcher.embed_timed(
-            EmbedJob(
-                ids,
-                position_offset=options.position_offset,
-                include_positional=include_positional,
-                output_dtype=output_dtype,
-            )
+        return EmbedJob(
+            ids,
+            position_offset=options.position_offset,
+            include_positional=include_positional,
+            output_dtype=output_dtype,
         )
 
     @unary_errors
@@ -344,20 +353,28 @@ class EmbeddingServicer:
     ) -> embedding_pb2.EmbedResponse | bytes:
         """Returns the reply encoded (bytes) unless it went to shared memory; see add_embedding_service."""
         options = request.options
-        timed = await self._lookup(request.token_ids, options)
+        job = self._job(request.token_ids, options)
+        shape = _result_shape(job, self._model.dim)
+        region = options.output_region if options.HasField("output_region") else None
+        reply = None
+        if region is None:
+            reply = _codec.TensorReply(1, shape, job.output_dtype)
+            out = reply.tensor
+        else:
+            out = self._shared_memory.view(region.handle, region.offset, shape, job.output_dtype)
+        timed = await self._batcher.embed_timed(dataclasses.replace(job, out=out))
         context.set_trailing_metadata(
             (
                 ("embedserve-queue-ms", f"{1000 * timed.queue_seconds:.3f}"),
                 ("embedserve-compute-ms", f"{1000 * timed.compute_seconds:.3f}"),
             )
         )
-        if not options.HasField("output_region"):
-            return _codec.encode_tensor_field(1, timed.result)  # an encoded EmbedResponse
-        embeddings = timed.result
-        region = options.output_region
-        written = self._shared_memory.write(region.handle, region.offset, embeddings)
-        described = tensor_pb2.Tensor(dtype=_codec.wire_dtype(embeddings.dtype), shape=list(embeddings.shape))
-        return embedding_pb2.EmbedResponse(embeddings=described, written_to=region, written_bytes=written)
+        if reply is not None:
+            return reply.message()  # an encoded EmbedResponse
+        described = tensor_pb2.Tensor(dtype=_codec.wire_dtype(job.output_dtype), shape=list(shape))
+        return embedding_pb2.EmbedResponse(
+            embeddings=described, written_to=region, written_bytes=out.numel() * out.element_size()
+        )
 
     @stream_errors
     async def SharedMemorySession(
@@ -377,7 +394,7 @@ class EmbeddingServicer:
         """Yields encoded EmbedStreamResponse messages; see add_embedding_service."""
         # Up to stream_window windows are read ahead and in the batcher at once (so one stream
         # can fill a batch); past that the reader waits, which is the stream's backpressure.
-        in_flight: asyncio.Queue[tuple[asyncio.Task[bytes], int] | None] = asyncio.Queue(
+        in_flight: asyncio.Queue[asyncio.Task[bytes] | None] = asyncio.Queue(
             maxsize=self._config.stream_window
         )
         finished = False  # the reader stops at its next read
@@ -390,8 +407,10 @@ class EmbeddingServicer:
                         return
                     if failed or self._draining.is_set():
                         continue
-                    task = asyncio.create_task(self._embed(request.token_ids, request.options))
-                    await in_flight.put((task, request.sequence_id))
+                    task = asyncio.create_task(
+                        self._embed(request.token_ids, request.options, request.sequence_id)
+                    )
+                    await in_flight.put(task)
             except Exception:
                 if not (finished or failed):  # once the call has ended, a failing read is expected
                     raise
@@ -401,18 +420,17 @@ class EmbeddingServicer:
 
         def cancel_queued() -> None:
             while not in_flight.empty():  # frees a reader blocked on a full window, too
-                item = in_flight.get_nowait()
-                if item is not None:
-                    item[0].cancel()
+                task = in_flight.get_nowait()
+                if task is not None:
+                    task.cancel()
 
         # The reader is never cancelled: cancelling a read that gRPC's core still holds turns the
         # status this stream ends with into INTERNAL. It ends by itself once the call is over.
         reader = asyncio.create_task(read_ahead())
         reader.add_done_callback(lambda task: task.cancelled() or task.exception())
         try:
-            while (item := await _next_or_drained(in_flight, self._draining)) is not None:
-                task, sequence_id = item
-                yield await task + (_codec.encode_varint_field(2, sequence_id) if sequence_id else b"")
+            while (task := await _next_or_drained(in_flight, self._draining)) is not None:
+                yield await task
             await reader  # a failure reading the requests ends the stream with it
         except Exception:
             # A client still writing when the call ends with an error may see INTERNAL instead of

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import threading
 import time
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 from embedserve.server.core import EmbeddingModel, EmbedJob, InvalidInput, Overloaded, seeded_embedding_tables
 from embedserve.server.core.embed_batcher import EmbedBatcher
+from embedserve.server.core.embedding import DIRECT_LOOKUP_TOKENS
 
 CPU = torch.device("cpu")
 
@@ -170,3 +172,35 @@ async def test_bad_ids_fail_their_batch_not_the_batcher(model: EmbeddingModel) -
         assert isinstance(outcomes[0], torch.Tensor)
         assert torch.equal(outcomes[0], _alone(model, good))
     assert torch.equal(await batcher.embed(good), _alone(model, good))
+
+
+@pytest.mark.parametrize("output_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_results_written_into_out_equal_lookups_on_their_own(
+    model: EmbeddingModel, output_dtype: torch.dtype
+) -> None:
+    """Jobs given an `out` (a reply being built) get their result written there: large ones by a
+    lookup of their own straight into it, small ones copied from the batch; bit for bit the same."""
+    rng = np.random.default_rng(7)
+    shapes = [(DIRECT_LOOKUP_TOKENS,), (20, 30), (3, 200), (2, 5), (40,), (DIRECT_LOOKUP_TOKENS // 2, 2)]
+    jobs = [
+        EmbedJob(
+            rng.integers(0, 1000, size=shape),
+            position_offset=int(rng.integers(0, 64 - shape[-1] + 1)) if shape[-1] <= 64 else 0,
+            include_positional=shape[-1] <= 64,
+            output_dtype=output_dtype,
+        )
+        for shape in shapes
+    ]
+    outs = [torch.full((*job.token_ids.shape, model.dim), float("nan"), dtype=output_dtype) for job in jobs]
+    with_out = [dataclasses.replace(job, out=out) for job, out in zip(jobs, outs, strict=True)]
+    mixed = with_out[:4] + jobs[4:]  # some with an out, some without, in one batch
+    results = model.embed_many(mixed)
+    for job, result in zip(mixed, results, strict=True):
+        assert torch.equal(result, _alone(model, job))
+        if job.out is not None:
+            assert result.data_ptr() == job.out.data_ptr()
+    for job, out in zip(jobs[:4], outs[:4], strict=True):
+        assert torch.equal(out, _alone(model, job))
+    wrong = dataclasses.replace(jobs[0], out=torch.empty(3, model.dim, dtype=output_dtype))
+    with pytest.raises(ValueError, match="not the job's result"):
+        model.embed_many([wrong])

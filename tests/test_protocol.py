@@ -81,21 +81,110 @@ def test_each_rpc_has_its_own_request_and_response() -> None:
     }
 
 
-def test_hand_encoded_replies_equal_protobufs_encoding() -> None:
-    """Embed and EmbedStream replies are encoded straight from the tensor; byte for byte as protobuf would."""
+@pytest.mark.parametrize("in_place", [True, False], ids=["bytes filled in place", "bytearray"])
+def test_hand_encoded_replies_equal_protobufs_encoding(
+    in_place: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Embed and EmbedStream replies are encoded around the tensor the lookup writes into;
+    byte for byte as protobuf would, on CPython (bytes filled in place) and elsewhere."""
     import torch
-    from embedserve.server._codec import encode_tensor_field, encode_varint_field, tensor_pb_from_torch
+    from embedserve.server import _codec
     from embedserve.v1 import embedding_pb2
 
+    if not in_place:
+        monkeypatch.setattr(_codec, "_bytes_written_in_place", lambda: False)
     for shape in [(8, 256, 256), (3,), (1, 1, 1), (0, 5), (2, 300), (130, 2)]:
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             tensor = torch.randn(shape).to(dtype)
-            expected = embedding_pb2.EmbedResponse(
-                embeddings=tensor_pb_from_torch(tensor)
-            ).SerializeToString()
-            assert encode_tensor_field(1, tensor) == expected
+            expected = embedding_pb2.EmbedResponse(embeddings=_codec.tensor_pb_from_torch(tensor))
+            assert _codec.encode_tensor_field(1, tensor) == expected.SerializeToString()
+            reply = _codec.TensorReply(1, shape, dtype)
+            reply.tensor.copy_(tensor)
+            assert reply.message() == expected.SerializeToString()
             for sequence_id in (1, 127, 128, 2**40):
                 streamed = embedding_pb2.EmbedStreamResponse(
-                    embeddings=tensor_pb_from_torch(tensor), sequence_id=sequence_id
-                ).SerializeToString()
-                assert encode_tensor_field(1, tensor) + encode_varint_field(2, sequence_id) == streamed
+                    embeddings=expected.embeddings, sequence_id=sequence_id
+                )
+                trailer = _codec.encode_varint_field(2, sequence_id)
+                assert _codec.encode_tensor_field(1, tensor) + trailer == streamed.SerializeToString()
+                reply = _codec.TensorReply(1, shape, dtype, trailer)
+                reply.tensor.copy_(tensor)
+                assert reply.message() == streamed.SerializeToString()
+
+
+def test_a_reply_filled_in_place_lives_as_long_as_its_tensor() -> None:
+    """The lookup may still write into a reply whose caller has gone (cancelled): its tensor
+    alone keeps the message's memory alive."""
+    import gc
+
+    import torch
+    from embedserve.server._codec import TensorReply, _bytes_written_in_place
+
+    assert _bytes_written_in_place()  # CPython
+    reply = TensorReply(1, (4, 64), torch.float32)
+    message, tensor = reply.message(), reply.tensor
+    alone = sys.getrefcount(b"x" * 1000)  # a bytes object held by one name
+    del reply
+    gc.collect()
+    assert sys.getrefcount(message) == alone + 1  # `message`, and the tensor's view
+    tensor.fill_(1.5)
+    assert message.endswith(torch.full((4,), 1.5).numpy().tobytes())
+    del tensor
+    gc.collect()
+    assert sys.getrefcount(message) == alone
+
+
+def test_the_client_splits_a_replys_tensor_bytes_off_as_protobuf_would_parse_them() -> None:
+    """Embed replies are decoded with the tensor's bytes left in the received message; whatever
+    the layout, the result equals protobuf's own parse (and odd layouts fall back to it)."""
+    import numpy as np
+    from embedserve.client.tensor import from_tensor_pb, split_tensor_field
+    from google.protobuf.message import DecodeError
+
+    data = np.arange(12, dtype=np.float32).tobytes()
+    tensor = tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_FLOAT32, shape=[3, 4], data=data)
+    region = embedding_pb2.SharedMemoryOutput(handle="h", offset=8)
+    full = embedding_pb2.EmbedResponse(embeddings=tensor, written_to=region, written_bytes=48)
+    tensor_bytes = tensor.SerializeToString()
+    tensor_field = b"\x0a" + bytes([len(tensor_bytes)]) + tensor_bytes
+    rest = full.SerializeToString()[len(tensor_field) :]
+    shuffled_tensor = (
+        tensor_pb2.Tensor(data=data).SerializeToString()
+        + tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_FLOAT32, shape=[3, 4]).SerializeToString()
+    )
+    layouts = {
+        "as serialized": (full.SerializeToString(), True),
+        "tensor last": (rest + tensor_field, True),
+        "data first in the tensor": (b"\x0a" + bytes([len(shuffled_tensor)]) + shuffled_tensor + rest, True),
+        "tensor field twice (merged)": (tensor_field + rest + tensor_field, False),
+        "no tensor": (rest, False),
+    }
+    for name, (raw, split) in layouts.items():
+        expected = embedding_pb2.EmbedResponse.FromString(raw)
+        message, view = split_tensor_field(raw, embedding_pb2.EmbedResponse, 1)
+        assert (view is not None) == split, name
+        if view is not None:
+            assert message.embeddings.data == b"", name
+            assert view.obj is raw, name  # not a copy
+            message.embeddings.data = bytes(view)
+        assert message == expected, name
+        if split:
+            decoded = from_tensor_pb(message.embeddings, view)
+            assert np.array_equal(decoded, np.arange(12, dtype=np.float32).reshape(3, 4)), name
+
+    streamed = embedding_pb2.EmbedStreamResponse(embeddings=tensor, sequence_id=300).SerializeToString()
+    stream_message, stream_view = split_tensor_field(streamed, embedding_pb2.EmbedStreamResponse, 1)
+    assert stream_message.sequence_id == 300
+    assert stream_view is not None
+    assert bytes(stream_view) == data
+    short = tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_FLOAT32, shape=[3, 5], data=data)
+    message, view = split_tensor_field(
+        embedding_pb2.EmbedResponse(embeddings=short).SerializeToString(), embedding_pb2.EmbedResponse, 1
+    )
+    with pytest.raises(ValueError, match="needs 60 bytes, got 48"):
+        from_tensor_pb(message.embeddings, view)
+    for garbage in (b"\x0a\xff", b"\x0b", full.SerializeToString()[:-3]):
+        with pytest.raises(DecodeError):
+            embedding_pb2.EmbedResponse.FromString(garbage)
+        with pytest.raises(DecodeError):
+            split_tensor_field(garbage, embedding_pb2.EmbedResponse, 1)

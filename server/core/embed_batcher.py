@@ -4,8 +4,9 @@ Concurrent requests are merged into one lookup (EmbeddingModel.embed_many) under
 token budget, run in the model's worker thread, and their results split back to
 the callers. An idle batcher runs a request at once; while the device is busy,
 requests queue, and when a batch ends everything queued (up to the budget) goes
-into the next one. Right after a batch, a partial batch may wait up to `max_wait_us`
-for more requests (it only pays while requests keep arriving). The queue is
+into the next one. Right after a batch, a partial batch of fewer than
+ENOUGH_TO_RUN_TOKENS may wait up to `max_wait_us` for more requests (it only pays while
+requests keep arriving). The queue is
 bounded in tokens: past `max_queue_tokens` a request is Overloaded with a retry hint.
 """
 
@@ -21,6 +22,11 @@ import torch
 
 from .embedding import EmbeddingModel, EmbedJob
 from .errors import Overloaded
+
+# A batch this large runs without waiting for more: its lookup already costs more than the
+# per-batch overhead that merging saves. (asyncio's timers wake no sooner than the next
+# millisecond, so a wait of 200 us holds a batch for about 1 ms.)
+ENOUGH_TO_RUN_TOKENS = 1024
 
 
 @dataclass(frozen=True)
@@ -141,9 +147,16 @@ class EmbedBatcher:
         self._alone = max(0, self._alone - len(taken))
         return taken
 
+    def _worth_waiting(self) -> bool:
+        return (
+            self._max_wait > 0
+            and self._queued_tokens < min(self._max_batch_tokens, ENOUGH_TO_RUN_TOKENS)
+            and time.perf_counter() - self._last_batch_end < self._max_wait
+        )
+
     async def _wait_for_more(self) -> None:
         deadline = self._last_batch_end + self._max_wait
-        while self._queued_tokens < self._max_batch_tokens:
+        while self._queued_tokens < min(self._max_batch_tokens, ENOUGH_TO_RUN_TOKENS):
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 return
@@ -156,11 +169,7 @@ class EmbedBatcher:
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
         while self._pending:
-            if (
-                self._max_wait
-                and self._max_batch_tokens
-                and time.perf_counter() - self._last_batch_end < self._max_wait
-            ):
+            if self._worth_waiting():
                 await self._wait_for_more()
             taken = self._take()
             if not taken:

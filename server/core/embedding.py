@@ -45,14 +45,24 @@ def tensor_bytes(tensor: torch.Tensor) -> npt.NDArray[np.uint8]:
     return raw.numpy().reshape(-1).view(np.uint8)
 
 
+# A job at least this large is looked up on its own, straight into its `out`, on the CPU;
+# smaller ones share one batched lookup and are copied into theirs.
+DIRECT_LOOKUP_TOKENS = 512
+
+
 @dataclass(frozen=True)
 class EmbedJob:
-    """One request's lookup: IDs [B, T] or [T] (already check()ed) and its options."""
+    """One request's lookup: IDs [B, T] or [T] (already check()ed) and its options.
+
+    `out`, when given, is a CPU tensor of the result's shape and dtype (a view of the reply being
+    built, or of a shared-memory region) that the result is written into.
+    """
 
     token_ids: npt.NDArray[np.integer]
     position_offset: int = 0
     include_positional: bool = True
     output_dtype: torch.dtype = torch.float32
+    out: torch.Tensor | None = None
 
     @property
     def tokens(self) -> int:
@@ -251,33 +261,88 @@ class EmbeddingModel:
 
         Each result equals embed() of that job alone, bit for bit: the same two rows are added.
         IDs go to a GPU through pinned memory and results come back in one copy into pinned
-        memory; each job gets a view of that batch's host tensor.
+        memory; each job gets a view of that batch's host tensor, or its `out` filled. On the
+        CPU, large jobs with an `out` are looked up straight into it.
         """
         if not jobs:
             return []
         output_dtype = jobs[0].output_dtype
         if any(job.output_dtype != output_dtype for job in jobs):
             raise ValueError("embed_many needs one output dtype per batch")
+        for job in jobs:
+            self._check_positions(job)
+            if job.out is not None and (
+                job.out.shape != (*job.token_ids.shape, self.dim) or job.out.dtype != output_dtype
+            ):
+                raise ValueError(f"out is {job.out.dtype}{list(job.out.shape)}, not the job's result")
+        on_cpu = self.device.type == "cpu"
+
+        def looked_up_directly(job: EmbedJob) -> bool:
+            return on_cpu and job.out is not None and job.tokens >= DIRECT_LOOKUP_TOKENS
+
+        batched_results = iter(self._embed_batched([job for job in jobs if not looked_up_directly(job)]))
+        pieces = []
+        for job in jobs:
+            if looked_up_directly(job):
+                assert job.out is not None
+                self._embed_into(job, job.out)
+                pieces.append(job.out)
+                continue
+            result = next(batched_results)
+            if job.out is not None:
+                job.out.copy_(result)
+                result = job.out
+            pieces.append(result)
+        return pieces
+
+    def _check_positions(self, job: EmbedJob) -> None:
+        length = job.token_ids.shape[-1]
+        if job.include_positional and (
+            job.position_offset < 0 or job.position_offset + length > self.context_length
+        ):
+            raise InvalidInput(
+                f"positions {job.position_offset}..{job.position_offset + length - 1} are outside "
+                f"the context length {self.context_length}"
+            )
+
+    def _checked_ids(self, jobs: list[EmbedJob], ids: npt.NDArray[np.int64]) -> None:
+        # Always checked, cheaply: an index past the table is a device-side assert on CUDA, which
+        # poisons the context for good. check() then names the first bad ID and its position.
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
+            for job in jobs:
+                self.check(job.token_ids, include_positional=False)
+
+    def _embed_into(self, job: EmbedJob, out: torch.Tensor) -> None:
+        """One job on the CPU, written into out: the token rows, then the positions added in place."""
+        ids = np.ascontiguousarray(job.token_ids, dtype=np.int64).reshape(-1)
+        self._checked_ids([job], ids)
+        length = job.token_ids.shape[-1]
+        with torch.inference_mode():
+            # In the model's dtype, as the batched lookup adds, then converted once.
+            target = out if out.dtype == self.dtype else torch.empty(out.shape, dtype=self.dtype)
+            torch.index_select(self._token, 0, torch.from_numpy(ids), out=target.view(-1, self.dim))
+            if job.include_positional:
+                positions = self._position[job.position_offset : job.position_offset + length]
+                target.view(-1, length, self.dim).add_(positions)
+            if target is not out:
+                out.copy_(target)
+
+    def _embed_batched(self, jobs: list[EmbedJob]) -> list[torch.Tensor]:
+        if not jobs:
+            return []
+        output_dtype = jobs[0].output_dtype
         flat_ids = [np.ascontiguousarray(job.token_ids, dtype=np.int64).reshape(-1) for job in jobs]
         positions = []
         for job in jobs:
             length = job.token_ids.shape[-1]
             if job.include_positional:
-                if job.position_offset < 0 or job.position_offset + length > self.context_length:
-                    raise InvalidInput(
-                        f"positions {job.position_offset}..{job.position_offset + length - 1} are outside "
-                        f"the context length {self.context_length}"
-                    )
                 row = np.arange(job.position_offset, job.position_offset + length, dtype=np.int64)
             else:
                 row = np.full(length, self.context_length, dtype=np.int64)
             positions.append(np.broadcast_to(row, job.token_ids.shape).reshape(-1))
-        host = torch.from_numpy(np.stack([np.concatenate(flat_ids), np.concatenate(positions)]))
-        # Always checked, cheaply: an index past the table is a device-side assert on CUDA, which
-        # poisons the context for good. check() then names the first bad ID and its position.
-        if host.shape[1] and (int(host[0].min()) < 0 or int(host[0].max()) >= self.vocab_size):
-            for job in jobs:
-                self.check(job.token_ids, include_positional=False)
+        stacked = np.stack([np.concatenate(flat_ids), np.concatenate(positions)])
+        self._checked_ids(jobs, stacked[0])
+        host = torch.from_numpy(stacked)
         with torch.inference_mode():
             if self._pin:
                 host = host.pin_memory()

@@ -2,14 +2,15 @@
 
 A client creates a POSIX shared-memory region (a file under /dev/shm) and registers it; the
 server maps it and hands back an unguessable handle, which only that client knows, so one
-client cannot write into another's region. Results are copied straight from the lookup's
-tensor into the mapping: no serialization, no transport. Regions are released when their
+client cannot write into another's region. The lookup writes its result straight into
+the mapping: no serialization, no transport. Regions are released when their
 session ends (the caller's job) and all of them when the registry closes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import mmap
 import os
 import re
@@ -18,10 +19,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from .embedding import tensor_bytes
 from .errors import InvalidInput, NotFound
 
 SHM_DIR = Path("/dev/shm")
@@ -84,13 +83,17 @@ class SharedMemoryRegistry:
                 f"{nbytes} bytes at offset {offset} do not fit the region's {region.size} bytes"
             )
 
-    def write(self, handle: str, offset: int, tensor: torch.Tensor) -> int:
-        """Copies a CPU tensor's bytes into the region at offset; returns the byte count."""
-        source = tensor_bytes(tensor)
-        self.check(handle, offset, source.size)
-        region = self._regions[handle]
-        np.frombuffer(region.mapping, dtype=np.uint8, count=source.size, offset=offset)[:] = source
-        return int(source.size)
+    def view(self, handle: str, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A CPU tensor over the region at offset, for a result to be written into.
+
+        The view keeps the mapping alive: a region released meanwhile is unmapped once it goes.
+        """
+        count = math.prod(shape)
+        self.check(handle, offset, count * dtype.itemsize)
+        if not count:
+            return torch.empty(shape, dtype=dtype)
+        mapping = self._regions[handle].mapping
+        return torch.frombuffer(mapping, dtype=dtype, offset=offset, count=count).view(shape)
 
     def release(self, handle: str) -> None:
         with self._lock:
