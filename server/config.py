@@ -120,7 +120,8 @@ _FLAGS: Mapping[str, tuple[Callable[[str], Any], str]] = {
     ),
     "max_wait_us": (
         int,
-        "microseconds a partial batch may wait for more while requests keep arriving (idle: no wait)",
+        "microseconds a partial batch (under 1,024 tokens) may wait for more while requests keep "
+        "arriving (idle: no wait)",
     ),
     "max_queue": (int, "most tokens waiting for the device; past it Embed is RESOURCE_EXHAUSTED"),
     "stream_window": (int, "EmbedStream windows in flight per stream (backpressure beyond it)"),
