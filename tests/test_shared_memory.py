@@ -44,6 +44,12 @@ async def test_results_land_in_the_region_equal_to_replies(
             np.testing.assert_array_equal(widened, brain)
             with pytest.raises(InvalidArgumentError, match="do not fit"):
                 await client.embed(ids, output=region, output_offset=(1 << 20) - 100)
+        # Large requests are looked up straight into the region, not copied there.
+        large = rng.integers(0, 50257, size=(4, 256))
+        async with client.shared_memory(4 << 20) as region:
+            for dtype in ("float32", "bfloat16"):
+                direct = await client.embed(large, output=region, output_offset=64, dtype=dtype)
+                np.testing.assert_array_equal(direct, await client.embed(large, dtype=dtype))
         assert await _released(default_components)
 
 
@@ -89,3 +95,27 @@ async def test_a_client_that_goes_away_releases_its_region(
     await client.close()  # the connection drops without ending the session
     assert await _released(default_components)
     await region.close()
+
+
+def test_a_region_released_while_a_result_is_written_stays_mapped_until_the_write_ends(
+    tmp_path: Path,
+) -> None:
+    """The lookup writes through a view of the region; releasing the region meanwhile (its
+    session ended) unmaps it only once that view is gone."""
+    import gc
+
+    import torch
+    from embedserve.server.core.shared_memory import SharedMemoryRegistry
+
+    (tmp_path / "region").write_bytes(b"\0" * 4096)
+    registry = SharedMemoryRegistry(tmp_path)
+    handle = registry.register("region", 4096)
+    view = registry.view(handle, 1024, (4, 8), torch.float32)
+    registry.release(handle)
+    assert len(registry) == 0
+    view.fill_(2.5)  # still mapped: no crash, and the file sees it
+    del view
+    gc.collect()
+    written = np.frombuffer((tmp_path / "region").read_bytes(), dtype=np.float32)
+    assert (written[256 : 256 + 32] == 2.5).all()
+    assert (written[:256] == 0).all()

@@ -19,6 +19,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .errors import InvalidInput, NotFound
@@ -86,14 +87,17 @@ class SharedMemoryRegistry:
     def view(self, handle: str, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A CPU tensor over the region at offset, for a result to be written into.
 
-        The view keeps the mapping alive: a region released meanwhile is unmapped once it goes.
+        The view holds the mapping's buffer (through numpy: torch.frombuffer would keep the
+        object but not its buffer), so a region released meanwhile is unmapped only once the
+        view is gone.
         """
-        count = math.prod(shape)
-        self.check(handle, offset, count * dtype.itemsize)
-        if not count:
+        nbytes = math.prod(shape) * dtype.itemsize
+        self.check(handle, offset, nbytes)
+        if not nbytes:
             return torch.empty(shape, dtype=dtype)
         mapping = self._regions[handle].mapping
-        return torch.frombuffer(mapping, dtype=dtype, offset=offset, count=count).view(shape)
+        raw = np.frombuffer(mapping, dtype=np.uint8, count=nbytes, offset=offset)
+        return torch.from_numpy(raw).view(dtype).view(shape)
 
     def release(self, handle: str) -> None:
         with self._lock:
