@@ -97,17 +97,6 @@ def _tensor_field_head(field_number: int, shape: tuple[int, ...], dtype: torch.d
     return varint(field_number << 3 | 2) + varint(len(body) + data_bytes) + bytes(body)
 
 
-def encode_tensor_field(field_number: int, tensor: torch.Tensor) -> bytes:
-    """The wire bytes of `Tensor` as field `field_number` of its parent message, in one copy.
-
-    Equal to the parent's SerializeToString() with only that field set (a test holds it to
-    that), without building the message first: protobuf would copy the data into the message
-    and again into the serialized reply, which for a 2 MB result costs more than the lookup.
-    """
-    head = _tensor_field_head(field_number, tuple(tensor.shape), tensor.dtype)
-    return b"".join((head, tensor_bytes(tensor).data))
-
-
 @cache
 def _bytes_written_in_place() -> bool:
     """Whether new bytes objects can be filled in place (CPython; checked once on a sample)."""
@@ -116,7 +105,7 @@ def _bytes_written_in_place() -> bool:
     try:
         sample = _uninitialized_bytes(64)
         _writable_view(sample)[:] = bytes(range(64))
-    except (AttributeError, OSError, ValueError):
+    except (AttributeError, OSError, TypeError, ValueError):
         return False
     return sample == bytes(range(64))
 

@@ -320,7 +320,7 @@ class EmbeddingServicer:
         trailer = _codec.encode_varint_field(2, sequence_id) if sequence_id else b""
         job = self._job(token_ids, options)
         reply = _codec.TensorReply(1, _result_shape(job, self._model.dim), job.output_dtype, trailer)
-        await self._batcher.embed_timed(dataclasses.replace(job, out=reply.tensor))
+        await self._batcher.embed(dataclasses.replace(job, out=reply.tensor))
         return reply.message()
 
     def _job(self, token_ids: tensor_pb2.Tensor, options: embedding_pb2.EmbedOptions) -> EmbedJob:

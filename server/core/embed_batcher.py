@@ -4,10 +4,10 @@ Concurrent requests are merged into one lookup (EmbeddingModel.embed_many) under
 token budget, run in the model's worker thread, and their results split back to
 the callers. An idle batcher runs a request at once; while the device is busy,
 requests queue, and when a batch ends everything queued (up to the budget) goes
-into the next one. Right after a batch, a partial batch of fewer than
-ENOUGH_TO_RUN_TOKENS may wait up to `max_wait_us` for more requests (it only pays while
-requests keep arriving). The queue is
-bounded in tokens: past `max_queue_tokens` a request is Overloaded with a retry hint.
+into the next one. Right after a batch, a partial batch of fewer than ENOUGH_TO_RUN_TOKENS
+may wait up to `max_wait_us` for more requests (it only pays while requests keep
+arriving). The queue is bounded in tokens: past `max_queue_tokens` a request is
+Overloaded with a retry hint.
 """
 
 from __future__ import annotations
