@@ -9,7 +9,7 @@ import pytest
 import torch
 from embedserve.client import AsyncClient, InvalidArgumentError
 from embedserve.server import ServerConfig
-from embedserve.server.core import EmbeddingModel, resolve_device, seeded_embedding_tables
+from embedserve.server.core import EmbeddingModel, EmbedJob, resolve_device, seeded_embedding_tables
 from embedserve.server.core.vectors import SimilarityQuery, Term, WordVectors
 
 from .conftest import start_server
@@ -38,6 +38,13 @@ def test_cuda_embeddings_equal_cpu_bit_for_bit() -> None:
     ids = np.random.default_rng(0).integers(0, 50257, size=(8, 1024)).astype(np.int32)
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         assert torch.equal(gpu.embed(ids, output_dtype=dtype), cpu.embed(ids, output_dtype=dtype))
+        # Into a reply being built: copied from the batch's pinned result on CUDA, looked up
+        # straight into it on the CPU; the same bits either way.
+        on_gpu, on_cpu = (torch.empty((*ids.shape, 256), dtype=dtype) for _ in range(2))
+        gpu.embed_many([EmbedJob(ids, output_dtype=dtype, out=on_gpu)])
+        cpu.embed_many([EmbedJob(ids, output_dtype=dtype, out=on_cpu)])
+        assert torch.equal(on_gpu, on_cpu)
+        assert torch.equal(on_gpu, cpu.embed(ids, output_dtype=dtype))
     assert torch.equal(
         gpu.embed(ids[0, :100], position_offset=900), cpu.embed(ids[0, :100], position_offset=900)
     )
@@ -52,6 +59,11 @@ async def test_default_server_on_cuda_serves_the_notebook_flow() -> None:
         async with AsyncClient(running.target) as client:
             info = await client.info()
             assert info.device.startswith("cuda:")
+            window = np.arange(2048, dtype=np.int32).reshape(8, 256)
+            expected_window = token_layer(torch.from_numpy(window.astype(np.int64))) + pos_layer(
+                torch.arange(256)
+            )
+            np.testing.assert_array_equal(await client.embed(window), expected_window.detach().numpy())
             batches = [
                 b
                 async for b in client.stream_batches(
