@@ -63,6 +63,8 @@ class EmbedBatcher:
         self._model = model
         self._max_batch_tokens = max_batch_tokens
         self._max_wait = max_wait_us / 1e6
+        # A partial batch waits for more only while it is smaller than this (0: never).
+        self._worth_waiting_below = min(max_batch_tokens, ENOUGH_TO_RUN_TOKENS)
         self._max_queue_tokens = max_queue_tokens
         self._pending: deque[tuple[EmbedJob, asyncio.Future[Timed]]] = deque()
         self._on_batch = on_batch
@@ -150,13 +152,13 @@ class EmbedBatcher:
     def _worth_waiting(self) -> bool:
         return (
             self._max_wait > 0
-            and self._queued_tokens < min(self._max_batch_tokens, ENOUGH_TO_RUN_TOKENS)
+            and self._queued_tokens < self._worth_waiting_below
             and time.perf_counter() - self._last_batch_end < self._max_wait
         )
 
     async def _wait_for_more(self) -> None:
         deadline = self._last_batch_end + self._max_wait
-        while self._queued_tokens < min(self._max_batch_tokens, ENOUGH_TO_RUN_TOKENS):
+        while self._queued_tokens < self._worth_waiting_below:
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 return
