@@ -33,12 +33,14 @@ ENV PATH=/opt/embedserve/bin:$PATH \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     EMBEDSERVE_HOST=0.0.0.0 \
     EMBEDSERVE_PORT=50051 \
+    EMBEDSERVE_HEALTH_PORT=50052 \
     EMBEDSERVE_CACHE_DIR=/var/cache/embedserve
 RUN embedserve prepare-vectors glove-6b-50d \
     && chown -R 10001:10001 /var/cache/embedserve
 USER 10001:10001
-EXPOSE 50051
+# 50052: grpc.health.v1 alone, in plaintext, so probes work when 50051 speaks TLS.
+EXPOSE 50051 50052
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s \
-    CMD ["embedserve", "health", "--target", "127.0.0.1:50051", "--timeout", "3"]
+    CMD ["embedserve", "health", "--timeout", "3"]
 ENTRYPOINT ["embedserve"]
 CMD ["serve"]

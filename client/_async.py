@@ -165,16 +165,22 @@ class AsyncClient:
         self.timeout = timeout
         self.stream_timeout = stream_timeout
         channel_options = [
+            # gRPC keeps the first of repeated channel arguments: the caller's come first, so each
+            # default below can be overridden.
+            *options,
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
             # Without a local pool, channels to one target share one connection.
             ("grpc.use_local_subchannel_pool", 1),
             ("grpc.enable_retries", 1),
             ("grpc.service_config", RETRY_SERVICE_CONFIG),
-            # A dead peer is noticed within about a minute even on an idle connection.
+            # Pings every minute, idle or not (the server permits it), so a replica that vanished
+            # without closing its connections is noticed within 80 s rather than at the next call.
+            # (grpcio times a keepalive ping out after the ping timeout, 60 s unless set.)
             ("grpc.keepalive_time_ms", 60_000),
             ("grpc.keepalive_timeout_ms", 20_000),
-            *options,  # later entries win: every default above can be overridden
+            ("grpc.http2.ping_timeout_ms", 20_000),
+            ("grpc.keepalive_permit_without_calls", 1),
         ]
         interceptors = api_key_interceptors(api_key) if api_key else None
         if (client_certificate is None) != (client_key is None):

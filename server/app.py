@@ -13,7 +13,7 @@ import signal
 import time
 import weakref
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import grpc
@@ -86,8 +86,13 @@ def load_components(config: ServerConfig, environ: Mapping[str, str] | None = No
     ):
         if getattr(config, name) <= 0:
             raise StartupError(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
-    if not 0 <= config.port < 65536:
-        raise StartupError(f"--port must be in [0, 65535], got {config.port}")
+    for name in ("port", "health_port", "metrics_port"):
+        if not 0 <= getattr(config, name) < 65536:
+            raise StartupError(
+                f"--{name.replace('_', '-')} must be in [0, 65535], got {getattr(config, name)}"
+            )
+    if config.health_port and config.health_port in (config.port, config.metrics_port):
+        raise StartupError(f"--health-port {config.health_port} is already --port or --metrics-port")
     started = time.perf_counter()
     tokenizer = load_gpt2_tokenizer(config.bpe_dir, os.environ if environ is None else environ)
     if config.weights is not None:
@@ -185,6 +190,10 @@ _HEALTH_BY_SERVER: weakref.WeakKeyDictionary[grpc.aio.Server, health_aio.HealthS
 
 
 _DRAINING_BY_SERVER: weakref.WeakKeyDictionary[grpc.aio.Server, asyncio.Event] = weakref.WeakKeyDictionary()
+# --health-port: a plaintext server beside the main one, answering grpc.health.v1 only.
+HEALTH_LISTENER_BY_SERVER: weakref.WeakKeyDictionary[grpc.aio.Server, grpc.aio.Server] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 async def enter_shutdown(server: grpc.aio.Server) -> None:
@@ -278,16 +287,34 @@ def build_server(config: ServerConfig, components: Components | None = None) -> 
     reflection.enable_server_reflection(
         [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
     )
+    port = _listen(server, config.address, credentials)
+    if config.health_port:
+        HEALTH_LISTENER_BY_SERVER[server] = _health_listener(config, health)
+    return server, port
+
+
+def _listen(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
     try:
         if credentials is None:
-            port = server.add_insecure_port(config.address)
+            port = server.add_insecure_port(address)
         else:
-            port = server.add_secure_port(config.address, credentials)
+            port = server.add_secure_port(address, credentials)
     except RuntimeError as exc:
-        raise StartupError(f"cannot listen on {config.address}: {exc}") from None
+        raise StartupError(f"cannot listen on {address}: {exc}") from None
     if port == 0:
-        raise StartupError(f"cannot listen on {config.address}")
-    return server, port
+        raise StartupError(f"cannot listen on {address}")
+    return port
+
+
+def _health_listener(config: ServerConfig, health: health_aio.HealthServicer) -> grpc.aio.Server:
+    """The same health statuses, in plaintext and with no key, on --health-port.
+
+    Orchestrators' gRPC probes (Kubernetes', a container HEALTHCHECK) speak neither TLS nor mutual
+    TLS; this port gives them the statuses alone, never data or reflection."""
+    listener = grpc.aio.server(options=[("grpc.so_reuseport", 1 if config.workers > 1 else 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(health, listener)
+    _listen(listener, replace(config, port=config.health_port).address, None)
+    return listener
 
 
 def tune_allocator() -> None:
@@ -326,14 +353,20 @@ async def serve(config: ServerConfig, *, grace_seconds: float | None = None) -> 
     # under 64 clients. (The word vectors freeze their vocabulary again once loaded.)
     gc.freeze()
     await server.start()
+    health_listener = HEALTH_LISTENER_BY_SERVER.get(server)
+    if health_listener is not None:
+        await health_listener.start()
+        _LOGGER.info("health checks (plaintext) on %s:%d", config.host, config.health_port)
     if config.metrics_port:
         METRICS_BY_SERVER[server].serve_http(config.metrics_port, config.host)
         _LOGGER.info("metrics on http://%s:%d/metrics", config.host, config.metrics_port)
     _LOGGER.info("embedserve listening on %s:%d", config.host, port)
     grace = config.grace if grace_seconds is None else grace_seconds
+    stop_by = None
     try:
         await stop.wait()
         _LOGGER.info("shutting down (grace %.1f s)", grace)
+        stop_by = time.monotonic() + grace
         await enter_shutdown(server)
         await server.stop(grace)
         # One line an operator (or the reliability suite) can check: nothing cut off at shutdown.
@@ -341,5 +374,9 @@ async def serve(config: ServerConfig, *, grace_seconds: float | None = None) -> 
             "calls finished: %s", json.dumps(METRICS_BY_SERVER[server].finished_calls(), sort_keys=True)
         )
     finally:
-        stopped = await asyncio.to_thread(components.close, grace)
+        if health_listener is not None:  # last: probes see NOT_SERVING while calls drain
+            await health_listener.stop(None)
+        # A load still running gets what is left of the grace period (at least a moment).
+        left = grace if stop_by is None else max(0.1, stop_by - time.monotonic())
+        stopped = await asyncio.to_thread(components.close, left)
     return stopped

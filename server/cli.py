@@ -24,6 +24,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -53,6 +54,31 @@ def _add_client_arguments(parser: argparse.ArgumentParser, environ: Mapping[str,
         default=timeout,
         help="seconds before a call gives up (default: 30); env EMBEDSERVE_TIMEOUT",
     )
+    for flag, variable, help_text in (
+        ("--api-key", "EMBEDSERVE_API_KEY", "send 'authorization: Bearer KEY'"),
+        ("--root-cert", "EMBEDSERVE_ROOT_CERT", "PEM file of the CA that signed the server: use TLS"),
+        ("--client-cert", "EMBEDSERVE_CLIENT_CERT", "PEM client certificate: mutual TLS"),
+        ("--client-key", "EMBEDSERVE_CLIENT_KEY", "PEM private key of --client-cert"),
+        ("--server-name", "EMBEDSERVE_SERVER_NAME", "the certificate's name, if not the target's"),
+    ):  # fmt: skip
+        parser.add_argument(flag, default=environ.get(variable, ""), help=f"{help_text}; env {variable}")
+
+
+def _client_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The Client keyword arguments of the shared client flags (PEM files are read here)."""
+
+    def pem(path: str) -> bytes | None:
+        return Path(path).read_bytes() if path else None
+
+    options = [("grpc.ssl_target_name_override", args.server_name)] if args.server_name else []
+    return {
+        "timeout": args.timeout,
+        "api_key": args.api_key or None,
+        "root_certificates": pem(args.root_cert),
+        "client_certificate": pem(args.client_cert),
+        "client_key": pem(args.client_key),
+        "options": options,
+    }
 
 
 # With OpenMP's default wait policy, libgomp stops spinning once a process has more OpenMP
@@ -177,7 +203,7 @@ def _fork_workers(config: ServerConfig) -> int:
 def _run_tokenize(args: argparse.Namespace) -> int:
     from embedserve.client import Client
 
-    with Client(args.target, timeout=args.timeout) as client:
+    with Client(args.target, **_client_options(args)) as client:
         ids = client.tokenize(args.text, allowed_special="all" if args.allow_special else ())
     print(" ".join(str(i) for i in ids))
     return 0
@@ -187,7 +213,7 @@ def _run_batches(args: argparse.Namespace) -> int:
     from embedserve.client import Client
 
     text = Path(args.file).read_text(encoding="utf-8") if args.file else None
-    with Client(args.target, timeout=args.timeout) as client:
+    with Client(args.target, **_client_options(args)) as client:
         stream = client.stream_batches(
             text=text,
             corpus=args.corpus,
@@ -216,7 +242,7 @@ def _run_batches(args: argparse.Namespace) -> int:
 def _run_embed(args: argparse.Namespace) -> int:
     from embedserve.client import Client
 
-    with Client(args.target, timeout=args.timeout) as client:
+    with Client(args.target, **_client_options(args)) as client:
         vectors = client.embed(
             args.ids, include_positional=not args.no_positional, position_offset=args.offset
         )
@@ -226,12 +252,39 @@ def _run_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _health_target(environ: Mapping[str, str]) -> str:
+    """Where `embedserve health` asks by default: the server's --health-port when it has one (so a
+    container's HEALTHCHECK works whether or not the main port speaks TLS), else its --port."""
+    health_port = environ.get("EMBEDSERVE_HEALTH_PORT", "").strip()
+    if health_port not in ("", "0"):
+        return f"127.0.0.1:{health_port}"
+    if "EMBEDSERVE_TARGET" in environ:
+        return environ["EMBEDSERVE_TARGET"]
+    port = environ.get("EMBEDSERVE_PORT", "").strip()
+    return f"127.0.0.1:{port}" if port else DEFAULT_TARGET
+
+
 def _run_health(args: argparse.Namespace) -> int:
     """grpc.health.v1 Check: exit 0 when SERVING (what container and orchestrator probes run)."""
     import grpc
+    from embedserve.client._async import _split_scheme
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(args.target) as channel:
+    options = _client_options(args)
+    target, tls_scheme = _split_scheme(args.target)
+    tls = tls_scheme or any(options[name] is not None for name in ("root_certificates", "client_certificate"))
+    channel = (
+        grpc.secure_channel(
+            target,
+            grpc.ssl_channel_credentials(
+                options["root_certificates"], options["client_key"], options["client_certificate"]
+            ),
+            options=options["options"],
+        )
+        if tls
+        else grpc.insecure_channel(target)
+    )
+    with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
@@ -247,7 +300,7 @@ def _run_health(args: argparse.Namespace) -> int:
 def _run_info(args: argparse.Namespace) -> int:
     from embedserve.client import Client
 
-    with Client(args.target, timeout=args.timeout) as client:
+    with Client(args.target, **_client_options(args)) as client:
         info = client.info()
     for name, value in vars(info).items():
         if name != "limits":
@@ -260,7 +313,7 @@ def _run_info(args: argparse.Namespace) -> int:
 def _run_similar(args: argparse.Namespace) -> int:
     from embedserve.client import Client
 
-    with Client(args.target, timeout=args.timeout) as client:
+    with Client(args.target, **_client_options(args)) as client:
         method = client.word_vectors.most_similar_cosmul if args.cosmul else client.word_vectors.most_similar
         ranked = method(
             positive=args.words, negative=args.negative, topn=args.n, restrict_vocab=args.restrict_vocab
@@ -273,7 +326,7 @@ def _run_similar(args: argparse.Namespace) -> int:
 def _run_similarity(args: argparse.Namespace) -> int:
     from embedserve.client import Client
 
-    with Client(args.target, timeout=args.timeout) as client:
+    with Client(args.target, **_client_options(args)) as client:
         similarity = client.word_vectors.similarity(args.first, args.second)
         cosine, euclidean = client.word_vectors.distance_batch([(args.first, args.second)])
     print(
@@ -286,7 +339,7 @@ def _run_analogies(args: argparse.Namespace) -> int:
     from embedserve.client import Client
 
     questions = Path(args.file).read_text(encoding="utf-8") if args.file else None
-    with Client(args.target, timeout=args.timeout) as client:
+    with Client(args.target, **_client_options(args)) as client:
         result = client.word_vectors.evaluate_word_analogies(questions, restrict_vocab=args.restrict_vocab)
     for name, correct, incorrect in result.sections:
         total = correct + incorrect
@@ -378,7 +431,11 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
 
     commands.add_parser("info", help="print the server's model and limits")
     handlers["info"] = _run_info
-    health = commands.add_parser("health", help="gRPC health check: exit 0 when SERVING (no API key needed)")
+    health = commands.add_parser(
+        "health",
+        help="gRPC health check: exit 0 when SERVING (no API key needed; default target: "
+        "127.0.0.1 at EMBEDSERVE_HEALTH_PORT, else EMBEDSERVE_TARGET, else EMBEDSERVE_PORT)",
+    )
     health.add_argument("--service", default="", help="a service name, e.g. embedserve.v1.WordVectorsService")
     handlers["health"] = _run_health
 
@@ -438,6 +495,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
 
     for name in ("tokenize", "batches", "embed", "info", "health", "similar", "similarity", "analogies"):
         _add_client_arguments(commands.choices[name], environ)
+    health.set_defaults(target=_health_target(environ))
     parser.set_defaults(handlers=handlers)
     return parser
 

@@ -58,6 +58,7 @@ class ServerConfig:
     tls_client_ca: Path | None = None
     insecure: bool = False
     metrics_port: int = 0
+    health_port: int = 0
     workers: int = 1
     max_connection_age: float = 0.0
 
@@ -146,6 +147,11 @@ _FLAGS: Mapping[str, tuple[Callable[[str], Any], str]] = {
     "tls_client_ca": (_optional_path, "PEM CA bundle: require client certificates it signed (mutual TLS)"),
     "insecure": (str, "allow a non-loopback --host with neither TLS nor API keys"),
     "metrics_port": (int, "serve Prometheus metrics over HTTP on this port of --host (0: off)"),
+    "health_port": (
+        int,
+        "also serve grpc.health.v1 alone, in plaintext, on this port of --host (0: off): for probes "
+        "that cannot speak TLS or present a client certificate; it tells only whether each service serves",
+    ),
     "max_connection_age": (
         float,
         "seconds before the server asks a client to reconnect (0: never); spreads long-lived clients "

@@ -93,6 +93,12 @@ def worker_exited(pid: int) -> None:
     multiprocess.mark_process_dead(pid, os.environ[PROMETHEUS_MULTIPROCESS_VARIABLE])  # type: ignore[no-untyped-call]
 
 
+def add_timings(context: Any, **seconds: float) -> None:
+    """Appends `embedserve-<name>-ms` entries to the call's trailing metadata (keeping what is there)."""
+    timings = tuple((f"embedserve-{name}-ms", f"{1000 * value:.3f}") for name, value in seconds.items())
+    context.set_trailing_metadata((*(context.trailing_metadata() or ()), *timings))
+
+
 def _code(context: Any, error: BaseException | None) -> str:
     """The call's final status code: what the handler set or aborted with, else from how it ended."""
     code = context.code()
@@ -108,7 +114,8 @@ def _code(context: Any, error: BaseException | None) -> str:
 
 
 class MetricsInterceptor(_ServerInterceptor):
-    """Counts every call by method and final status code, and times it."""
+    """Counts every call by method and final status code, and times it; every reply's trailing
+    metadata carries `embedserve-server-ms`, the time the server spent on the call."""
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
@@ -142,6 +149,7 @@ class MetricsInterceptor(_ServerInterceptor):
                     raise
                 finally:
                     metrics.open_streams.labels(method).dec()
+                    add_timings(context, server=time.perf_counter() - started)
                     finish(context, started, error)
 
             return rebuilt(handler, streamed)
@@ -154,6 +162,7 @@ class MetricsInterceptor(_ServerInterceptor):
                 error = raised
                 raise
             finally:
+                add_timings(context, server=time.perf_counter() - started)
                 finish(context, started, error)
 
         return rebuilt(handler, unary)

@@ -42,7 +42,7 @@ from .core.embed_batcher import EmbedBatcher
 from .core.shared_memory import SharedMemoryRegistry
 from .core.tokenizer import ENDOFTEXT
 from .errors import Context, stream_errors, unary_errors
-from .metrics import Metrics
+from .metrics import Metrics, add_timings
 
 _FAILED_STREAM_DRAIN_SECONDS = 2.0
 MAX_BATCHES_PER_MESSAGE = 256
@@ -363,12 +363,7 @@ class EmbeddingServicer:
         else:
             out = self._shared_memory.view(region.handle, region.offset, shape, job.output_dtype)
         timed = await self._batcher.embed_timed(dataclasses.replace(job, out=out))
-        context.set_trailing_metadata(
-            (
-                ("embedserve-queue-ms", f"{1000 * timed.queue_seconds:.3f}"),
-                ("embedserve-compute-ms", f"{1000 * timed.compute_seconds:.3f}"),
-            )
-        )
+        add_timings(context, queue=timed.queue_seconds, compute=timed.compute_seconds)
         if reply is not None:
             return reply.message()  # an encoded EmbedResponse
         described = tensor_pb2.Tensor(dtype=_codec.wire_dtype(job.output_dtype), shape=list(shape))

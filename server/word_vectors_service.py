@@ -16,6 +16,7 @@ from .core.batcher import MicroBatcher
 from .core.vectors import PreparedQuery, SimilarityQuery, Term
 from .core.word_vector_slot import WordVectorSlot
 from .errors import Context, unary_errors
+from .metrics import add_timings
 
 _METHODS = {
     word_vectors_pb2.SIMILARITY_METHOD_UNSPECIFIED: "add",
@@ -91,7 +92,9 @@ class WordVectorsServicer(word_vectors_pb2_grpc.WordVectorsServiceServicer):
         prepared = model.prepare([_query(q) for q in request.queries])
         if self._batcher is None:
             self._batcher = MicroBatcher(model.search, executor=self._slot.executor, max_items=1024)
-        ranked = await self._batcher.submit(prepared)
+        timed = await self._batcher.submit(prepared)
+        add_timings(context, queue=timed.queue_seconds, compute=timed.compute_seconds)
+        ranked = timed.outputs
         return word_vectors_pb2.MostSimilarResponse(
             result_counts=[len(r) for r in ranked],
             words=[word for r in ranked for word, _ in r],

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -164,9 +164,10 @@ def reference_encoding(tmp_path_factory: pytest.TempPathFactory) -> tiktoken.Enc
 class CliServer:
     """`python -m embedserve.server serve` as a child process; its log is collected as it runs."""
 
-    def __init__(self, *flags: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, *flags: str, env: dict[str, str] | None = None, program: Sequence[str] = ()) -> None:
+        """`program`: the command that runs embedserve (default: this interpreter's module)."""
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "embedserve.server", "serve", *flags],
+            [*(program or (sys.executable, "-m", "embedserve.server")), "serve", *flags],
             env={**os.environ, **(env or {}), "EMBEDSERVE_PORT": "0"},
             stderr=subprocess.PIPE,
             text=True,
@@ -215,3 +216,20 @@ class CliServer:
 def start_cli_server(*flags: str, env: dict[str, str] | None = None) -> CliServer:
     """A CLI server on a free port; call `terminate()` when done."""
     return CliServer(*flags, env=env)
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def make_certificates(folder: Path) -> None:
+    """A CA, a server certificate for 127.0.0.1, and a client certificate, all signed by the CA."""
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+             "-days", "2", "-subj", "/CN=embedserve-test-ca", cwd=folder)  # fmt: skip
+    (folder / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for name in ("server", "client"):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                 "-subj", f"/CN={name}", cwd=folder)  # fmt: skip
+        extra = ["-extfile", "server.ext"] if name == "server" else []
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-out", f"{name}.pem", "-days", "2", *extra, cwd=folder)  # fmt: skip

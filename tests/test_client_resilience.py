@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 from embedserve.client import AsyncClient, EmbedServeError, InternalError
 from embedserve.client.tensor import to_tensor_pb
 from embedserve.server import ServerConfig
+from embedserve.server.app import METRICS_BY_SERVER
 from embedserve.v1 import tokenizer_pb2
 
 from .conftest import start_server
@@ -104,3 +106,89 @@ async def test_connections_past_their_maximum_age_are_replaced_without_failing_c
         assert calls > 20
     finally:
         running.stop()
+
+
+class _FreezableProxy:
+    """A loopback TCP proxy that can stop forwarding without closing anything: what a client's idle
+    connection sees of a replica that vanished (a powered-off host, a dropped NAT or LB entry)."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.frozen = False
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._connect, "127.0.0.1", 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def _connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        for source, sink in ((reader, upstream_writer), (upstream_reader, writer)):
+            task = asyncio.create_task(self._pump(source, sink))
+            self._tasks.add(task)
+
+    async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        while chunk := await source.read(65536):
+            if not self.frozen:  # frozen: bytes vanish, and nothing tells either end
+                sink.write(chunk)
+                await sink.drain()
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self._server is not None:
+            self._server.close()
+
+
+@pytest.mark.parametrize("pings_when_idle", [True, False])
+async def test_idle_connections_are_pinged_so_a_vanished_server_is_noticed(pings_when_idle: bool) -> None:
+    server, port, _ = await _flaky_server([])
+    proxy = _FreezableProxy(port)
+    proxy_port = await proxy.start()
+    # The default pings every minute; the same mechanism, quicker. Without BDP probing, whose
+    # own ping (sent after each reply) could notice a freeze that follows a call at once.
+    # (These options override the client's defaults, which this test also shows.)
+    options: list[tuple[str, int]] = [
+        ("grpc.keepalive_time_ms", 300),
+        ("grpc.http2.ping_timeout_ms", 300),
+        ("grpc.http2.bdp_probe", 0),
+    ]
+    if not pings_when_idle:  # what the client did before: ping only while calls are in flight
+        options.append(("grpc.keepalive_permit_without_calls", 0))
+    try:
+        async with AsyncClient(f"127.0.0.1:{proxy_port}", connections=1, options=options) as client:
+            assert await client.tokenize("anything") == [7, 8, 9]
+            channel = client._channel
+            assert channel.get_state() is grpc.ChannelConnectivity.READY
+            proxy.frozen = True  # no call in flight from here on: only a ping can notice
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(channel.wait_for_state_change(grpc.ChannelConnectivity.READY), 3)
+            noticed = channel.get_state() is not grpc.ChannelConnectivity.READY
+        assert noticed == pings_when_idle
+    finally:
+        await proxy.close()
+        await server.stop(None)
+
+
+async def test_round_robin_over_several_addresses_spreads_the_calls() -> None:
+    # The README's client-side balancing: one name resolving to every replica, round_robin.
+    # Here the "name" lists two loopback replicas itself, as a headless Service's DNS would.
+    config = ServerConfig(port=0, device="cpu", word_vectors="none", vocab_size=6, dim=3)
+    replicas = [start_server(config), start_server(config)]
+    try:
+        target = "ipv4:" + ",".join(f"127.0.0.1:{replica.port}" for replica in replicas)
+        options = [("grpc.lb_policy_name", "round_robin")]
+        async with AsyncClient(target, connections=1, options=options) as client:
+            for _ in range(20):
+                assert await client.tokenize("hello world") == [31373, 995]
+        served = [
+            METRICS_BY_SERVER[replica.server].finished_calls().get("Tokenize", {}).get("OK", 0)
+            for replica in replicas
+        ]
+        # pick_first (gRPC's default) would send all 20 to one replica.
+        assert sum(served) == 20
+        assert min(served) >= 7, served
+    finally:
+        for replica in replicas:
+            replica.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -59,3 +60,35 @@ def test_changed_files_are_tokenized_again(store: CorpusStore) -> None:
     path = store.data_dir / "sub" / "b.txt"
     path.write_text("nested and longer now")
     assert store.tokens("sub/b.txt").tolist() != first.tolist()
+
+
+def test_a_prepared_corpus_never_reads_a_token_file_outside_the_folder(tmp_path: Path) -> None:
+    from embedserve.server.core.prepared import prepare_corpus
+
+    tokenizer = load_gpt2_tokenizer(None, {})
+    root = tmp_path / "data"
+    (tmp_path / "in.txt").write_text("Hello world, twice over.")
+    prepare_corpus([tmp_path / "in.txt"], "books", root, tokenizer, threads=1)
+    store = CorpusStore(root, tokenizer)
+    genuine = store.tokens("books").tolist()
+
+    # The same bytes outside the folder, reached by a symlink in place of the token file.
+    outside = tmp_path / "outside.tokens"
+    os.replace(root / "books.tokens", outside)
+    os.symlink(outside, root / "books.tokens")
+    with pytest.raises(NotFound, match="token file"):
+        store.tokens("books")
+
+    # A sidecar that names a path rather than a file beside it.
+    sidecar = json.loads((root / "books.json").read_text())
+    for tokens_file in ["../outside.tokens", str(outside), "", "sub/../../outside.tokens"]:
+        (root / "books.json").write_text(json.dumps({**sidecar, "tokens_file": tokens_file}))
+        with pytest.raises(NotFound, match="token file"):
+            store.tokens("books")
+
+    # A symlink that stays inside the folder is followed.
+    (root / "books.tokens").unlink()
+    os.replace(outside, root / "real.tokens")
+    os.symlink(root / "real.tokens", root / "books.tokens")
+    (root / "books.json").write_text(json.dumps(sidecar))
+    assert store.tokens("books").tolist() == genuine

@@ -138,6 +138,10 @@ def test_custom_keys_and_clear_errors(tmp_path: Path) -> None:
         load_embedding_tables(path, token_key="emb.tok", position_key="emb.pos", dim=256)
     with pytest.raises(StartupError, match="differ in width"):
         load_embedding_tables(path, token_key="emb.tok", position_key="other")
+    with pytest.raises(StartupError, match="vocab"):
+        load_embedding_tables(path, token_key="emb.tok", position_key="emb.pos", vocab_size=50257)
+    with pytest.raises(StartupError, match="context"):
+        load_embedding_tables(path, token_key="emb.tok", position_key="emb.pos", context_length=1024)
     with pytest.raises(StartupError, match="no such file"):
         load_embedding_tables(tmp_path / "absent.pt")
     (tmp_path / "junk.bin").write_bytes(b"not a checkpoint at all")

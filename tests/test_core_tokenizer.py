@@ -106,6 +106,9 @@ def test_mismatching_files_are_refused(tmp_path: Path) -> None:
         StartupError, match=rf"not GPT-2's vocab.bpe: sha256 \w+, expected {GPT2_BPE_SHA256['vocab.bpe']}"
     ):
         find_gpt2_bpe_files(tmp_path / "bad", {})
+    _write_pair(tmp_path / "bad-json", packaged.vocab_bpe, packaged.encoder_json.replace(b'"!"', b'"?"', 1))
+    with pytest.raises(StartupError, match=r"not GPT-2's encoder.json: sha256"):
+        find_gpt2_bpe_files(tmp_path / "bad-json", {})
     with pytest.raises(StartupError, match="lacks"):
         find_gpt2_bpe_files(tmp_path / "missing", {})
 

@@ -54,7 +54,8 @@ def test_manifests_match_the_server() -> None:
         ports["metrics"] == config.metrics_port == int(pod["metadata"]["annotations"]["prometheus.io/port"])
     )
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["grpc"]["port"] == ports["grpc"], f"{probe} asks grpc.health.v1"
+        # The health port: plaintext and keyless, whatever the main port speaks.
+        assert container[probe]["grpc"]["port"] == ports["health"] == config.health_port, probe
     pause = container["lifecycle"]["preStop"]["sleep"]["seconds"]
     assert pod["spec"]["terminationGracePeriodSeconds"] > config.grace + pause
     assert config.max_connection_age > 0, "connections re-spread over replicas"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import start_cli_server
+from .conftest import free_port, make_certificates, start_cli_server
 
 DOCKERFILE = Path(__file__).resolve().parents[1] / "Dockerfile"
 
@@ -59,22 +59,45 @@ def test_image_commands_work(tmp_path: Path) -> None:
     health = re.search(r"HEALTHCHECK .*CMD (\[.*\])", stage)
     assert health is not None
 
-    # The image listens on 0.0.0.0, which the server refuses without protection: operators pass
-    # EMBEDSERVE_API_KEYS (or TLS files, or EMBEDSERVE_INSECURE=1), as the README says.
-    server = start_cli_server("--device", "cpu", env={**image_env, "EMBEDSERVE_API_KEYS": "test-key"})
-    try:
-        probe = [part.strip('" ') for part in health.group(1).strip("[]").split(",")]
-        probe = [p.replace(":50051", f":{server.port}") for p in probe]
-        assert probe[0] == "embedserve"
+    probe = [part.strip('" ') for part in health.group(1).strip("[]").split(",")]
+    assert probe[0] == "embedserve"
+    assert "--target" not in probe, "the probe asks EMBEDSERVE_HEALTH_PORT, whatever the main port speaks"
+
+    def probe_says_serving(health_port: int) -> None:
         result = subprocess.run(
             [sys.executable, "-m", "embedserve.server", *probe[1:]],
             capture_output=True,
             text=True,
             timeout=60,
-            env=env,
+            env={**env, "EMBEDSERVE_HEALTH_PORT": str(health_port)},
         )
         assert result.returncode == 0, result.stderr
         assert "SERVING" in result.stdout
+
+    # The image listens on 0.0.0.0, which the server refuses without protection: operators pass
+    # EMBEDSERVE_API_KEYS, or TLS files, or EMBEDSERVE_INSECURE=1, as the README says. The probe
+    # works with each: it needs no key, and its port speaks plaintext.
+    health_port = free_port()
+    keys = {**image_env, "EMBEDSERVE_API_KEYS": "test-key", "EMBEDSERVE_HEALTH_PORT": str(health_port)}
+    server = start_cli_server("--device", "cpu", env=keys)
+    try:
+        probe_says_serving(health_port)
+    finally:
+        assert server.terminate() == 0, server.log
+    if shutil.which("openssl") is None:
+        return
+    make_certificates(tmp_path)
+    health_port = free_port()
+    mutual_tls = {
+        **image_env,
+        "EMBEDSERVE_TLS_CERT": str(tmp_path / "server.pem"),
+        "EMBEDSERVE_TLS_KEY": str(tmp_path / "server.key"),
+        "EMBEDSERVE_TLS_CLIENT_CA": str(tmp_path / "ca.pem"),
+        "EMBEDSERVE_HEALTH_PORT": str(health_port),
+    }
+    server = start_cli_server("--device", "cpu", env=mutual_tls)
+    try:
+        probe_says_serving(health_port)
     finally:
         assert server.terminate() == 0, server.log
 

@@ -13,7 +13,15 @@ import numpy as np
 from embedserve.client import AsyncClient, Client, EmbedServeError
 from embedserve.server import ServerConfig
 from embedserve.server.app import METRICS_BY_SERVER, Components
-from embedserve.v1 import embedding_pb2, embedding_pb2_grpc, tensor_pb2
+from embedserve.v1 import (
+    batches_pb2,
+    batches_pb2_grpc,
+    embedding_pb2,
+    embedding_pb2_grpc,
+    tensor_pb2,
+    tokenizer_pb2,
+    tokenizer_pb2_grpc,
+)
 from prometheus_client import generate_latest
 
 from .conftest import ServerThread, free_port, start_cli_server
@@ -40,14 +48,35 @@ async def test_calls_batches_and_timings_are_measured(default_components: Compon
             )
             await call
             trailing = dict(await call.trailing_metadata())
-        assert float(trailing["embedserve-queue-ms"]) >= 0
-        assert float(trailing["embedserve-compute-ms"]) > 0
+            tokenize = tokenizer_pb2_grpc.TokenizerServiceStub(channel).Tokenize(
+                tokenizer_pb2.TokenizeRequest(texts=["timed"])
+            )
+            await tokenize
+            tokenize_trailing = dict(await tokenize.trailing_metadata())
+            stream = batches_pb2_grpc.BatchesServiceStub(channel).StreamBatches(
+                batches_pb2.StreamBatchesRequest(text="a b c d e f", batch_size=1, max_length=2, stride=2)
+            )
+            assert len([reply async for reply in stream]) == 2
+            stream_trailing = dict(await stream.trailing_metadata())
+        queue_ms, compute_ms = (
+            float(trailing["embedserve-queue-ms"]),
+            float(trailing["embedserve-compute-ms"]),
+        )
+        assert queue_ms >= 0
+        assert compute_ms > 0
+        assert float(trailing["embedserve-server-ms"]) >= compute_ms
+        assert float(tokenize_trailing["embedserve-server-ms"]) > 0
+        assert float(stream_trailing["embedserve-server-ms"]) > 0
         text = generate_latest(METRICS_BY_SERVER[running.server].registry).decode()
     finally:
         running.stop()
+    assert "embedserve_embed_queue_seconds_count 4.0" in text
+    assert "embedserve_embed_batch_requests_count 4.0" in text
+    assert "embedserve_embed_batch_requests_sum 4.0" in text
     assert 'embedserve_calls_total{code="OK",method="Embed"} 4.0' in text
     assert 'embedserve_calls_total{code="INVALID_ARGUMENT",method="Embed"} 1.0' in text
-    assert 'embedserve_calls_total{code="OK",method="StreamBatches"} 1.0' in text
+    assert 'embedserve_calls_total{code="OK",method="StreamBatches"} 2.0' in text
+    assert 'embedserve_calls_total{code="OK",method="Tokenize"} 1.0' in text
     assert "embedserve_embed_batch_tokens_count 4.0" in text
     assert 'embedserve_model_load_seconds{model="embedding"}' in text
     assert 'embedserve_open_streams{method="StreamBatches"} 0.0' in text

@@ -12,6 +12,8 @@ import embedserve.server
 import embedserve.v1
 import pytest
 
+from .conftest import CliServer
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -71,21 +73,42 @@ def test_wheel_holds_only_the_embedserve_package(wheel: Path) -> None:
 
 
 def test_wheel_install_serves(wheel: Path, tmp_path: Path) -> None:
+    # pip installs the wheel (its files, its console script) into a folder of its own; the
+    # dependencies come from this environment.
     site = tmp_path / "site"
-    zipfile.ZipFile(wheel).extractall(site)
-    code = (
-        "import embedserve.server.app as app, embedserve.client as c, numpy as np;"
-        "from embedserve.server import ServerConfig;"
-        f"assert app.__file__.startswith({str(site)!r}), app.__file__;"
-        "m = app.load_components(ServerConfig(vocab_size=6, dim=3, seed=123, device='cpu')).model;"
-        "print([round(v, 4) for v in m.embed(np.array([2]), include_positional=False).numpy()[0].tolist()])"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"},
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[1.2753, -0.201, -0.1606]"
+    installed = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--quiet", "--target", str(site),
+         str(wheel)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert installed.returncode == 0, installed.stderr
+    script = site / "bin" / "embedserve"
+    assert script.is_file()
+    env = {"PYTHONPATH": str(site), "PATH": f"{site / 'bin'}:/usr/bin:/bin"}
+    server = CliServer(
+        "--vocab-size", "6", "--dim", "3", "--seed", "123", "--device", "cpu", "--word-vectors", "none",
+        env=env, program=[sys.executable, str(script)],
+    )  # fmt: skip
+    try:
+        code = (
+            "import embedserve.server.app as app, embedserve.client as c;"
+            f"assert app.__file__.startswith({str(site)!r}), app.__file__;"
+            f"client = c.Client('127.0.0.1:{server.port}');"
+            "print([round(v, 4) for v in client.embed([2], include_positional=False)[0].tolist()]);"
+            "client.close()"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == "[1.2753, -0.201, -0.1606]"
+    finally:
+        assert server.terminate() == 0, server.log
+
+
+def test_the_top_level_is_the_design_cards() -> None:
+    root = Path(__file__).resolve().parents[1]
+    for folder in ("protos/embedserve/v1", "server", "client", "tests"):
+        assert (root / folder).is_dir(), folder
+    for file in ("Dockerfile", "pyproject.toml", "README.md", ".ci/run"):
+        assert (root / file).is_file(), file

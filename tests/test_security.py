@@ -4,22 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import subprocess
 from dataclasses import replace
 from pathlib import Path
 
 import grpc
 import pytest
-from embedserve.client import AsyncClient, EmbedServeError
+from embedserve.client import AsyncClient, Client, EmbedServeError
 from embedserve.client._async import _split_scheme
 from embedserve.server import ServerConfig
-from embedserve.server.app import Components, enter_shutdown
+from embedserve.server.app import Components, enter_shutdown, load_components
+from embedserve.server.cli import main
+from embedserve.server.config import parse_server_config
 from embedserve.server.core import StartupError
 from embedserve.server.security import check_exposure
+from embedserve.v1 import batches_pb2, embedding_pb2, tokenizer_pb2, word_vectors_pb2
+from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from .conftest import ServerThread
+from .conftest import CliServer, ServerThread, free_port, make_certificates, start_cli_server
 
 TINY = ServerConfig(port=0, device="cpu", word_vectors="none", vocab_size=6, dim=3, log_level="WARNING")
 
@@ -72,32 +75,16 @@ def test_an_exposed_address_needs_protection_or_insecure() -> None:
             check_exposure(replace(TINY, host=host))
         check_exposure(replace(TINY, host=host, insecure=True))
         check_exposure(replace(TINY, host=host, api_keys=("k",)))
+        check_exposure(replace(TINY, host=host, tls_cert=Path("cert.pem"), tls_key=Path("key.pem")))
     for host in ("127.0.0.1", "::1", "localhost", "[::1]"):
         check_exposure(replace(TINY, host=host))
     with pytest.raises(StartupError, match="go together"):
         check_exposure(replace(TINY, tls_cert=Path("cert.pem")))
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-def _certificates(folder: Path) -> None:
-    """A CA, a server certificate for 127.0.0.1, and a client certificate, all signed by the CA."""
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
-             "-days", "2", "-subj", "/CN=embedserve-test-ca", cwd=folder)  # fmt: skip
-    (folder / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    for name in ("server", "client"):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                 "-subj", f"/CN={name}", cwd=folder)  # fmt: skip
-        extra = ["-extfile", "server.ext"] if name == "server" else []
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                 "-out", f"{name}.pem", "-days", "2", *extra, cwd=folder)  # fmt: skip
-
-
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make certificates")
 async def test_tls_and_mutual_tls(tmp_path: Path, default_components: Components) -> None:
-    _certificates(tmp_path)
+    make_certificates(tmp_path)
     ca = (tmp_path / "ca.pem").read_bytes()
     tls = replace(TINY, tls_cert=tmp_path / "server.pem", tls_key=tmp_path / "server.key")
     running = ServerThread(tls, replace(default_components, config=tls))
@@ -118,20 +105,39 @@ async def test_tls_and_mutual_tls(tmp_path: Path, default_components: Components
     finally:
         running.stop()
 
-    mutual = replace(tls, tls_client_ca=tmp_path / "ca.pem")
+    mutual = replace(tls, tls_client_ca=tmp_path / "ca.pem", api_keys=("mutual-key",))
     running = ServerThread(mutual, replace(default_components, config=mutual))
+    certificate, key = (tmp_path / "client.pem").read_bytes(), (tmp_path / "client.key").read_bytes()
     try:
         async with AsyncClient(running.target, root_certificates=ca, timeout=3) as anonymous:
             with pytest.raises(EmbedServeError) as raised:
                 await anonymous.embed([1])
             assert raised.value.code is grpc.StatusCode.UNAVAILABLE
         async with AsyncClient(
-            running.target,
-            root_certificates=ca,
-            client_certificate=(tmp_path / "client.pem").read_bytes(),
-            client_key=(tmp_path / "client.key").read_bytes(),
-        ) as client:
+            running.target, api_key="mutual-key", root_certificates=ca, client_certificate=certificate,
+            client_key=key,
+        ) as client:  # fmt: skip
             assert (await client.embed([1])).shape == (1, 256)
+
+        def sync_tokenize() -> list[int]:
+            with Client(
+                running.target, api_key="mutual-key", root_certificates=ca, client_certificate=certificate,
+                client_key=key,
+            ) as sync_client:  # fmt: skip
+                return sync_client.tokenize("hello world")
+
+        assert await asyncio.to_thread(sync_tokenize) == [31373, 995]
+
+        # The CLI's client commands take the same, as files (or EMBEDSERVE_* variables).
+        files = ["--target", running.target, "--root-cert", str(tmp_path / "ca.pem"),
+                 "--client-cert", str(tmp_path / "client.pem"),
+                 "--client-key", str(tmp_path / "client.key")]  # fmt: skip
+        assert await asyncio.to_thread(main, ["tokenize", "hi", *files, "--api-key", "mutual-key"]) == 0
+        assert await asyncio.to_thread(main, ["tokenize", "hi", *files]) == 1  # no key: UNAUTHENTICATED
+        assert await asyncio.to_thread(main, ["health", *files]) == 0  # health needs no key
+        # The certificate names 127.0.0.1 and localhost; --server-name checks it for another name.
+        assert await asyncio.to_thread(main, ["health", *files, "--server-name", "localhost"]) == 0
+        assert await asyncio.to_thread(main, ["health", *files, "--server-name", "elsewhere.example"]) == 1
     finally:
         running.stop()
 
@@ -150,6 +156,26 @@ async def test_reflection_lists_every_service(server: ServerThread) -> None:
         "grpc.health.v1.Health",
     } <= names
 
+    # What grpcurl does next: fetch each service's file and read its methods from it.
+    async with grpc.aio.insecure_channel(server.target) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        for module in (tokenizer_pb2, batches_pb2, embedding_pb2, word_vectors_pb2):
+            for service in module.DESCRIPTOR.services_by_name.values():
+                request = reflection_pb2.ServerReflectionRequest(file_containing_symbol=service.full_name)
+                (reply,) = [r async for r in stub.ServerReflectionInfo(iter([request]))]
+                files = [
+                    descriptor_pb2.FileDescriptorProto.FromString(raw)
+                    for raw in reply.file_descriptor_response.file_descriptor_proto
+                ]
+                served = {
+                    method.name
+                    for file in files
+                    for described in file.service
+                    if f"{file.package}.{described.name}" == service.full_name
+                    for method in described.method
+                }
+                assert served == set(service.methods_by_name), service.full_name
+
 
 async def test_health_turns_not_serving_when_shutdown_starts(default_components: Components) -> None:
     running = ServerThread(TINY, replace(default_components, config=TINY))
@@ -166,7 +192,10 @@ async def test_health_turns_not_serving_when_shutdown_starts(default_components:
         await asyncio.wrap_future(
             asyncio.run_coroutine_threadsafe(enter_shutdown(running.server), running._loop)
         )
-        for service in ("", "embedserve.v1.EmbeddingService"):
+        for service in (
+            "",
+            *(f"embedserve.v1.{name}Service" for name in ("Tokenizer", "Batches", "Embedding")),
+        ):
             assert await _health(running.target, service) == health_pb2.HealthCheckResponse.NOT_SERVING
     finally:
         running.stop()
@@ -181,3 +210,46 @@ def test_target_schemes() -> None:
     assert _split_scheme("http://localhost:50051") == ("localhost:50051", False)
     with pytest.raises(ValueError, match="no path"):
         _split_scheme("https://embed.example.com/v1")
+
+
+def server_target(server: CliServer) -> str:
+    return f"127.0.0.1:{server.port}"
+
+
+async def test_the_health_port_serves_health_alone_in_plaintext_and_keys_stay_out_of_logs() -> None:
+    health_port = free_port()
+    server = start_cli_server(
+        "--vocab-size", "6", "--dim", "3", "--device", "cpu", "--word-vectors", "none",
+        "--api-key", "k-7f3a9c-never-logged", "--health-port", str(health_port), "--log-level", "DEBUG",
+    )  # fmt: skip
+    try:
+        async with AsyncClient(server_target(server), api_key="k-7f3a9c-never-logged") as client:
+            assert await client.tokenize("hello") == [31373]
+        async with AsyncClient(server_target(server), api_key="k-wrong-never-logged") as client:
+            with pytest.raises(EmbedServeError) as raised:
+                await client.tokenize("hello")
+            assert raised.value.code is grpc.StatusCode.UNAUTHENTICATED
+        health_target = f"127.0.0.1:{health_port}"
+        assert await _health(health_target) == health_pb2.HealthCheckResponse.SERVING
+        assert await _health(health_target, "embedserve.v1.EmbeddingService") == (
+            health_pb2.HealthCheckResponse.SERVING
+        )
+        async with AsyncClient(health_target, api_key="k-7f3a9c-never-logged", timeout=5) as client:
+            with pytest.raises(EmbedServeError) as raised:  # no data, even with the key
+                await client.tokenize("hello")
+            assert raised.value.code is grpc.StatusCode.UNIMPLEMENTED
+        async with grpc.aio.insecure_channel(health_target) as channel:
+            listing = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                _ = [reply async for reply in listing]
+            assert refused.value.code() is grpc.StatusCode.UNIMPLEMENTED
+        assert await asyncio.to_thread(main, ["health", "--target", health_target]) == 0
+    finally:
+        assert server.terminate() == 0, server.log
+    assert "DEBUG" in server.log
+    assert "never-logged" not in server.log, "a key reached the log"
+    clash = parse_server_config(["--port", "6000", "--health-port", "6000"], {})
+    with pytest.raises(StartupError, match="health-port"):
+        load_components(clash)

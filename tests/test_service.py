@@ -19,10 +19,13 @@ from embedserve.client import (
     InvalidArgumentError,
     NotFoundError,
     ResourceExhaustedError,
+    to_torch,
 )
+from embedserve.server import ServerConfig
 from embedserve.v1 import embedding_pb2, embedding_pb2_grpc, tensor_pb2, tokenizer_pb2, tokenizer_pb2_grpc
+from safetensors.torch import save_file
 
-from .conftest import ServerThread
+from .conftest import ServerThread, start_server
 from .notebook_reference import create_dataloader_v1, notebook_tables
 from .test_core_embedding import NOTEBOOK_ROWS_2_3_5_1
 from .test_core_windows import FIRST_BATCH
@@ -198,12 +201,19 @@ async def test_bad_input_gets_clear_statuses_and_the_server_stays_up(server: Ser
             await client.embed([[1, 50257, 2]])
         with pytest.raises(InvalidArgumentError, match=r"token id -3 at position \[2\]"):
             await client.embed([0, 1, -3])
+        with pytest.raises(InvalidArgumentError, match=r"token id 60000 at position \[1, 0\]"):
+            await client.embed([[0, 1, 2], [60000, 3, -1], [99999, 0, 0]])  # the first in row-major order
         with pytest.raises(InvalidArgumentError, match="exceeds the context length 1024"):
             await client.embed(np.zeros((1, 1000), dtype=np.int32), position_offset=30)
         with pytest.raises(InvalidArgumentError, match="empty"):
             await client.embed(np.zeros((0,), dtype=np.int32))
         with pytest.raises(InvalidArgumentError, match="texts is empty"):
             await client.tokenize_batch([])
+        # Empty text and no IDs are each other's round trip, as in tiktoken: not errors.
+        assert await client.tokenize("") == []
+        assert await client.detokenize([]) == ""
+        with pytest.raises(InvalidArgumentError, match="empty"):
+            await _drain_any(client.embed_stream([[1, 2], []]))
         for bad in ({"batch_size": 0}, {"max_length": -4}, {"stride": 0}):
             settings = {"text": "word " * 100, "batch_size": 2, "max_length": 4, "stride": 4, **bad}
             assert await _stream_status(client.stream_batches(**settings)) is grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[arg-type]
@@ -350,12 +360,20 @@ async def test_corpus_escapes_are_refused_even_when_the_target_exists(
     server: ServerThread, data_dir: Path
 ) -> None:
     (data_dir.parent / "outside.txt").write_text("secret " * 100)
-    async with AsyncClient(server.target) as client:
-        for escape in ("../outside.txt", f"{data_dir.parent}/outside.txt", "nested/../../outside.txt"):
-            assert await _stream_status(client.stream_batches(corpus=escape, max_length=4, stride=4)) in (
-                grpc.StatusCode.INVALID_ARGUMENT,
-                grpc.StatusCode.NOT_FOUND,
-            )
+    link = data_dir / "link-out.txt"
+    link.symlink_to(data_dir.parent / "outside.txt")
+    try:
+        async with AsyncClient(server.target) as client:
+            for escape in ("../outside.txt", f"{data_dir.parent}/outside.txt", "nested/../../outside.txt"):
+                assert await _stream_status(client.stream_batches(corpus=escape, max_length=4, stride=4)) in (
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    grpc.StatusCode.NOT_FOUND,
+                )
+            # The link's target exists and is readable, but lies outside the data folder.
+            status = await _stream_status(client.stream_batches(corpus=link.name, max_length=4, stride=4))
+            assert status == grpc.StatusCode.NOT_FOUND
+    finally:
+        link.unlink()
 
 
 async def test_embed_stream_raises_the_producers_own_error(server: ServerThread) -> None:
@@ -435,3 +453,51 @@ async def test_embed_stream_window_errors_and_early_exit(server: ServerThread) -
         concurrent = await asyncio.gather(*(client.embed(w) for w in windows))
         for window, embeddings in zip(windows, concurrent, strict=True):
             np.testing.assert_array_equal(embeddings, await client.embed(window))
+
+
+async def test_a_server_on_pretrained_tables_serves_them(tmp_path: Path) -> None:
+    # GPT-2's names with the prefix Hugging Face checkpoints carry, and other tensors beside them.
+    generator = torch.Generator().manual_seed(5)
+    token, position = torch.randn(50257, 8, generator=generator), torch.randn(16, 8, generator=generator)
+    weights = tmp_path / "gpt2-like.safetensors"
+    save_file(
+        {
+            "transformer.wte.weight": token,
+            "transformer.wpe.weight": position,
+            "lm_head.weight": token.clone(),
+        },
+        str(weights),
+    )
+    running = start_server(ServerConfig(port=0, device="cpu", word_vectors="none", weights=weights))
+    try:
+        async with AsyncClient(running.target) as client:
+            info = await client.info()
+            assert (info.vocab_size, info.dim, info.context_length) == (50257, 8, 16)
+            assert (info.dtype, info.device, info.tokenizer) == ("float32", "cpu", "gpt2")
+            assert str(weights) in info.weights_source
+            ids = [[15, 50256, 0], [7, 7, 7]]
+            expected = token[torch.tensor(ids)] + position[:3]
+            np.testing.assert_array_equal(await client.embed(ids), expected.numpy())
+            as_torch = to_torch(await client.embed(ids))  # the README's way to torch tensors
+            assert torch.equal(as_torch, expected)
+            as_torch += 1  # a copy of its own, not the read-only reply
+            assert to_torch(np.array(ids, np.int32)).dtype == torch.int64  # as nn.Embedding takes
+            np.testing.assert_array_equal(
+                await client.embed([50256], position_offset=15), (token[50256] + position[15])[None].numpy()
+            )
+            with pytest.raises(InvalidArgumentError, match="exceeds the context length 16"):
+                await client.embed([1, 2], position_offset=15)
+            settings: dict[str, Any] = {"batch_size": 2, "max_length": 3, "stride": 3, "shuffle": False}
+            (batch,) = [
+                b
+                async for b in client.stream_batches(
+                    text="a b c d e f g h", include_embeddings=True, **settings
+                )
+            ]
+            assert batch.inputs.dtype == np.int32  # as on the wire: int32 tensors
+            assert batch.embeddings is not None
+            np.testing.assert_array_equal(
+                batch.embeddings, (token[torch.tensor(batch.inputs, dtype=torch.long)] + position[:3]).numpy()
+            )
+    finally:
+        running.stop()

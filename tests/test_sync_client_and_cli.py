@@ -9,14 +9,28 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import fields
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
+import tiktoken
+import torch
 from embedserve.client import Client, InvalidArgumentError, NotFoundError
 from embedserve.server import ServerConfig, parse_server_config
 from embedserve.server.cli import OPENMP_WAITING, main
+from embedserve.server.config import (
+    _FLAGS,
+    DEFAULT_CONTEXT_LENGTH,
+    DEFAULT_DIM,
+    DEFAULT_VOCAB_SIZE,
+    _optional_int,
+    _optional_path,
+    _optional_str,
+    env_name,
+)
+from embedserve.server.core.embedding import resolve_device
 
 from .conftest import ServerThread, free_port, start_cli_server
 
@@ -52,7 +66,10 @@ async def test_sync_client_works_inside_a_running_event_loop(server: ServerThrea
 
 
 def test_cli_client_commands(
-    server: ServerThread, capsys: pytest.CaptureFixture[str], data_dir: Path
+    server: ServerThread,
+    capsys: pytest.CaptureFixture[str],
+    data_dir: Path,
+    reference_encoding: tiktoken.Encoding,
 ) -> None:
     target = ["--target", server.target]
     assert main(["tokenize", "Hello, world", *target]) == 0
@@ -82,6 +99,11 @@ def test_cli_client_commands(
     )
     out = capsys.readouterr().out
     assert "inputs [2, 4], targets [2, 4], embeddings [2, 4, 256]" in out
+    ids = reference_encoding.encode((data_dir / "small.txt").read_text())
+    first_inputs = np.array2string(np.array([ids[0:4], ids[4:8]]), max_line_width=120)
+    first_targets = np.array2string(np.array([ids[1:5], ids[5:9]]), max_line_width=120)
+    assert f"first batch inputs:\n{first_inputs}\nfirst batch targets:\n{first_targets}\n" in out
+    assert f"batches: {(len(ids) - 4 + 3) // 4 // 2}" in out  # windows at 0, 4, ... below len - 4
     assert (
         main(["batches", "--corpus", "nested/inner.txt", "--batch-size", "2", "--max-length", "4", *target])
         == 0
@@ -103,6 +125,9 @@ def test_cli_client_commands(
         ["similar"],
         ["similarity"],
         ["analogies"],
+        ["health"],
+        ["prepare"],
+        ["prepare-vectors"],
     ],
 )
 def test_help_everywhere(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -164,6 +189,39 @@ def test_every_flag_reads_its_environment_variable() -> None:
     )
     assert parse_server_config(["--port", "7000"], environ).port == 7000
     assert parse_server_config([], {}) == ServerConfig()
+
+
+def test_the_defaults_are_the_issues() -> None:
+    config = parse_server_config([], {})
+    assert config.address == "127.0.0.1:50051"
+    assert (config.seed, config.device, config.dtype) == (123, "auto", "float32")
+    assert (DEFAULT_VOCAB_SIZE, DEFAULT_DIM, DEFAULT_CONTEXT_LENGTH) == (50257, 256, 1024)
+    if not torch.cuda.is_available():
+        assert resolve_device("auto") == torch.device("cpu")
+
+
+def test_every_server_flag_has_a_variable() -> None:
+    """All of ServerConfig, including flags added after the test above was written."""
+    samples: dict[object, tuple[str, object]] = {
+        _optional_path: ("/some/where", Path("/some/where")),
+        _optional_int: ("17", 17),
+        _optional_str: ("custom", "custom"),
+        int: ("17", 17),
+        float: ("2.5", 2.5),
+        str: ("custom", "custom"),
+    }
+    defaults = ServerConfig()
+    for field in fields(ServerConfig):
+        expected: object
+        if field.name == "api_keys":
+            text, expected = "k1,k2", ("k1", "k2")
+        elif field.name == "insecure":
+            text, expected = "1", True
+        else:
+            text, expected = samples[_FLAGS[field.name][0]]
+        assert expected != getattr(defaults, field.name), field.name
+        parsed = parse_server_config([], {env_name(field.name): text})
+        assert getattr(parsed, field.name) == expected, field.name
 
 
 def test_serve_sets_openmp_waiting_before_torch_loads() -> None:

@@ -23,6 +23,7 @@ from embedserve.client import (
 from embedserve.server.app import Components
 from embedserve.server.cli import main
 from embedserve.server.core.word_vector_slot import WordVectorSlot
+from embedserve.v1 import word_vectors_pb2, word_vectors_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from .conftest import ServerThread, requires_glove
@@ -75,6 +76,17 @@ async def test_batch_forms_and_concurrent_calls_agree(loaded: ServerThread) -> N
             np.testing.assert_allclose([s for _, s in a], [s for _, s in c], atol=1e-6)
         similarities = await wv.similarity_batch([("woman", "man"), ("king", "queen")])
         assert similarities[0] == pytest.approx(await wv.similarity("woman", "man"), abs=1e-7)
+    async with grpc.aio.insecure_channel(loaded.target) as channel:
+        call = word_vectors_pb2_grpc.WordVectorsServiceStub(channel).MostSimilar(
+            word_vectors_pb2.MostSimilarRequest(
+                queries=[word_vectors_pb2.SimilarityQuery(positive=[word_vectors_pb2.QueryTerm(word="king")])]
+            )
+        )
+        assert (await call).result_counts == [10]
+        trailing = dict(await call.trailing_metadata())
+    # The coalesced search's timings, like Embed's: time waiting for a batch, time that batch ran.
+    assert float(trailing["embedserve-queue-ms"]) >= 0
+    assert 0 < float(trailing["embedserve-compute-ms"]) <= float(trailing["embedserve-server-ms"])
 
 
 async def test_errors_name_every_missing_word(loaded: ServerThread) -> None:

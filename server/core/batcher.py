@@ -8,15 +8,29 @@ queue is bounded: past `max_queue` waiting items a request is Overloaded.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from .errors import Overloaded
 
 _In = TypeVar("_In")
 _Out = TypeVar("_Out")
+
+
+@dataclass(frozen=True)
+class TimedOutputs(Generic[_Out]):
+    """A request's outputs, the time it waited for its batch and the time that batch ran."""
+
+    outputs: list[_Out]
+    queue_seconds: float
+    compute_seconds: float
+
+
+_Pending = tuple[Sequence[_In], asyncio.Future[TimedOutputs[_Out]], float]
 
 
 class MicroBatcher(Generic[_In, _Out]):
@@ -32,21 +46,21 @@ class MicroBatcher(Generic[_In, _Out]):
         self._executor = executor
         self._max_items = max_items
         self._max_queue = max_queue
-        self._pending: deque[tuple[Sequence[_In], asyncio.Future[list[_Out]]]] = deque()
+        self._pending: deque[_Pending[_In, _Out]] = deque()
         self._queued = 0
         self._drainer: asyncio.Task[None] | None = None
         self.batches_run = 0
 
-    async def submit(self, items: Sequence[_In]) -> list[_Out]:
-        """The batch function's outputs for these items, in order."""
+    async def submit(self, items: Sequence[_In]) -> TimedOutputs[_Out]:
+        """The batch function's outputs for these items, in order, and how long they took."""
         if not items:
-            return []
+            return TimedOutputs([], 0.0, 0.0)
         if self._queued + len(items) > self._max_queue:
             raise Overloaded(
                 f"{self._queued} items are already queued (limit {self._max_queue}); retry later"
             )
-        future: asyncio.Future[list[_Out]] = asyncio.get_running_loop().create_future()
-        self._pending.append((items, future))
+        future: asyncio.Future[TimedOutputs[_Out]] = asyncio.get_running_loop().create_future()
+        self._pending.append((items, future, time.perf_counter()))
         self._queued += len(items)
         if self._drainer is None or self._drainer.done():
             self._drainer = asyncio.create_task(self._drain())
@@ -55,27 +69,31 @@ class MicroBatcher(Generic[_In, _Out]):
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
         while self._pending:
-            taken: list[tuple[Sequence[_In], asyncio.Future[list[_Out]]]] = []
+            taken: list[_Pending[_In, _Out]] = []
             count = 0
             while self._pending and (not taken or count + len(self._pending[0][0]) <= self._max_items):
-                items, future = self._pending.popleft()
-                self._queued -= len(items)
-                if not future.done():  # a cancelled caller's items are dropped
-                    taken.append((items, future))
-                    count += len(items)
+                pending = self._pending.popleft()
+                self._queued -= len(pending[0])
+                if not pending[1].done():  # a cancelled caller's items are dropped
+                    taken.append(pending)
+                    count += len(pending[0])
             if not taken:
                 continue
-            flat = [item for items, _ in taken for item in items]
+            flat = [item for items, _, _ in taken for item in items]
+            started = time.perf_counter()
             try:
                 outputs = await loop.run_in_executor(self._executor, self._run, flat)
             except Exception as error:
-                for _, future in taken:
+                for _, future, _ in taken:
                     if not future.done():
                         future.set_exception(error)
                 continue
+            compute_seconds = time.perf_counter() - started
             self.batches_run += 1
             start = 0
-            for items, future in taken:
+            for items, future, enqueued in taken:
                 if not future.done():
-                    future.set_result(outputs[start : start + len(items)])
+                    future.set_result(
+                        TimedOutputs(outputs[start : start + len(items)], started - enqueued, compute_seconds)
+                    )
                 start += len(items)

@@ -52,6 +52,17 @@ class CorpusStore:
                     return path, meta
         return None
 
+    def _token_file(self, name: str, sidecar: Path, meta: dict[str, object]) -> Path:
+        """The sidecar's token file, resolved like a corpus name: a symlink out of the folder is missing."""
+        assert self._root is not None  # a sidecar was resolved, so there is a data folder
+        tokens_file = str(meta.get("tokens_file", ""))
+        if not tokens_file or PurePosixPath(tokens_file).name != tokens_file:
+            raise NotFound(f"corpus {name!r}: its sidecar names no token file beside it")
+        try:
+            return self.resolve((sidecar.parent.relative_to(self._root) / tokens_file).as_posix())
+        except NotFound:
+            raise NotFound(f"corpus {name!r}: its token file {tokens_file!r} is missing") from None
+
     def resolve(self, name: str) -> Path:
         """The file a corpus name refers to; NotFound unless it is a file inside the data folder."""
         if self._root is None:
@@ -81,7 +92,7 @@ class CorpusStore:
         prepared = self._prepared_sidecar(name)
         if prepared is not None:
             sidecar, meta = prepared
-            corpus = open_prepared(name, sidecar, meta, self._tokenizer)
+            corpus = open_prepared(name, meta, self._token_file(name, sidecar, meta), self._tokenizer)
             return corpus.tokens, str(meta["tokens_sha256"])
         path = self.resolve(name)
         try:

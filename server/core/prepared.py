@@ -228,8 +228,9 @@ def read_sidecar(path: Path) -> dict[str, Any] | None:
     return meta if isinstance(meta, dict) and meta.get("kind") == PREPARED_KIND else None
 
 
-def open_prepared(name: str, sidecar: Path, meta: dict[str, Any], tokenizer: Tokenizer) -> PreparedCorpus:
-    """Memory-maps a prepared corpus after checking it was made for this tokenizer."""
+def open_prepared(name: str, meta: dict[str, Any], tokens_path: Path, tokenizer: Tokenizer) -> PreparedCorpus:
+    """Memory-maps a prepared corpus's token file (already resolved inside the data folder by the
+    caller) after checking it was made for this tokenizer."""
     if meta.get("format") != PREPARED_FORMAT:
         raise InvalidInput(
             f"corpus {name!r}: prepared format {meta.get('format')}, this server reads {PREPARED_FORMAT}"
@@ -240,9 +241,8 @@ def open_prepared(name: str, sidecar: Path, meta: dict[str, Any], tokenizer: Tok
             f"this server tokenizes with {tokenizer.name} ({tokenizer.n_vocab})"
         )
     dtype = {"uint16": "<u2", "uint32": "<u4"}.get(str(meta.get("dtype")))
-    tokens_path = sidecar.parent / str(meta.get("tokens_file", ""))
-    if dtype is None or tokens_path.parent != sidecar.parent or not tokens_path.is_file():
-        raise NotFound(f"corpus {name!r}: its token file is missing")
+    if dtype is None:
+        raise InvalidInput(f"corpus {name!r}: unknown token dtype {meta.get('dtype')!r}")
     count = int(meta["token_count"])
     if tokens_path.stat().st_size != count * np.dtype(dtype).itemsize:
         raise InvalidInput(f"corpus {name!r}: {tokens_path.name} does not hold {count} tokens (truncated?)")
