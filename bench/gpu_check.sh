@@ -1,6 +1,8 @@
 #!/bin/bash
 # The GPU check: the gpu-marked tests, then benchmarks a (Embed transport) and b (concurrency,
-# batching on and off) with the server's model on CUDA. Installs nothing from the network.
+# batching on and off) with the server's model on CUDA, then (where gensim is importable, e.g.
+# from WHEEL_DIR) MostSimilar on 1M x 300 against gensim, with the bfloat16 candidate scan and
+# without. Installs nothing from the network.
 #
 #   bash bench/gpu_check.sh [WHEEL_DIR]
 #
@@ -22,3 +24,12 @@ JSON=()
 if [ -n "${OUT:-}" ]; then JSON=(--json "$OUT/gpu_serving.json"); fi
 timeout 150 "$PYTHON" bench/serving.py --device cuda --sections ab --seconds 2 \
     --results "${RESULTS:-bench/RESULTS.md}" "${JSON[@]}"
+if "$PYTHON" -c "import gensim" 2>/dev/null; then
+    WV_JSON=()
+    if [ -n "${OUT:-}" ]; then WV_JSON=(--json "$OUT/gpu_word_vectors.json"); fi
+    timeout 240 "$PYTHON" bench/word_vectors.py --device cuda --prefilter on --word-vectors none \
+        --synthetic 1000000x300 --batch 2048 --in-flight 4 --results "${RESULTS:-bench/RESULTS.md}" \
+        "${WV_JSON[@]}"
+else
+    echo "gensim is not importable: MostSimilar against gensim skipped (put its wheel in WHEEL_DIR)"
+fi

@@ -105,15 +105,21 @@ async def test_out_of_range_ids_never_reach_the_device() -> None:
         running.stop()
 
 
-def test_word_vector_search_on_cuda_equals_cpu() -> None:
-    """Same words in the same order as the CPU scan (scores within 1e-5), for every query form."""
+@pytest.mark.parametrize("prefilter", [False, True], ids=["float32", "bfloat16 candidates"])
+def test_word_vector_search_on_cuda_equals_cpu(prefilter: bool) -> None:
+    """Same words in the same order as the CPU scan (scores within 1e-5), for every query form;
+    with the prefilter on, through the GPU's candidate scan."""
     rng = np.random.default_rng(7)
     count, dim = 300_000, 64  # more rows than one GPU block holds at 512 queries
     words = [f"w{i}" for i in range(count)]
     vectors = rng.standard_normal((count, dim), dtype=np.float32)
     vectors[5] = 0  # a zero vector is never returned
-    cpu = WordVectors(words, vectors, name="r", source="r", device=torch.device("cpu"))
-    gpu = WordVectors(words, vectors, name="r", source="r", device=resolve_device("cuda"))
+    cpu = WordVectors(words, vectors, name="r", source="r", device=torch.device("cpu"), prefilter=False)
+    gpu = WordVectors(
+        words, vectors, name="r", source="r", device=resolve_device("cuda"), prefilter=prefilter
+    )
+    assert gpu.prefilter == prefilter, "the bfloat16 kernels kept within the margin"
+    assert gpu.candidate_scan
     queries = []
     for i in range(600):
         picked = [words[j] for j in rng.choice(count, size=3, replace=False)]

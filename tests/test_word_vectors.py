@@ -170,9 +170,33 @@ def _count_prefiltered_blocks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return seen
 
 
-@pytest.mark.parametrize("prefilter", [False, True], ids=["float32", "bfloat16 prefilter"])
+def _count_candidate_blocks(monkeypatch: pytest.MonkeyPatch) -> tuple[list[int], list[int]]:
+    """Counts the blocks the candidate scan scores in bfloat16, and the queries it scans again."""
+    blocks: list[int] = []
+    rescanned: list[int] = []
+    original_candidates = vectors_module._approximate_candidates
+    original_search = WordVectors._search
+
+    def candidates(*args: Any) -> Any:
+        blocks.append(1)
+        return original_candidates(*args)
+
+    def search(self: WordVectors, members: list[int], *args: Any, **kwargs: Any) -> None:
+        rescanned.extend(members)
+        original_search(self, members, *args, **kwargs)
+
+    monkeypatch.setattr(vectors_module, "_approximate_candidates", candidates)
+    monkeypatch.setattr(WordVectors, "_search", search)
+    return blocks, rescanned
+
+
+@pytest.mark.parametrize(
+    ("prefilter", "candidate_scan"),
+    [(False, False), (True, False), (True, True)],
+    ids=["float32", "bfloat16 prefilter", "bfloat16 candidates (the GPU's)"],
+)
 def test_threshold_scan_over_many_blocks_matches_gensim(
-    prefilter: bool, monkeypatch: pytest.MonkeyPatch
+    prefilter: bool, candidate_scan: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Past the first block the CPU scan collects only scores above each query's k-th best so far
     (with the prefilter, from a bfloat16 scan); many 64-column-aligned blocks and a whole batch in
@@ -185,7 +209,9 @@ def test_threshold_scan_over_many_blocks_matches_gensim(
         kv.index_to_key, kv.vectors, name="t", source="t", device=CPU, block_rows=256, prefilter=prefilter
     )
     assert model.prefilter == prefilter
+    model.candidate_scan = candidate_scan
     prefiltered = _count_prefiltered_blocks(monkeypatch)
+    candidate_blocks, rescanned = _count_candidate_blocks(monkeypatch)
     specs = list(_random_queries(rng, kv, 120))
     queries = [
         SimilarityQuery(
@@ -208,7 +234,10 @@ def test_threshold_scan_over_many_blocks_matches_gensim(
                     restrict_vocab=q["restrict"],
                 )
             assert_same_ranking(got, [(w, s) for w, s in expected if w != "w17"])
-    assert (len(prefiltered) > 20) == prefilter, len(prefiltered)
+    assert (len(prefiltered) > 20) == (prefilter and not candidate_scan), len(prefiltered)
+    assert (len(candidate_blocks) > 20) == candidate_scan, len(candidate_blocks)
+    if candidate_scan:  # on vectors without clusters of near-ties, almost every query is settled
+        assert len(rescanned) <= len(specs) // 10 + len([q for q in specs if q["cosmul"]]), len(rescanned)
 
 
 def test_prefilter_margin_bounds_bfloat16_products() -> None:
@@ -233,16 +262,19 @@ def test_prefilter_margin_bounds_bfloat16_products() -> None:
         assert float(error.max()) > 0.1 * float(margin.max())  # the bound is not vacuous
 
 
+@pytest.mark.parametrize("candidate_scan", [False, True], ids=["threshold", "candidates"])
 @pytest.mark.parametrize("topn", [1, 10, 100])
 def test_prefilter_answers_are_the_float32_scans_among_near_ties(
-    topn: int, monkeypatch: pytest.MonkeyPatch
+    topn: int, candidate_scan: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Clusters of near-duplicate rows put many scores closer together than bfloat16 can tell
-    apart, around every query's k-th best: the prefilter must still find exactly what float32 does."""
+    apart, around every query's k-th best: the prefilter must still find exactly what float32 does.
+    (The candidate scan then finds queries it cannot settle and scans them again.)"""
     rng = np.random.default_rng(topn)
     centres = rng.standard_normal((600, 24)).astype(np.float32)
     vectors = (centres.repeat(40, axis=0) + 1e-3 * rng.standard_normal((24_000, 24))).astype(np.float32)
-    vectors = vectors[rng.permutation(len(vectors))]
+    if not candidate_scan:  # the candidate scan is tried hardest with each cluster in one block
+        vectors = vectors[rng.permutation(len(vectors))]
     vectors[1234] = 0
     words = [f"w{i}" for i in range(len(vectors))]
     exact = WordVectors(words, vectors, name="e", source="e", device=CPU, block_rows=512, prefilter=False)
@@ -253,10 +285,16 @@ def test_prefilter_answers_are_the_float32_scans_among_near_ties(
         negative = [Term(vector=rng.standard_normal(24).astype(np.float32))] if index % 4 == 0 else []
         restrict = int(rng.integers(5_000, 24_000)) if index % 5 == 0 else None
         queries.append(SimilarityQuery(tuple(positive), tuple(negative), topn, restrict))
+    fast.candidate_scan = candidate_scan
+    expected_results = exact.most_similar(queries)
     prefiltered = _count_prefiltered_blocks(monkeypatch)
+    candidate_blocks, rescanned = _count_candidate_blocks(monkeypatch)
     got = fast.most_similar(queries)
-    assert prefiltered, "the prefilter never ran"
-    for result, expected in zip(got, exact.most_similar(queries), strict=True):
+    assert prefiltered or candidate_blocks, "the prefilter never ran"
+    if candidate_scan:
+        # More near-ties than candidates per block (40 > 32): queries the scan cannot settle.
+        assert rescanned or topn > 32
+    for result, expected in zip(got, expected_results, strict=True):
         assert_same_ranking(result, expected)
 
 

@@ -39,6 +39,9 @@ _GPU_SCORE_BUFFER_ELEMENTS = 64 * 1024 * 1024
 # The prefilter pays only where few (query, column group) pairs need a second look: early in a
 # scan, when the k-th best scores so far are still low, blocks are scored in float32 alone.
 _PREFILTER_MAX_HIT_SHARE = 0.2
+# Columns per query and block that the candidate scan (see _search_candidates) scores again in
+# float32, at least: enough that the best column left out rarely comes within the margin.
+_PREFILTER_CANDIDATES = 32
 
 
 def prefilter_margin(query_norms: torch.Tensor, dim: int) -> torch.Tensor:
@@ -193,6 +196,10 @@ class WordVectors:
                         device,
                     )
                     self._unit_bfloat16 = None
+        # Off the CPU the prefilter cannot collect columns above a threshold without reading back
+        # to the host every block; it keeps a few candidates per block instead and checks once,
+        # at the end, that nothing it left out could rank (see _search_candidates).
+        self.candidate_scan = device.type != "cpu"
         # gensim would score a zero vector NaN; here it is never returned.
         self._zero_rows = torch.from_numpy(self.norms == 0).to(device) if np.any(self.norms == 0) else None
 
@@ -395,7 +402,10 @@ class WordVectors:
         with torch.inference_mode():
             if add:
                 queries = self._add_queries([prepared[i] for i in add])
-                self._search(add, prepared, results, self._add_scorer(queries), exact_queries=queries)
+                if self.prefilter and self.candidate_scan:
+                    self._search_candidates(add, prepared, results, queries)
+                else:
+                    self._search(add, prepared, results, self._add_scorer(queries), exact_queries=queries)
             if mul:
                 self._search(mul, prepared, results, self._mul_scorer([prepared[i] for i in mul]))
         return results
@@ -459,30 +469,7 @@ class WordVectors:
         end = max(p.end for p in group)
         k = min(max(p.topn for p in group), end)
         block_rows = self._rows_per_block(len(group), end)
-        # Exclusions as (query, row) pairs sorted by row: each block masks its slice in one indexed write.
-        pairs = sorted((index, row) for row, p in enumerate(group) for index in p.excluded if index < p.end)
-        excluded_rows = torch.tensor([index for index, _ in pairs], dtype=torch.int64, device=self.device)
-        excluded_queries = torch.tensor([row for _, row in pairs], dtype=torch.int64, device=self.device)
-        excluded_starts = [index for index, _ in pairs]
-        query_ends = torch.tensor([p.end for p in group], dtype=torch.int64, device=self.device)[:, None]
-        smallest_end = min(p.end for p in group)
-
-        def mask(scores: torch.Tensor, start: int, stop: int) -> None:
-            if self._zero_rows is not None:
-                scores.masked_fill_(self._zero_rows[start:stop], -math.inf)
-            if smallest_end < stop:  # some query's restrict_vocab ends inside this block
-                columns = torch.arange(start, stop, device=self.device)[None, :]
-                scores.masked_fill_(columns >= query_ends, -math.inf)
-            first, last = (
-                bisect.bisect_left(excluded_starts, start),
-                bisect.bisect_left(excluded_starts, stop),
-            )
-            if first < last:
-                scores.index_put_(
-                    (excluded_queries[first:last], excluded_rows[first:last] - start),
-                    torch.tensor(-math.inf, dtype=scores.dtype, device=self.device),
-                )
-
+        mask = self._masker(group)
         buffer_size = len(group) * min(block_rows, end)
         buffer = torch.empty(buffer_size, device=self.device)
         prefilter = None
@@ -510,7 +497,16 @@ class WordVectors:
             scores = score(self._unit[start:stop], buffer[: len(group) * rows].view(len(group), rows))
             mask(scores, start, stop)
             best.add_block(scores, start)
-        best_scores, best_rows = best.result()
+        self._fill_results(members, prepared, results, *best.result())
+
+    def _fill_results(
+        self,
+        members: list[int],
+        prepared: Sequence[PreparedQuery],
+        results: list[list[tuple[str, float]]],
+        best_scores: torch.Tensor,
+        best_rows: torch.Tensor,
+    ) -> None:
         top_scores, top_rows = best_scores.cpu().tolist(), best_rows.cpu().tolist()
         for row, member in enumerate(members):
             topn = prepared[member].topn
@@ -519,6 +515,91 @@ class WordVectors:
                 for index, value in zip(top_rows[row][:topn], top_scores[row][:topn], strict=True)
                 if value != -math.inf
             ]
+
+    def _masker(self, group: list[PreparedQuery]) -> Callable[[torch.Tensor, int, int], None]:
+        """mask(scores, start, stop): -inf where a block's scores must never rank (zero rows, rows
+        past a query's restrict_vocab, the query's own inputs)."""
+        # Exclusions as (query, row) pairs sorted by row: each block masks its slice in one indexed write.
+        pairs = sorted((index, row) for row, p in enumerate(group) for index in p.excluded if index < p.end)
+        excluded_rows = torch.tensor([index for index, _ in pairs], dtype=torch.int64, device=self.device)
+        excluded_queries = torch.tensor([row for _, row in pairs], dtype=torch.int64, device=self.device)
+        excluded_starts = [index for index, _ in pairs]
+        query_ends = torch.tensor([p.end for p in group], dtype=torch.int64, device=self.device)[:, None]
+        smallest_end = min(p.end for p in group)
+
+        def mask(scores: torch.Tensor, start: int, stop: int) -> None:
+            if self._zero_rows is not None:
+                scores.masked_fill_(self._zero_rows[start:stop], -math.inf)
+            if smallest_end < stop:  # some query's restrict_vocab ends inside this block
+                columns = torch.arange(start, stop, device=self.device)[None, :]
+                scores.masked_fill_(columns >= query_ends, -math.inf)
+            first, last = (
+                bisect.bisect_left(excluded_starts, start),
+                bisect.bisect_left(excluded_starts, stop),
+            )
+            if first < last:
+                scores.index_put_(
+                    (excluded_queries[first:last], excluded_rows[first:last] - start),
+                    torch.tensor(-math.inf, dtype=scores.dtype, device=self.device),
+                )
+
+        return mask
+
+    def _search_candidates(
+        self,
+        members: list[int],
+        prepared: Sequence[PreparedQuery],
+        results: list[list[tuple[str, float]]],
+        queries: torch.Tensor,
+    ) -> None:
+        """The bfloat16 prefilter without a host round trip per block (for GPUs).
+
+        Each block is scored in bfloat16; its `candidates` best columns by that score are scored
+        again in float32 and merged into the running top k, and the best bfloat16 score left
+        out is kept. A column left out scores at most that plus prefilter_margin in float32, so
+        once the scan is over, a query whose every block left out less than its k-th best minus
+        the margin has exactly the float32 scan's answer; the few others are scanned again in
+        float32. One read-back in all.
+        """
+        assert self._unit_bfloat16 is not None
+        group = [prepared[i] for i in members]
+        end = max(p.end for p in group)
+        k = min(max(p.topn for p in group), end)
+        candidates = max(2 * k, _PREFILTER_CANDIDATES)
+        block_rows = self._rows_per_block(len(group), end)
+        mask = self._masker(group)
+        approximate_queries = queries.to(torch.bfloat16)
+        buffer = torch.empty(len(group) * min(block_rows, end), dtype=torch.bfloat16, device=self.device)
+        best_scores = torch.full((len(group), 0), -math.inf, device=self.device)
+        best_rows = torch.zeros((len(group), 0), dtype=torch.int64, device=self.device)
+        left_out = torch.full((len(group),), -math.inf, device=self.device)
+        for start in range(0, end, block_rows):
+            stop = min(start + block_rows, end)
+            rows = stop - start
+            approximate = torch.mm(
+                approximate_queries,
+                self._unit_bfloat16[start:stop].T,
+                out=buffer[: len(group) * rows].view(len(group), rows),
+            )
+            mask(approximate, start, stop)
+            columns, block_left_out = _approximate_candidates(approximate, candidates)
+            left_out = torch.maximum(left_out, block_left_out)
+            # float32 scores of the candidates; a masked column stays -inf.
+            exact = torch.bmm(self._unit[start:stop][columns], queries[:, :, None])[:, :, 0]
+            exact.masked_fill_(approximate.gather(1, columns) == -math.inf, -math.inf)
+            merged_scores = torch.cat([best_scores, exact], dim=1)
+            merged_rows = torch.cat([best_rows, columns + start], dim=1)
+            best_scores, keep = torch.topk(merged_scores, min(k, merged_scores.shape[1]), dim=1)
+            best_rows = merged_rows.gather(1, keep)
+        kth = best_scores[:, -1]
+        margin = prefilter_margin(queries.norm(dim=1), self.dim)
+        settled = (left_out == -math.inf) | (left_out + margin < kth)
+        unsettled = (~settled).nonzero().flatten().cpu().tolist()
+        self._fill_results(members, prepared, results, best_scores, best_rows)
+        if unsettled:
+            again = [members[i] for i in unsettled]
+            subset = queries[torch.tensor(unsettled, device=self.device)]
+            self._search(again, prepared, results, self._add_scorer(subset))
 
     def _rows_per_block(self, queries: int, end: int) -> int:
         """Vocabulary rows scored per step.
@@ -590,6 +671,27 @@ class WordVectors:
         return AnalogyReport(
             report_sections, total_correct, total_incorrect, questions_seen, out_of_vocabulary
         )
+
+
+def _approximate_candidates(approximate: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The columns of each row's `count` best bfloat16 scores, and per row a bound on the scores
+    of the columns left out (-inf when none is)."""
+    queries, columns = approximate.shape
+    if count >= columns:
+        index = torch.arange(columns, device=approximate.device).expand(queries, columns)
+        return index, torch.full((queries,), -math.inf, device=approximate.device)
+    if columns % _TOPK_GROUP or columns < 4 * _TOPK_GROUP * count:
+        values, index = torch.topk(approximate, count + 1, dim=1)
+        return index[:, :count], values[:, count].float()
+    # The best columns lie in the column groups (of 64) with the best maxima: the groups not
+    # taken hold nothing above the last maximum taken.
+    maxima = approximate.view(queries, columns // _TOPK_GROUP, _TOPK_GROUP).amax(dim=2)
+    group_maxima, groups = torch.topk(maxima, count, dim=1)
+    offsets = torch.arange(_TOPK_GROUP, device=approximate.device)
+    in_groups = (groups[:, :, None] * _TOPK_GROUP + offsets).view(queries, count * _TOPK_GROUP)
+    values, index = torch.topk(approximate.gather(1, in_groups), count + 1, dim=1)
+    bound = torch.maximum(group_maxima[:, -1], values[:, count]).float()
+    return in_groups.gather(1, index[:, :count]), bound
 
 
 def _group_candidates(
