@@ -560,3 +560,35 @@ def test_slot_close_stops_a_load_and_reports_one_that_will_not_stop() -> None:
     assert not slot.close(timeout=0.1)
     release.set()
     assert slot.wait(10)
+
+
+def test_query_vectors_are_gensims_bit_for_bit(pair: tuple[WordVectors, KeyedVectors]) -> None:
+    """A batch's 3CosAdd query vectors equal most_similar's get_mean_vector exactly: words, raw
+    vectors and weights, positive and negative, in one batch of mixed lengths."""
+    model, kv = pair
+    rng = np.random.default_rng(21)
+    words = kv.index_to_key
+    specs = []
+    for _ in range(200):
+        items: list[Any] = []
+        for _ in range(int(rng.integers(1, 5))):
+            value: Any = words[int(rng.integers(len(words)))]
+            if rng.random() < 0.2:
+                value = rng.standard_normal(kv.vector_size).astype(np.float32)
+            items.append((value, float(rng.normal(0, 2))) if rng.random() < 0.3 else value)
+        split = int(rng.integers(0, len(items) + 1))
+        specs.append((items[:split], items[split:]))
+    queries = [SimilarityQuery(_gensim_terms(p), _gensim_terms(n)) for p, n in specs]
+    for (positive, negative), prepared in zip(specs, model.prepare(queries), strict=True):
+        # most_similar's own preparation of keys and weights (gensim 4.x).
+        weight = np.concatenate((np.ones(len(positive)), -1.0 * np.ones(len(negative))))
+        keys = []
+        for index, item in enumerate(positive + negative):
+            if isinstance(item, tuple):
+                keys.append(item[0])
+                weight[index] = item[1]
+            else:
+                keys.append(item)
+        expected = kv.get_mean_vector(keys, weight, pre_normalize=True, post_normalize=True)
+        assert prepared.add_vector is not None
+        np.testing.assert_array_equal(prepared.add_vector, expected)

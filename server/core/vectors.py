@@ -60,7 +60,9 @@ def bfloat16_prefilter_available(device: torch.device) -> bool:
     return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-@dataclass(frozen=True)
+# Built per query term on every request: slotted, and not frozen (a frozen dataclass's __init__
+# costs twice as much).
+@dataclass(slots=True)
 class Term:
     """One positive or negative term: a word or a raw vector, with an optional weight (3CosAdd only)."""
 
@@ -69,7 +71,7 @@ class Term:
     weight: float | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class SimilarityQuery:
     positive: Sequence[Term] = ()
     negative: Sequence[Term] = ()
@@ -78,7 +80,7 @@ class SimilarityQuery:
     method: Method = "add"
 
 
-@dataclass
+@dataclass(slots=True)
 class PreparedQuery:
     """A query reduced to what the search needs."""
 
@@ -300,40 +302,52 @@ class WordVectors:
             raise InvalidInput("a raw vector holds NaN or infinite values")
         return vector.astype(np.float32, copy=False)
 
-    def _mean_vectors(self, queries: Sequence[SimilarityQuery]) -> FloatArray:
+    def _mean_vectors(
+        self, queries: Sequence[SimilarityQuery], word_rows: Sequence[Sequence[int]]
+    ) -> FloatArray:
         """most_similar's query vectors, get_mean_vector(pre_normalize=True, post_normalize=True),
         for many queries at once with gensim's operations in gensim's order, row-wise.
 
         Term position by term position, as gensim's loop: float64 weight times the float32 unit
         (or raw) vector, added into a float32 mean; then divided by the sum of absolute weights
-        in float64, scaled to unit length, and cast to float32.
+        in float64, scaled to unit length, and cast to float32. word_rows: per query, the
+        vocabulary row of each term (positive then negative; -1 for a raw vector).
         """
+        # Every term once, flattened: its query, position, weight, and row or raw vector.
+        term_query: list[int] = []
+        term_position: list[int] = []
+        term_weight: list[float] = []
+        term_row: list[int] = []
+        raw: list[tuple[int, FloatArray]] = []
+        for member, (query, rows) in enumerate(zip(queries, word_rows, strict=True)):
+            positives = len(query.positive)
+            for position, (term, row) in enumerate(
+                zip((*query.positive, *query.negative), rows, strict=True)
+            ):
+                term_query.append(member)
+                term_position.append(position)
+                weight = term.weight
+                term_weight.append((1.0 if position < positives else -1.0) if weight is None else weight)
+                term_row.append(row)
+                if row < 0:
+                    raw.append((len(term_row) - 1, self._check_vector(term.vector)))  # type: ignore[arg-type]
+        query_of = np.array(term_query, dtype=np.int64)
+        position_of = np.array(term_position, dtype=np.int64)
+        weight_of = np.array(term_weight, dtype=np.float64)
+        row_of = np.array(term_row, dtype=np.int64)
+        vectors = np.empty((len(term_row), self.dim), np.float32)
+        by_word = row_of >= 0
+        if by_word.any():
+            word_index = row_of[by_word]
+            vectors[by_word] = self._rows[word_index] / self._row_norms[word_index][:, None]
+        for flat, vector in raw:
+            vectors[flat] = vector
         means = np.zeros((len(queries), self.dim), np.float32)
         totals = np.zeros(len(queries), np.float64)
-        terms = [(*q.positive, *q.negative) for q in queries]
-        signs = [len(q.positive) for q in queries]
-        for position in range(max((len(t) for t in terms), default=0)):
-            members = [m for m, t in enumerate(terms) if len(t) > position]
-            weights = np.array(
-                [
-                    (1.0 if position < signs[m] else -1.0)
-                    if terms[m][position].weight is None
-                    else terms[m][position].weight
-                    for m in members
-                ],
-                dtype=np.float64,
-            )
-            vectors = np.empty((len(members), self.dim), np.float32)
-            by_word = [(row, terms[m][position].word) for row, m in enumerate(members)]
-            word_rows = [row for row, word in by_word if word is not None]
-            if word_rows:
-                indexes = [self.key_to_index[word] for _, word in by_word if word is not None]
-                vectors[word_rows] = self._rows[indexes] / self._row_norms[indexes][:, None]
-            for row, m in enumerate(members):
-                raw = terms[m][position].vector
-                if raw is not None:
-                    vectors[row] = self._check_vector(raw)
-            means[members] = means[members] + weights[:, None] * vectors
+        for position in range(int(position_of.max()) + 1 if len(position_of) else 0):
+            at = position_of == position  # at most one term of each query
+            members, weights = query_of[at], weight_of[at]
+            means[members] = means[members] + weights[:, None] * vectors[at]
             totals[members] += np.abs(weights)
         averaged = means.astype(np.float64)
         weighted = totals > 0
@@ -343,16 +357,31 @@ class WordVectors:
         averaged[nonzero] /= lengths[nonzero, None]
         return averaged.astype(np.float32)
 
-    def _prepare(self, query: SimilarityQuery) -> PreparedQuery:
+    def _prepare(self, query: SimilarityQuery) -> tuple[PreparedQuery, list[int]]:
+        """The query checked and reduced, and its terms' vocabulary rows (-1 for raw vectors)."""
         terms = [*query.positive, *query.negative]
         if not terms:
             raise InvalidInput("a query needs at least one positive or negative term")
         if query.method == "mul" and not query.positive:
             raise InvalidInput("3CosMul needs at least one positive term")
+        key_to_index = self.key_to_index
+        rows: list[int] = []
+        missing: list[str] = []
         for term in terms:
-            if (term.word is None) == (term.vector is None):
+            word = term.word
+            if (word is None) == (term.vector is None):
                 raise InvalidInput("each term is either a word or a vector")
-        self._require([t.word for t in terms if t.word is not None])
+            if word is None:
+                rows.append(-1)
+                continue
+            row = key_to_index.get(word)
+            if row is None:
+                missing.append(word)
+                row = -1
+            rows.append(row)
+        if missing:
+            listed = ", ".join(repr(w) for w in dict.fromkeys(missing))
+            raise NotFound(f"not in the vocabulary: {listed}")
         if query.topn < 0:
             raise InvalidInput(f"topn must be >= 0, got {query.topn}")
         if query.topn > self.max_topn:
@@ -362,7 +391,7 @@ class WordVectors:
             raise InvalidInput(f"restrict_vocab must be >= 0, got {restrict}")
         # gensim: `if restrict_vocab:` so 0 and None both search everything.
         end = min(restrict, self.vocab_size) if restrict else self.vocab_size
-        excluded = sorted({self.key_to_index[t.word] for t in terms if t.word is not None})
+        excluded = sorted({row for row in rows if row >= 0})
         prepared = PreparedQuery(topn=query.topn, end=end, excluded=excluded)
         if query.method == "add":
             pass  # prepare() computes the add vectors of all queries together
@@ -379,14 +408,16 @@ class WordVectors:
             prepared.mul_negative = [as_vector(t) for t in query.negative]
         else:
             raise InvalidInput(f"unknown method {query.method!r}")
-        return prepared
+        return prepared, rows
 
     def prepare(self, queries: Sequence[SimilarityQuery]) -> list[PreparedQuery]:
         """Checks queries and reduces them to their query vectors (cheap; raises on bad input)."""
-        prepared = [self._prepare(q) for q in queries]
+        checked = [self._prepare(q) for q in queries]
+        prepared = [p for p, _ in checked]
         add = [i for i, q in enumerate(queries) if q.method == "add"]
         if add:
-            for i, vector in zip(add, self._mean_vectors([queries[i] for i in add]), strict=True):
+            vectors = self._mean_vectors([queries[i] for i in add], [checked[i][1] for i in add])
+            for i, vector in zip(add, vectors, strict=True):
                 prepared[i].add_vector = vector
         return prepared
 
