@@ -201,9 +201,10 @@ class CliServer:
     def log(self) -> str:
         return "".join(self._lines)
 
-    def terminate(self, timeout: float = 30) -> int:
-        """SIGTERM, then the exit code; fails with the server's log if it does not exit in time."""
-        self.process.send_signal(signal.SIGTERM)
+    def terminate(self, timeout: float = 30, signum: int = signal.SIGTERM) -> int:
+        """SIGTERM (or signum), then the exit code; fails with the server's log if it does not exit
+        in time."""
+        self.process.send_signal(signum)
         try:
             code = self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -192,3 +192,34 @@ async def test_round_robin_over_several_addresses_spreads_the_calls() -> None:
     finally:
         for replica in replicas:
             replica.stop()
+
+
+async def test_every_call_has_a_finite_deadline_by_default() -> None:
+    remaining: list[float | None] = []
+
+    async def tokenize(request: tokenizer_pb2.TokenizeRequest, context: Context) -> bytes:
+        remaining.append(context.time_remaining())
+        reply = tokenizer_pb2.TokenizeResponse(token_ids=to_tensor_pb(np.array([1], np.int32)), lengths=[1])
+        return reply.SerializeToString()
+
+    handler = grpc.unary_unary_rpc_method_handler(
+        tokenize, request_deserializer=tokenizer_pb2.TokenizeRequest.FromString
+    )
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("embedserve.v1.TokenizerService", {"Tokenize": handler}),)
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with AsyncClient(f"127.0.0.1:{port}") as client:
+            await client.tokenize("x")
+        async with AsyncClient(f"127.0.0.1:{port}", timeout=2.5) as client:
+            await client.tokenize("x")
+    finally:
+        await server.stop(None)
+    default, overridden = remaining
+    assert default is not None
+    assert 25 < default <= 30  # 30 s unless told otherwise
+    assert overridden is not None
+    assert 0 < overridden <= 2.5

@@ -58,6 +58,9 @@ def test_image_commands_work(tmp_path: Path) -> None:
     assert (entrypoint.group(1), command.group(1)) == ("embedserve", "serve")
     health = re.search(r"HEALTHCHECK .*CMD (\[.*\])", stage)
     assert health is not None
+    # Not root: the user the image creates, the uid the Kubernetes manifests expect.
+    assert re.search(r"^USER 10001:10001$", stage, flags=re.MULTILINE)
+    assert "useradd --system --uid 10001 --gid 10001" in stage
 
     probe = [part.strip('" ') for part in health.group(1).strip("[]").split(",")]
     assert probe[0] == "embedserve"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -246,7 +247,8 @@ def test_serve_sets_openmp_waiting_before_torch_loads() -> None:
     assert result.stdout.split() == [OPENMP_WAITING["OMP_WAIT_POLICY"], OPENMP_WAITING["GOMP_SPINCOUNT"]]
 
 
-def test_serve_runs_and_stops_cleanly_on_sigterm() -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_serve_runs_and_stops_cleanly_on_sigterm(signum: int) -> None:
     server = start_cli_server("--vocab-size", "6", "--dim", "3", "--seed", "123", "--device", "cpu")
     try:
         with Client(f"127.0.0.1:{server.port}") as client:
@@ -254,7 +256,7 @@ def test_serve_runs_and_stops_cleanly_on_sigterm() -> None:
                 client.embed([2, 3, 5, 1], include_positional=False)[0], [1.2753, -0.2010, -0.1606], atol=1e-4
             )
     finally:
-        assert server.terminate() == 0, server.log
+        assert server.terminate(signum=signum) == 0, server.log
     assert "shutting down" in server.log
 
 
