@@ -165,9 +165,9 @@ class CliServer:
     """`python -m embedserve.server serve` as a child process; its log is collected as it runs."""
 
     def __init__(self, *flags: str, env: dict[str, str] | None = None, program: Sequence[str] = ()) -> None:
-        """`program`: the command that runs embedserve (default: this interpreter's module)."""
+        """`program`: the command that runs `embedserve serve` (default: this interpreter's module)."""
         self.process = subprocess.Popen(
-            [*(program or (sys.executable, "-m", "embedserve.server")), "serve", *flags],
+            [*(program or (sys.executable, "-m", "embedserve.server", "serve")), *flags],
             env={**os.environ, **(env or {}), "EMBEDSERVE_PORT": "0"},
             stderr=subprocess.PIPE,
             text=True,

@@ -87,7 +87,7 @@ def test_wheel_install_serves(wheel: Path, tmp_path: Path) -> None:
     env = {"PYTHONPATH": str(site), "PATH": f"{site / 'bin'}:/usr/bin:/bin"}
     server = CliServer(
         "--vocab-size", "6", "--dim", "3", "--seed", "123", "--device", "cpu", "--word-vectors", "none",
-        env=env, program=[sys.executable, str(script)],
+        env=env, program=[sys.executable, str(script), "serve"],
     )  # fmt: skip
     try:
         code = (
