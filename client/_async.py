@@ -181,6 +181,8 @@ class AsyncClient:
             ("grpc.keepalive_timeout_ms", 20_000),
             ("grpc.http2.ping_timeout_ms", 20_000),
             ("grpc.keepalive_permit_without_calls", 1),
+            # gRPC stops pinging after two pings with no data between them unless told otherwise.
+            ("grpc.http2.max_pings_without_data", 0),
         ]
         interceptors = api_key_interceptors(api_key) if api_key else None
         if (client_certificate is None) != (client_key is None):

@@ -346,7 +346,22 @@ async def serve(config: ServerConfig, *, grace_seconds: float | None = None) -> 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     components = await asyncio.to_thread(load_components, config)
-    server, port = build_server(config, components)
+    if stop.is_set():  # told to stop while loading: never start serving
+        _LOGGER.info("stopped while loading")
+        return await asyncio.to_thread(components.close, config.grace)
+    try:
+        server, port = build_server(config, components)
+        if config.metrics_port:  # before serving: a port in use stops the start, not a running server
+            try:
+                METRICS_BY_SERVER[server].serve_http(config.metrics_port, config.host)
+            except OSError as error:
+                raise StartupError(
+                    f"cannot serve metrics on {config.host}:{config.metrics_port}: {error.strerror}"
+                ) from None
+            _LOGGER.info("metrics on http://%s:%d/metrics", config.host, config.metrics_port)
+    except StartupError:
+        await asyncio.to_thread(components.close, config.grace)
+        raise
     # Everything imported and loaded so far lives as long as the process (torch's, gRPC's and
     # protobuf's objects: about 175k). Out of the collector's generations, a full collection no
     # longer walks them: it took 88 ms, paused every call in flight, and set the p99 of Embed
@@ -357,9 +372,6 @@ async def serve(config: ServerConfig, *, grace_seconds: float | None = None) -> 
     if health_listener is not None:
         await health_listener.start()
         _LOGGER.info("health checks (plaintext) on %s:%d", config.host, config.health_port)
-    if config.metrics_port:
-        METRICS_BY_SERVER[server].serve_http(config.metrics_port, config.host)
-        _LOGGER.info("metrics on http://%s:%d/metrics", config.host, config.metrics_port)
     _LOGGER.info("embedserve listening on %s:%d", config.host, port)
     grace = config.grace if grace_seconds is None else grace_seconds
     stop_by = None

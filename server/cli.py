@@ -271,8 +271,12 @@ def _run_health(args: argparse.Namespace) -> int:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     options = _client_options(args)
+    if (options["client_certificate"] is None) != (options["client_key"] is None):
+        raise ValueError("--client-cert and --client-key go together")
     target, tls_scheme = _split_scheme(args.target)
     tls = tls_scheme or any(options[name] is not None for name in ("root_certificates", "client_certificate"))
+    if args.target == args.health_port_target:
+        tls = False  # --health-port speaks plaintext, whatever TLS settings the environment holds
     channel = (
         grpc.secure_channel(
             target,
@@ -495,7 +499,11 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
 
     for name in ("tokenize", "batches", "embed", "info", "health", "similar", "similarity", "analogies"):
         _add_client_arguments(commands.choices[name], environ)
-    health.set_defaults(target=_health_target(environ))
+    health_port = environ.get("EMBEDSERVE_HEALTH_PORT", "").strip()
+    health.set_defaults(
+        target=_health_target(environ),
+        health_port_target=f"127.0.0.1:{health_port}" if health_port not in ("", "0") else None,
+    )
     parser.set_defaults(handlers=handlers)
     return parser
 

@@ -160,6 +160,7 @@ async def test_idle_connections_are_pinged_so_a_vanished_server_is_noticed(pings
         async with AsyncClient(f"127.0.0.1:{proxy_port}", connections=1, options=options) as client:
             assert await client.tokenize("anything") == [7, 8, 9]
             channel = client._channel
+            await asyncio.sleep(1.5)  # idle for five ping intervals: pinging must not stop after two
             assert channel.get_state() is grpc.ChannelConnectivity.READY
             proxy.frozen = True  # no call in flight from here on: only a ping can notice
             with contextlib.suppress(TimeoutError):

@@ -18,7 +18,7 @@ from embedserve.server.config import parse_server_config
 from embedserve.server.core import StartupError
 from embedserve.server.security import check_exposure
 from embedserve.v1 import batches_pb2, embedding_pb2, tokenizer_pb2, word_vectors_pb2
-from google.protobuf import descriptor_pb2
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -176,6 +176,44 @@ async def test_reflection_lists_every_service(server: ServerThread) -> None:
                 }
                 assert served == set(service.methods_by_name), service.full_name
 
+        # And call one with nothing but what reflection described, as grpcurl does.
+        request = reflection_pb2.ServerReflectionRequest(
+            file_containing_symbol="embedserve.v1.TokenizerService"
+        )
+        (reply,) = [r async for r in stub.ServerReflectionInfo(iter([request]))]
+        pool = descriptor_pool.DescriptorPool()
+        pending = [
+            descriptor_pb2.FileDescriptorProto.FromString(raw)
+            for raw in reply.file_descriptor_response.file_descriptor_proto
+        ]
+        while pending:  # dependencies first, in whatever order they came
+            ready = [f for f in pending if all(pool_has(pool, d) for d in f.dependency)]
+            assert ready, [f.name for f in pending]
+            for file in ready:
+                pool.Add(file)
+                pending.remove(file)
+        request_type = message_factory.GetMessageClass(
+            pool.FindMessageTypeByName("embedserve.v1.TokenizeRequest")
+        )
+        reply_type = message_factory.GetMessageClass(
+            pool.FindMessageTypeByName("embedserve.v1.TokenizeResponse")
+        )
+        tokenize = channel.unary_unary(
+            "/embedserve.v1.TokenizerService/Tokenize",
+            request_serializer=lambda message: message.SerializeToString(),
+            response_deserializer=reply_type.FromString,
+        )
+        answer = await tokenize(request_type(texts=["Hello, world"]))
+        assert list(answer.lengths) == [3]
+
+
+def pool_has(pool: descriptor_pool.DescriptorPool, name: str) -> bool:
+    try:
+        pool.FindFileByName(name)
+    except KeyError:
+        return False
+    return True
+
 
 async def test_health_turns_not_serving_when_shutdown_starts(default_components: Components) -> None:
     running = ServerThread(TINY, replace(default_components, config=TINY))
@@ -216,7 +254,9 @@ def server_target(server: CliServer) -> str:
     return f"127.0.0.1:{server.port}"
 
 
-async def test_the_health_port_serves_health_alone_in_plaintext_and_keys_stay_out_of_logs() -> None:
+async def test_the_health_port_serves_health_alone_in_plaintext_and_keys_stay_out_of_logs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     health_port = free_port()
     server = start_cli_server(
         "--vocab-size", "6", "--dim", "3", "--device", "cpu", "--word-vectors", "none",
@@ -246,6 +286,15 @@ async def test_the_health_port_serves_health_alone_in_plaintext_and_keys_stay_ou
                 _ = [reply async for reply in listing]
             assert refused.value.code() is grpc.StatusCode.UNIMPLEMENTED
         assert await asyncio.to_thread(main, ["health", "--target", health_target]) == 0
+        # The container's probe: target from EMBEDSERVE_HEALTH_PORT, plaintext even where the
+        # environment holds client TLS settings for the main port.
+        pem = tmp_path / "some.pem"
+        pem.write_text("not used")
+        monkeypatch.setenv("EMBEDSERVE_HEALTH_PORT", str(health_port))
+        monkeypatch.setenv("EMBEDSERVE_ROOT_CERT", str(pem))
+        assert await asyncio.to_thread(main, ["health"]) == 0
+        # A certificate without its key is a clear error, not a crash in gRPC's core.
+        assert await asyncio.to_thread(main, ["health", "--client-cert", str(pem)]) == 1
     finally:
         assert server.terminate() == 0, server.log
     assert "DEBUG" in server.log

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 import threading
 from collections.abc import Callable, Iterator
@@ -592,3 +593,49 @@ def test_query_vectors_are_gensims_bit_for_bit(pair: tuple[WordVectors, KeyedVec
         expected = kv.get_mean_vector(keys, weight, pre_normalize=True, post_normalize=True)
         assert prepared.add_vector is not None
         np.testing.assert_array_equal(prepared.add_vector, expected)
+
+
+@pytest.mark.parametrize(
+    ("prefilter", "candidate_scan"),
+    [(False, False), (True, False), (True, True)],
+    ids=["float32", "bfloat16 prefilter", "bfloat16 candidates"],
+)
+def test_vectors_holding_nan_or_infinity_are_never_returned(
+    prefilter: bool, candidate_scan: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A damaged row (NaN or infinite values) is never returned, as a zero row is not: gensim
+    would score it NaN. It leaves the other answers and the bfloat16 check alone."""
+    rng = np.random.default_rng(8)
+    vectors = rng.standard_normal((9000, 16)).astype(np.float32)
+    damaged = [3, 700, 5000, 8999]
+    vectors[3, 2] = np.nan
+    vectors[700] = np.inf
+    vectors[5000, 0] = -np.inf
+    vectors[8999, 5] = np.nan
+    words = [f"w{i}" for i in range(len(vectors))]
+    zeroed = vectors.copy()
+    zeroed[damaged] = 0
+    with caplog.at_level(logging.WARNING):
+        model = WordVectors(
+            words, vectors, name="d", source="d", device=CPU, block_rows=256, prefilter=prefilter
+        )
+    assert "4 vectors hold NaN or infinite values" in caplog.text
+    assert model.prefilter == prefilter, "the kernels' check looks past the damaged rows"
+    model.candidate_scan = candidate_scan
+    reference = WordVectors(words, zeroed, name="z", source="z", device=CPU, block_rows=256, prefilter=False)
+    queries = [
+        SimilarityQuery(positive=(Term(words[int(i)]),), topn=int(rng.integers(1, 40)))
+        for i in rng.choice([i for i in range(len(words)) if i not in damaged], 60)
+    ] + [SimilarityQuery(positive=(Term(vector=vectors[10] + vectors[20]),), topn=9000)]
+    for got, expected in zip(model.most_similar(queries), reference.most_similar(queries), strict=True):
+        assert not {words[i] for i in damaged} & {w for w, _ in got}
+        assert all(np.isfinite(score) for _, score in got)
+        assert_same_ranking(got, expected)
+
+
+@pytest.mark.parametrize("candidate_scan", [False, True])
+def test_an_empty_vocabulary_answers_nothing(candidate_scan: bool) -> None:
+    model = WordVectors([], np.zeros((0, 4), np.float32), name="e", source="e", device=CPU, prefilter=True)
+    model.candidate_scan = candidate_scan
+    query = SimilarityQuery(positive=(Term(vector=np.ones(4, np.float32)),), topn=5)
+    assert model.most_similar([query]) == [[]]

@@ -130,9 +130,10 @@ def unit_rows(vectors: FloatArray, norms: FloatArray, out: FloatArray | None = N
     for start in range(0, vectors.shape[0], step):
         block_norms = np.asarray(norms[start : start + step], dtype=np.float32)
         safe = np.where(block_norms > 0, block_norms, np.float32(1))
-        out[start : start + step] = (
-            np.asarray(vectors[start : start + step], dtype=np.float32) / safe[:, None]
-        )
+        with np.errstate(invalid="ignore"):  # a damaged row (inf / inf) is never ranked anyway
+            out[start : start + step] = (
+                np.asarray(vectors[start : start + step], dtype=np.float32) / safe[:, None]
+            )
     return out
 
 
@@ -187,6 +188,11 @@ class WordVectors:
             self._unit_bfloat16: torch.Tensor | None = None
             self._prefilter_enabled = True
             if bfloat16_prefilter_available(device) if prefilter is None else prefilter:
+                if device.type == "cuda":
+                    # Otherwise cuBLAS may sum a bfloat16 product's partial sums in bfloat16
+                    # (split-K), beyond the margin, which assumes float32 accumulation. Only
+                    # bfloat16 matrix products are affected, and the server runs no others.
+                    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
                 self._unit_bfloat16 = (
                     self._unit.to(torch.bfloat16)
                     if unit_bfloat16 is None
@@ -202,8 +208,16 @@ class WordVectors:
         # to the host every block; it keeps a few candidates per block instead and checks once,
         # at the end, that nothing it left out could rank (see _search_candidates).
         self.candidate_scan = device.type != "cpu"
-        # gensim would score a zero vector NaN; here it is never returned.
-        self._zero_rows = torch.from_numpy(self.norms == 0).to(device) if np.any(self.norms == 0) else None
+        # gensim would score a zero vector NaN; here it is never returned. Nor is a vector holding
+        # NaN or infinities (a damaged file), whose every score gensim would make NaN.
+        never_ranked = ~np.isfinite(self.norms) | (self.norms == 0)
+        if np.any(never_ranked & (self.norms != 0)):
+            _LOGGER.warning(
+                "%s: %d vectors hold NaN or infinite values; they are never returned",
+                name,
+                int(np.sum(never_ranked & (self.norms != 0))),
+            )
+        self._never_ranked = torch.from_numpy(never_ranked).to(device) if np.any(never_ranked) else None
 
     @property
     def prefilter(self) -> bool:
@@ -225,7 +239,9 @@ class WordVectors:
         queries = sample[:: max(1, len(sample) // 64)]
         with torch.inference_mode():
             approximate = torch.mm(queries.to(torch.bfloat16), self._unit_bfloat16[: len(sample)].T)
-            error = (approximate.float() - torch.mm(queries, sample.T)).abs()
+            exact = torch.mm(queries, sample.T)
+            # Rows holding NaN (never ranked) say nothing about the kernels.
+            error = torch.where(exact.isfinite(), (approximate.float() - exact).abs(), 0)
             return bool((error <= prefilter_margin(queries.norm(dim=1), self.dim)[:, None] / 2).all())
 
     @property
@@ -433,7 +449,7 @@ class WordVectors:
         with torch.inference_mode():
             if add:
                 queries = self._add_queries([prepared[i] for i in add])
-                if self.prefilter and self.candidate_scan:
+                if self.prefilter and self.candidate_scan and self._candidates_fit(add, prepared):
                     self._search_candidates(add, prepared, results, queries)
                 else:
                     self._search(add, prepared, results, self._add_scorer(queries), exact_queries=queries)
@@ -559,8 +575,8 @@ class WordVectors:
         smallest_end = min(p.end for p in group)
 
         def mask(scores: torch.Tensor, start: int, stop: int) -> None:
-            if self._zero_rows is not None:
-                scores.masked_fill_(self._zero_rows[start:stop], -math.inf)
+            if self._never_ranked is not None:
+                scores.masked_fill_(self._never_ranked[start:stop], -math.inf)
             if smallest_end < stop:  # some query's restrict_vocab ends inside this block
                 columns = torch.arange(start, stop, device=self.device)[None, :]
                 scores.masked_fill_(columns >= query_ends, -math.inf)
@@ -576,6 +592,13 @@ class WordVectors:
 
         return mask
 
+    def _candidates_fit(self, members: list[int], prepared: Sequence[PreparedQuery]) -> bool:
+        """Whether the candidate scan's float32 rescoring of a block (queries x candidates x dim)
+        fits the score buffer's budget; a large topn is scanned in float32 instead."""
+        group = [prepared[i] for i in members]
+        k = min(max(p.topn for p in group), max(p.end for p in group))
+        return k > 0 and len(group) * _candidate_count(k) * self.dim <= _GPU_SCORE_BUFFER_ELEMENTS
+
     def _search_candidates(
         self,
         members: list[int],
@@ -589,14 +612,15 @@ class WordVectors:
         again in float32 and merged into the running top k, and the best bfloat16 score left
         out is kept. A column left out scores at most that plus prefilter_margin in float32, so
         once the scan is over, a query whose every block left out less than its k-th best minus
-        the margin has exactly the float32 scan's answer; the few others are scanned again in
-        float32. One read-back in all.
+        the margin has the float32 scan's answer (to float32 rounding: the rescoring sums in
+        another order than the scan's product, so words tied within about 1e-7 may swap); the few
+        others are scanned again in float32. One read-back in all.
         """
         assert self._unit_bfloat16 is not None
         group = [prepared[i] for i in members]
         end = max(p.end for p in group)
         k = min(max(p.topn for p in group), end)
-        candidates = max(2 * k, _PREFILTER_CANDIDATES)
+        candidates = _candidate_count(k)
         block_rows = self._rows_per_block(len(group), end)
         mask = self._masker(group)
         approximate_queries = queries.to(torch.bfloat16)
@@ -702,6 +726,10 @@ class WordVectors:
         return AnalogyReport(
             report_sections, total_correct, total_incorrect, questions_seen, out_of_vocabulary
         )
+
+
+def _candidate_count(k: int) -> int:
+    return max(2 * k, _PREFILTER_CANDIDATES)
 
 
 def _approximate_candidates(approximate: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
