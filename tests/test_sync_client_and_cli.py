@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -279,6 +280,20 @@ def test_serve_refuses_bad_startup_config_clearly(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "--weights" in result.stderr
     assert "no such file" in result.stderr
+
+    # A metrics port already taken stops the start as clearly, before anything is served.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = str(taken.getsockname()[1])
+        result = subprocess.run(
+            [sys.executable, "-m", "embedserve.server", "serve", "--port", "0", "--vocab-size", "6",
+             "--dim", "3", "--device", "cpu", "--word-vectors", "none", "--metrics-port", busy],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert f"cannot serve metrics on 127.0.0.1:{busy}" in result.stderr
+    assert "listening on" not in result.stderr
 
 
 def test_sync_embed_stream_pulls_in_a_worker_thread(server: ServerThread) -> None:
