@@ -252,12 +252,17 @@ def _run_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _health_port_target(environ: Mapping[str, str]) -> str | None:
+    health_port = environ.get("EMBEDSERVE_HEALTH_PORT", "").strip()
+    return f"127.0.0.1:{health_port}" if health_port not in ("", "0") else None
+
+
 def _health_target(environ: Mapping[str, str]) -> str:
     """Where `embedserve health` asks by default: the server's --health-port when it has one (so a
     container's HEALTHCHECK works whether or not the main port speaks TLS), else its --port."""
-    health_port = environ.get("EMBEDSERVE_HEALTH_PORT", "").strip()
-    if health_port not in ("", "0"):
-        return f"127.0.0.1:{health_port}"
+    health_port_target = _health_port_target(environ)
+    if health_port_target is not None:
+        return health_port_target
     if "EMBEDSERVE_TARGET" in environ:
         return environ["EMBEDSERVE_TARGET"]
     port = environ.get("EMBEDSERVE_PORT", "").strip()
@@ -499,11 +504,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
 
     for name in ("tokenize", "batches", "embed", "info", "health", "similar", "similarity", "analogies"):
         _add_client_arguments(commands.choices[name], environ)
-    health_port = environ.get("EMBEDSERVE_HEALTH_PORT", "").strip()
-    health.set_defaults(
-        target=_health_target(environ),
-        health_port_target=f"127.0.0.1:{health_port}" if health_port not in ("", "0") else None,
-    )
+    health.set_defaults(target=_health_target(environ), health_port_target=_health_port_target(environ))
     parser.set_defaults(handlers=handlers)
     return parser
 

@@ -22,15 +22,18 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 
 async def _flaky_server(
-    failures: list[grpc.StatusCode], details: str = "try again"
+    failures: list[grpc.StatusCode],
+    details: str = "try again",
+    deadlines: list[float | None] | None = None,
 ) -> tuple[grpc.aio.Server, int, list[int]]:
-    """A TokenizerService whose Tokenize fails with the given codes, then answers [7, 8, 9]."""
+    """A TokenizerService whose Tokenize fails with the given codes, then answers [7, 8, 9];
+    each call's remaining time goes into `deadlines`."""
     calls = [0]
 
-    async def tokenize(
-        request: tokenizer_pb2.TokenizeRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> bytes:
+    async def tokenize(request: tokenizer_pb2.TokenizeRequest, context: Context) -> bytes:
         calls[0] += 1
+        if deadlines is not None:
+            deadlines.append(context.time_remaining())
         if calls[0] <= len(failures):
             await context.abort(failures[calls[0] - 1], details)
         reply = tokenizer_pb2.TokenizeResponse(
@@ -151,7 +154,7 @@ async def test_idle_connections_are_pinged_so_a_vanished_server_is_noticed(pings
     # (These options override the client's defaults, which this test also shows.)
     options: list[tuple[str, int]] = [
         ("grpc.keepalive_time_ms", 300),
-        ("grpc.http2.ping_timeout_ms", 300),
+        ("grpc.http2.ping_timeout_ms", 1000),  # room for a busy machine to answer in time
         ("grpc.http2.bdp_probe", 0),
     ]
     if not pings_when_idle:  # what the client did before: ping only while calls are in flight
@@ -164,7 +167,7 @@ async def test_idle_connections_are_pinged_so_a_vanished_server_is_noticed(pings
             assert channel.get_state() is grpc.ChannelConnectivity.READY
             proxy.frozen = True  # no call in flight from here on: only a ping can notice
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(channel.wait_for_state_change(grpc.ChannelConnectivity.READY), 3)
+                await asyncio.wait_for(channel.wait_for_state_change(grpc.ChannelConnectivity.READY), 4)
             noticed = channel.get_state() is not grpc.ChannelConnectivity.READY
         assert noticed == pings_when_idle
     finally:
@@ -197,21 +200,7 @@ async def test_round_robin_over_several_addresses_spreads_the_calls() -> None:
 
 async def test_every_call_has_a_finite_deadline_by_default() -> None:
     remaining: list[float | None] = []
-
-    async def tokenize(request: tokenizer_pb2.TokenizeRequest, context: Context) -> bytes:
-        remaining.append(context.time_remaining())
-        reply = tokenizer_pb2.TokenizeResponse(token_ids=to_tensor_pb(np.array([1], np.int32)), lengths=[1])
-        return reply.SerializeToString()
-
-    handler = grpc.unary_unary_rpc_method_handler(
-        tokenize, request_deserializer=tokenizer_pb2.TokenizeRequest.FromString
-    )
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler("embedserve.v1.TokenizerService", {"Tokenize": handler}),)
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
+    server, port, _ = await _flaky_server([], deadlines=remaining)
     try:
         async with AsyncClient(f"127.0.0.1:{port}") as client:
             await client.tokenize("x")
