@@ -62,7 +62,9 @@ class Query:
     cosmul: bool = False
 
 
-def _term(item: TermLike) -> word_vectors_pb2.QueryTerm:
+def _term(item: TermLike) -> word_vectors_pb2.QueryTerm | dict[str, str]:
+    if type(item) is str:  # the common case, built as protobuf builds a dict fastest
+        return {"word": item}
     weight: float | None = None
     value: Any = item
     if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], int | float):
@@ -77,7 +79,7 @@ def _term(item: TermLike) -> word_vectors_pb2.QueryTerm:
     return term
 
 
-def _terms(value: Terms) -> list[word_vectors_pb2.QueryTerm]:
+def _terms(value: Terms) -> list[word_vectors_pb2.QueryTerm | dict[str, str]]:
     """gensim's _ensure_list: a single word or 1-D vector means [it]; a 2-D array means its rows."""
     if value is None:
         return []
@@ -91,9 +93,10 @@ def _terms(value: Terms) -> list[word_vectors_pb2.QueryTerm]:
 def _query_pb(query: Query) -> word_vectors_pb2.SimilarityQuery:
     if query.topn is None:
         raise ValueError("topn=None (all scores) is not served; pass an int")
+    # The stubs know only messages; protobuf initialises a message field from a dict as well.
     message = word_vectors_pb2.SimilarityQuery(
-        positive=_terms(query.positive),
-        negative=_terms(query.negative),
+        positive=_terms(query.positive),  # type: ignore[arg-type]
+        negative=_terms(query.negative),  # type: ignore[arg-type]
         topn=query.topn,
         method=word_vectors_pb2.SIMILARITY_METHOD_COS_MUL
         if query.cosmul
