@@ -125,6 +125,23 @@ def _split_scheme(target: str) -> tuple[str, bool]:
     return target, False
 
 
+def channel_credentials(
+    target: str,
+    *,
+    root_certificates: bytes | None = None,
+    client_certificate: bytes | None = None,
+    client_key: bytes | None = None,
+) -> tuple[str, grpc.ChannelCredentials | None]:
+    """The gRPC target, and TLS credentials when TLS is asked for (an `https://` target or any
+    certificate; see AsyncClient), else None."""
+    if (client_certificate is None) != (client_key is None):
+        raise ValueError("client_certificate and client_key go together")
+    target, tls_scheme = _split_scheme(target)
+    if tls_scheme or root_certificates is not None or client_certificate is not None:
+        return target, grpc.ssl_channel_credentials(root_certificates, client_key, client_certificate)
+    return target, None
+
+
 class AsyncClient:
     """Client of an embedserve server; use as `async with AsyncClient(target) as client:`.
 
@@ -161,7 +178,12 @@ class AsyncClient:
         if connections < 1:
             raise ValueError("connections must be >= 1")
         self.target = target
-        target, tls_scheme = _split_scheme(target)
+        target, credentials = channel_credentials(
+            target,
+            root_certificates=root_certificates,
+            client_certificate=client_certificate,
+            client_key=client_key,
+        )
         self.timeout = timeout
         self.stream_timeout = stream_timeout
         channel_options = [
@@ -176,7 +198,8 @@ class AsyncClient:
             ("grpc.service_config", RETRY_SERVICE_CONFIG),
             # Pings every minute, idle or not (the server permits it), so a replica that vanished
             # without closing its connections is noticed within 80 s rather than at the next call.
-            # (grpcio times a keepalive ping out after the ping timeout, 60 s unless set.)
+            # (grpcio 1.85 times a keepalive ping out after the ping timeout, 60 s unless set;
+            # the keepalive timeout is what older versions and other gRPC stacks read.)
             ("grpc.keepalive_time_ms", 60_000),
             ("grpc.keepalive_timeout_ms", 20_000),
             ("grpc.http2.ping_timeout_ms", 20_000),
@@ -185,10 +208,7 @@ class AsyncClient:
             ("grpc.http2.max_pings_without_data", 0),
         ]
         interceptors = api_key_interceptors(api_key) if api_key else None
-        if (client_certificate is None) != (client_key is None):
-            raise ValueError("client_certificate and client_key go together")
-        if tls_scheme or root_certificates is not None or client_certificate is not None:
-            credentials = grpc.ssl_channel_credentials(root_certificates, client_key, client_certificate)
+        if credentials is not None:
             self._channels = [
                 grpc.aio.secure_channel(
                     target, credentials, options=channel_options, interceptors=interceptors

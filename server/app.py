@@ -190,10 +190,6 @@ _HEALTH_BY_SERVER: weakref.WeakKeyDictionary[grpc.aio.Server, health_aio.HealthS
 
 
 _DRAINING_BY_SERVER: weakref.WeakKeyDictionary[grpc.aio.Server, asyncio.Event] = weakref.WeakKeyDictionary()
-# --health-port: a plaintext server beside the main one, answering grpc.health.v1 only.
-HEALTH_LISTENER_BY_SERVER: weakref.WeakKeyDictionary[grpc.aio.Server, grpc.aio.Server] = (
-    weakref.WeakKeyDictionary()
-)
 
 
 async def enter_shutdown(server: grpc.aio.Server) -> None:
@@ -287,10 +283,7 @@ def build_server(config: ServerConfig, components: Components | None = None) -> 
     reflection.enable_server_reflection(
         [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
     )
-    port = _listen(server, config.address, credentials)
-    if config.health_port:
-        HEALTH_LISTENER_BY_SERVER[server] = _health_listener(config, health)
-    return server, port
+    return server, _listen(server, config.address, credentials)
 
 
 def _listen(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
@@ -306,13 +299,14 @@ def _listen(server: grpc.aio.Server, address: str, credentials: grpc.ServerCrede
     return port
 
 
-def _health_listener(config: ServerConfig, health: health_aio.HealthServicer) -> grpc.aio.Server:
-    """The same health statuses, in plaintext and with no key, on --health-port.
+def health_listener(config: ServerConfig, server: grpc.aio.Server) -> grpc.aio.Server:
+    """A plaintext server beside `server` (from build_server) answering its health statuses
+    alone, with no key, on --health-port; the caller starts and stops it.
 
     Orchestrators' gRPC probes (Kubernetes', a container HEALTHCHECK) speak neither TLS nor mutual
     TLS; this port gives them the statuses alone, never data or reflection."""
     listener = grpc.aio.server(options=[("grpc.so_reuseport", 1 if config.workers > 1 else 0)])
-    health_pb2_grpc.add_HealthServicer_to_server(health, listener)
+    health_pb2_grpc.add_HealthServicer_to_server(_HEALTH_BY_SERVER[server], listener)
     _listen(listener, replace(config, port=config.health_port).address, None)
     return listener
 
@@ -351,6 +345,7 @@ async def serve(config: ServerConfig, *, grace_seconds: float | None = None) -> 
         return await asyncio.to_thread(components.close, config.grace)
     try:
         server, port = build_server(config, components)
+        probes = health_listener(config, server) if config.health_port else None
         if config.metrics_port:  # before serving: a port in use stops the start, not a running server
             try:
                 METRICS_BY_SERVER[server].serve_http(config.metrics_port, config.host)
@@ -367,15 +362,14 @@ async def serve(config: ServerConfig, *, grace_seconds: float | None = None) -> 
     # longer walks them: it took 88 ms, paused every call in flight, and set the p99 of Embed
     # under 64 clients. (The word vectors freeze their vocabulary again once loaded.)
     gc.freeze()
-    await server.start()
-    health_listener = HEALTH_LISTENER_BY_SERVER.get(server)
-    if health_listener is not None:
-        await health_listener.start()
-        _LOGGER.info("health checks (plaintext) on %s:%d", config.host, config.health_port)
-    _LOGGER.info("embedserve listening on %s:%d", config.host, port)
     grace = config.grace if grace_seconds is None else grace_seconds
     stop_by = None
     try:
+        await server.start()
+        if probes is not None:
+            await probes.start()
+            _LOGGER.info("health checks (plaintext) on %s:%d", config.host, config.health_port)
+        _LOGGER.info("embedserve listening on %s:%d", config.host, port)
         await stop.wait()
         _LOGGER.info("shutting down (grace %.1f s)", grace)
         stop_by = time.monotonic() + grace
@@ -386,8 +380,9 @@ async def serve(config: ServerConfig, *, grace_seconds: float | None = None) -> 
             "calls finished: %s", json.dumps(METRICS_BY_SERVER[server].finished_calls(), sort_keys=True)
         )
     finally:
-        if health_listener is not None:  # last: probes see NOT_SERVING while calls drain
-            await health_listener.stop(None)
+        await server.stop(0)  # no-op after the graceful stop; ends a failed start
+        if probes is not None:  # last: probes see NOT_SERVING while calls drain
+            await probes.stop(None)
         # A load still running gets what is left of the grace period (at least a moment).
         left = grace if stop_by is None else max(0.1, stop_by - time.monotonic())
         stopped = await asyncio.to_thread(components.close, left)

@@ -70,6 +70,8 @@ def _client_options(args: argparse.Namespace) -> dict[str, Any]:
     def pem(path: str) -> bytes | None:
         return Path(path).read_bytes() if path else None
 
+    if bool(args.client_cert) != bool(args.client_key):
+        raise ValueError("--client-cert and --client-key go together")
     options = [("grpc.ssl_target_name_override", args.server_name)] if args.server_name else []
     return {
         "timeout": args.timeout,
@@ -272,27 +274,21 @@ def _health_target(environ: Mapping[str, str]) -> str:
 def _run_health(args: argparse.Namespace) -> int:
     """grpc.health.v1 Check: exit 0 when SERVING (what container and orchestrator probes run)."""
     import grpc
-    from embedserve.client._async import _split_scheme
+    from embedserve.client._async import channel_credentials
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     options = _client_options(args)
-    if (options["client_certificate"] is None) != (options["client_key"] is None):
-        raise ValueError("--client-cert and --client-key go together")
-    target, tls_scheme = _split_scheme(args.target)
-    tls = tls_scheme or any(options[name] is not None for name in ("root_certificates", "client_certificate"))
-    if args.target == args.health_port_target:
-        tls = False  # --health-port speaks plaintext, whatever TLS settings the environment holds
-    channel = (
-        grpc.secure_channel(
-            target,
-            grpc.ssl_channel_credentials(
-                options["root_certificates"], options["client_key"], options["client_certificate"]
-            ),
-            options=options["options"],
-        )
-        if tls
-        else grpc.insecure_channel(target)
+    target, credentials = channel_credentials(
+        args.target,
+        root_certificates=options["root_certificates"],
+        client_certificate=options["client_certificate"],
+        client_key=options["client_key"],
     )
+    if credentials is None or args.target == args.health_port_target:
+        # --health-port speaks plaintext, whatever TLS settings the environment holds.
+        channel = grpc.insecure_channel(target)
+    else:
+        channel = grpc.secure_channel(target, credentials, options=options["options"])
     with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
@@ -505,6 +501,12 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     for name in ("tokenize", "batches", "embed", "info", "health", "similar", "similarity", "analogies"):
         _add_client_arguments(commands.choices[name], environ)
     health.set_defaults(target=_health_target(environ), health_port_target=_health_port_target(environ))
+    for action in health._actions:
+        if action.dest == "target":
+            action.help = (
+                f"server address (default: {_health_target(environ)}: 127.0.0.1 at "
+                "EMBEDSERVE_HEALTH_PORT, else EMBEDSERVE_TARGET, else 127.0.0.1 at EMBEDSERVE_PORT)"
+            )
     parser.set_defaults(handlers=handlers)
     return parser
 

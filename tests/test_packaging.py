@@ -106,9 +106,8 @@ def test_wheel_install_serves(wheel: Path, tmp_path: Path) -> None:
         assert server.terminate() == 0, server.log
 
 
-def test_the_top_level_is_the_design_cards() -> None:
-    root = Path(__file__).resolve().parents[1]
+def test_repository_layout_is_the_design_cards() -> None:
     for folder in ("protos/embedserve/v1", "server", "client", "tests"):
-        assert (root / folder).is_dir(), folder
+        assert (REPO / folder).is_dir(), folder
     for file in ("Dockerfile", "pyproject.toml", "README.md", ".ci/run"):
-        assert (root / file).is_file(), file
+        assert (REPO / file).is_file(), file

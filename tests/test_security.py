@@ -255,7 +255,7 @@ def server_target(server: CliServer) -> str:
 
 
 async def test_the_health_port_serves_health_alone_in_plaintext_and_keys_stay_out_of_logs(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     health_port = free_port()
     server = start_cli_server(
@@ -294,7 +294,9 @@ async def test_the_health_port_serves_health_alone_in_plaintext_and_keys_stay_ou
         monkeypatch.setenv("EMBEDSERVE_ROOT_CERT", str(pem))
         assert await asyncio.to_thread(main, ["health"]) == 0
         # A certificate without its key is a clear error, not a crash in gRPC's core.
+        capsys.readouterr()
         assert await asyncio.to_thread(main, ["health", "--client-cert", str(pem)]) == 1
+        assert "--client-cert and --client-key go together" in capsys.readouterr().err
     finally:
         assert server.terminate() == 0, server.log
     assert "DEBUG" in server.log

@@ -249,7 +249,7 @@ def test_serve_sets_openmp_waiting_before_torch_loads() -> None:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_serve_runs_and_stops_cleanly_on_sigterm(signum: int) -> None:
+def test_serve_runs_and_stops_cleanly_on_a_signal(signum: int) -> None:
     server = start_cli_server("--vocab-size", "6", "--dim", "3", "--seed", "123", "--device", "cpu")
     try:
         with Client(f"127.0.0.1:{server.port}") as client:

@@ -292,9 +292,9 @@ def test_prefilter_answers_are_the_float32_scans_among_near_ties(
     candidate_blocks, rescanned = _count_candidate_blocks(monkeypatch)
     got = fast.most_similar(queries)
     assert prefiltered or candidate_blocks, "the prefilter never ran"
-    if candidate_scan:
+    if candidate_scan and topn <= 16:
         # More near-ties than candidates per block (40 > 32): queries the scan cannot settle.
-        assert rescanned or topn > 32
+        assert rescanned
     for result, expected in zip(got, expected_results, strict=True):
         assert_same_ranking(result, expected)
 
@@ -635,7 +635,33 @@ def test_vectors_holding_nan_or_infinity_are_never_returned(
 
 @pytest.mark.parametrize("candidate_scan", [False, True])
 def test_an_empty_vocabulary_answers_nothing(candidate_scan: bool) -> None:
+    """(With nothing to keep, the candidate scan leaves the query to the float32 scan.)"""
     model = WordVectors([], np.zeros((0, 4), np.float32), name="e", source="e", device=CPU, prefilter=True)
     model.candidate_scan = candidate_scan
     query = SimilarityQuery(positive=(Term(vector=np.ones(4, np.float32)),), topn=5)
     assert model.most_similar([query]) == [[]]
+
+
+def test_a_topn_too_large_for_the_candidate_buffer_is_scanned_in_float32(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rng = np.random.default_rng(4)
+    vectors = rng.standard_normal((3000, 16)).astype(np.float32)
+    words = [f"w{i}" for i in range(len(vectors))]
+    model = WordVectors(words, vectors, name="b", source="b", device=CPU, block_rows=512, prefilter=True)
+    model.candidate_scan = True
+    reference = WordVectors(words, vectors, name="r", source="r", device=CPU, block_rows=512, prefilter=False)
+    cases = []
+    for topn, scanned_by_candidates in ((10, True), (100, False)):
+        queries = [SimilarityQuery(positive=(Term(words[i]),), topn=topn) for i in (1, 20, 300, 2999)]
+        cases.append((queries, reference.most_similar(queries), scanned_by_candidates))
+    candidate_blocks, rescanned = _count_candidate_blocks(monkeypatch)
+    # 4 queries x max(2 x 10, 32) candidates x 16 dims fit a budget of 4096 elements; topn 100 does not.
+    monkeypatch.setattr(vectors_module, "_GPU_SCORE_BUFFER_ELEMENTS", 4096)
+    for queries, expected_results, scanned_by_candidates in cases:
+        candidate_blocks.clear()
+        rescanned.clear()
+        for got, expected in zip(model.most_similar(queries), expected_results, strict=True):
+            assert_same_ranking(got, expected)
+        assert bool(candidate_blocks) == scanned_by_candidates
+        assert (len(rescanned) == len(queries)) == (not scanned_by_candidates)

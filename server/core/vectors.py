@@ -87,9 +87,15 @@ class PreparedQuery:
     topn: int
     end: int  # search rows [0, end)
     excluded: list[int]
+    # The vocabulary row of each term, positive then negative (-1: a raw vector).
+    term_rows: list[int] = field(default_factory=list)
     add_vector: FloatArray | None = None
     mul_positive: list[FloatArray] = field(default_factory=list)
     mul_negative: list[FloatArray] = field(default_factory=list)
+
+
+def _not_in_vocabulary(missing: Sequence[str]) -> NotFound:
+    return NotFound(f"not in the vocabulary: {', '.join(repr(w) for w in missing)}")
 
 
 def _unitvec(vector: FloatArray) -> FloatArray:
@@ -188,10 +194,14 @@ class WordVectors:
             self._unit_bfloat16: torch.Tensor | None = None
             self._prefilter_enabled = True
             if bfloat16_prefilter_available(device) if prefilter is None else prefilter:
-                if device.type == "cuda":
-                    # Otherwise cuBLAS may sum a bfloat16 product's partial sums in bfloat16
-                    # (split-K), beyond the margin, which assumes float32 accumulation. Only
-                    # bfloat16 matrix products are affected, and the server runs no others.
+                # Otherwise cuBLAS may sum a bfloat16 product's partial sums in bfloat16
+                # (split-K), beyond the margin, which assumes float32 accumulation. Only bfloat16
+                # matrix products are affected, and the server runs no others.
+                if (
+                    device.type == "cuda"
+                    and torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
+                ):
+                    _LOGGER.info("bfloat16 matrix products: reduced-precision reductions off")
                     torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
                 self._unit_bfloat16 = (
                     self._unit.to(torch.bfloat16)
@@ -210,12 +220,13 @@ class WordVectors:
         self.candidate_scan = device.type != "cpu"
         # gensim would score a zero vector NaN; here it is never returned. Nor is a vector holding
         # NaN or infinities (a damaged file), whose every score gensim would make NaN.
-        never_ranked = ~np.isfinite(self.norms) | (self.norms == 0)
-        if np.any(never_ranked & (self.norms != 0)):
+        damaged = ~np.isfinite(self.norms)
+        never_ranked = damaged | (self.norms == 0)
+        if np.any(damaged):
             _LOGGER.warning(
                 "%s: %d vectors hold NaN or infinite values; they are never returned",
                 name,
-                int(np.sum(never_ranked & (self.norms != 0))),
+                int(np.sum(damaged)),
             )
         self._never_ranked = torch.from_numpy(never_ranked).to(device) if np.any(never_ranked) else None
 
@@ -260,7 +271,7 @@ class WordVectors:
     def _require(self, words: Sequence[str]) -> None:
         missing = self.missing(words)
         if missing:
-            raise NotFound(f"not in the vocabulary: {', '.join(repr(w) for w in missing)}")
+            raise _not_in_vocabulary(missing)
 
     def get_vectors(self, words: Sequence[str]) -> tuple[FloatArray, list[str]]:
         """Raw vectors [len(words), D]; rows of missing words are zero and the words are listed."""
@@ -373,8 +384,8 @@ class WordVectors:
         averaged[nonzero] /= lengths[nonzero, None]
         return averaged.astype(np.float32)
 
-    def _prepare(self, query: SimilarityQuery) -> tuple[PreparedQuery, list[int]]:
-        """The query checked and reduced, and its terms' vocabulary rows (-1 for raw vectors)."""
+    def _prepare(self, query: SimilarityQuery) -> PreparedQuery:
+        """The query checked and reduced (its 3CosAdd vector is left to prepare())."""
         terms = [*query.positive, *query.negative]
         if not terms:
             raise InvalidInput("a query needs at least one positive or negative term")
@@ -396,8 +407,7 @@ class WordVectors:
                 row = -1
             rows.append(row)
         if missing:
-            listed = ", ".join(repr(w) for w in dict.fromkeys(missing))
-            raise NotFound(f"not in the vocabulary: {listed}")
+            raise _not_in_vocabulary(list(dict.fromkeys(missing)))
         if query.topn < 0:
             raise InvalidInput(f"topn must be >= 0, got {query.topn}")
         if query.topn > self.max_topn:
@@ -408,7 +418,7 @@ class WordVectors:
         # gensim: `if restrict_vocab:` so 0 and None both search everything.
         end = min(restrict, self.vocab_size) if restrict else self.vocab_size
         excluded = sorted({row for row in rows if row >= 0})
-        prepared = PreparedQuery(topn=query.topn, end=end, excluded=excluded)
+        prepared = PreparedQuery(topn=query.topn, end=end, excluded=excluded, term_rows=rows)
         if query.method == "add":
             pass  # prepare() computes the add vectors of all queries together
         elif query.method == "mul":
@@ -424,15 +434,14 @@ class WordVectors:
             prepared.mul_negative = [as_vector(t) for t in query.negative]
         else:
             raise InvalidInput(f"unknown method {query.method!r}")
-        return prepared, rows
+        return prepared
 
     def prepare(self, queries: Sequence[SimilarityQuery]) -> list[PreparedQuery]:
         """Checks queries and reduces them to their query vectors (cheap; raises on bad input)."""
-        checked = [self._prepare(q) for q in queries]
-        prepared = [p for p, _ in checked]
+        prepared = [self._prepare(q) for q in queries]
         add = [i for i, q in enumerate(queries) if q.method == "add"]
         if add:
-            vectors = self._mean_vectors([queries[i] for i in add], [checked[i][1] for i in add])
+            vectors = self._mean_vectors([queries[i] for i in add], [prepared[i].term_rows for i in add])
             for i, vector in zip(add, vectors, strict=True):
                 prepared[i].add_vector = vector
         return prepared
@@ -514,7 +523,7 @@ class WordVectors:
         """
         group = [prepared[i] for i in members]
         end = max(p.end for p in group)
-        k = min(max(p.topn for p in group), end)
+        k = _group_k(group)
         block_rows = self._rows_per_block(len(group), end)
         mask = self._masker(group)
         buffer_size = len(group) * min(block_rows, end)
@@ -596,7 +605,7 @@ class WordVectors:
         """Whether the candidate scan's float32 rescoring of a block (queries x candidates x dim)
         fits the score buffer's budget; a large topn is scanned in float32 instead."""
         group = [prepared[i] for i in members]
-        k = min(max(p.topn for p in group), max(p.end for p in group))
+        k = _group_k(group)
         return k > 0 and len(group) * _candidate_count(k) * self.dim <= _GPU_SCORE_BUFFER_ELEMENTS
 
     def _search_candidates(
@@ -614,19 +623,18 @@ class WordVectors:
         once the scan is over, a query whose every block left out less than its k-th best minus
         the margin has the float32 scan's answer (to float32 rounding: the rescoring sums in
         another order than the scan's product, so words tied within about 1e-7 may swap); the few
-        others are scanned again in float32. One read-back in all.
+        others are scanned again in float32. No read-back until the scan is over.
         """
         assert self._unit_bfloat16 is not None
         group = [prepared[i] for i in members]
         end = max(p.end for p in group)
-        k = min(max(p.topn for p in group), end)
+        k = _group_k(group)
         candidates = _candidate_count(k)
         block_rows = self._rows_per_block(len(group), end)
         mask = self._masker(group)
         approximate_queries = queries.to(torch.bfloat16)
         buffer = torch.empty(len(group) * min(block_rows, end), dtype=torch.bfloat16, device=self.device)
-        best_scores = torch.full((len(group), 0), -math.inf, device=self.device)
-        best_rows = torch.zeros((len(group), 0), dtype=torch.int64, device=self.device)
+        best = _RunningTopK(len(group), k, self.device)
         left_out = torch.full((len(group),), -math.inf, device=self.device)
         for start in range(0, end, block_rows):
             stop = min(start + block_rows, end)
@@ -642,15 +650,13 @@ class WordVectors:
             # float32 scores of the candidates; a masked column stays -inf.
             exact = torch.bmm(self._unit[start:stop][columns], queries[:, :, None])[:, :, 0]
             exact.masked_fill_(approximate.gather(1, columns) == -math.inf, -math.inf)
-            merged_scores = torch.cat([best_scores, exact], dim=1)
-            merged_rows = torch.cat([best_rows, columns + start], dim=1)
-            best_scores, keep = torch.topk(merged_scores, min(k, merged_scores.shape[1]), dim=1)
-            best_rows = merged_rows.gather(1, keep)
+            best.merge(exact, columns + start)
+        best_scores, best_rows = best.result()
         kth = best_scores[:, -1]
         margin = prefilter_margin(queries.norm(dim=1), self.dim)
         settled = (left_out == -math.inf) | (left_out + margin < kth)
         unsettled = (~settled).nonzero().flatten().cpu().tolist()
-        self._fill_results(members, prepared, results, best_scores, best_rows)
+        self._fill_results(members, prepared, results, best_scores, best_rows)  # unsettled: refilled
         if unsettled:
             again = [members[i] for i in unsettled]
             subset = queries[torch.tensor(unsettled, device=self.device)]
@@ -726,6 +732,11 @@ class WordVectors:
         return AnalogyReport(
             report_sections, total_correct, total_incorrect, questions_seen, out_of_vocabulary
         )
+
+
+def _group_k(group: Sequence[PreparedQuery]) -> int:
+    """How many best rows a scan of these queries together keeps for each."""
+    return min(max(p.topn for p in group), max(p.end for p in group))
 
 
 def _candidate_count(k: int) -> int:
@@ -857,7 +868,7 @@ class _RunningTopK:
             self._collect_above_thresholds(scores, start)
             return
         candidate_scores, candidate_columns = _block_candidates(scores, min(self.k, scores.shape[1]))
-        self._merge(candidate_scores, candidate_columns + start)
+        self.merge(candidate_scores, candidate_columns + start)
         if self._collect and self.scores.shape[1] == self.k:
             kth = self.scores[:, -1]
             self._set_thresholds(kth.clone() if bool(kth.isfinite().all()) else None)
@@ -866,7 +877,8 @@ class _RunningTopK:
         self._flush()
         return self.scores, self.rows
 
-    def _merge(self, candidate_scores: torch.Tensor, candidate_rows: torch.Tensor) -> None:
+    def merge(self, candidate_scores: torch.Tensor, candidate_rows: torch.Tensor) -> None:
+        """Candidates (scores and vocabulary rows, [queries, n]) into the k best."""
         merged_scores = torch.cat([self.scores, candidate_scores], dim=1)
         merged_rows = torch.cat([self.rows, candidate_rows], dim=1)
         self.scores, keep = torch.topk(merged_scores, min(self.k, merged_scores.shape[1]), dim=1)
@@ -909,5 +921,5 @@ class _RunningTopK:
         packed_rows = self.rows.new_zeros((self.scores.shape[0], width))
         packed_scores[query_index, slots] = values
         packed_rows[query_index, slots] = rows
-        self._merge(packed_scores, packed_rows)
+        self.merge(packed_scores, packed_rows)
         self._set_thresholds(self.scores[:, -1].clone())
