@@ -198,6 +198,10 @@ class CliServer:
         self._started.set()
 
     @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
     def log(self) -> str:
         return "".join(self._lines)
 

@@ -93,7 +93,7 @@ def test_wheel_install_serves(wheel: Path, tmp_path: Path) -> None:
         code = (
             "import embedserve.server.app as app, embedserve.client as c;"
             f"assert app.__file__.startswith({str(site)!r}), app.__file__;"
-            f"client = c.Client('127.0.0.1:{server.port}');"
+            f"client = c.Client({server.target!r});"
             "print([round(v, 4) for v in client.embed([2], include_positional=False)[0].tolist()]);"
             "client.close()"
         )

@@ -56,7 +56,7 @@ def test_readme_first_command_serves() -> None:
         program=["bash", str(script)],
     )  # fmt: skip
     try:
-        with Client(f"127.0.0.1:{server.port}") as client:
+        with Client(server.target) as client:
             assert client.info().vocab_size == 6
     finally:
         assert server.terminate() == 0, server.log

@@ -22,7 +22,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from .conftest import CliServer, ServerThread, free_port, make_certificates, start_cli_server
+from .conftest import ServerThread, free_port, make_certificates, start_cli_server
 
 TINY = ServerConfig(port=0, device="cpu", word_vectors="none", vocab_size=6, dim=3, log_level="WARNING")
 
@@ -250,10 +250,6 @@ def test_target_schemes() -> None:
         _split_scheme("https://embed.example.com/v1")
 
 
-def server_target(server: CliServer) -> str:
-    return f"127.0.0.1:{server.port}"
-
-
 async def test_the_health_port_serves_health_alone_in_plaintext_and_keys_stay_out_of_logs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -263,9 +259,9 @@ async def test_the_health_port_serves_health_alone_in_plaintext_and_keys_stay_ou
         "--api-key", "k-7f3a9c-never-logged", "--health-port", str(health_port), "--log-level", "DEBUG",
     )  # fmt: skip
     try:
-        async with AsyncClient(server_target(server), api_key="k-7f3a9c-never-logged") as client:
+        async with AsyncClient(server.target, api_key="k-7f3a9c-never-logged") as client:
             assert await client.tokenize("hello") == [31373]
-        async with AsyncClient(server_target(server), api_key="k-wrong-never-logged") as client:
+        async with AsyncClient(server.target, api_key="k-wrong-never-logged") as client:
             with pytest.raises(EmbedServeError) as raised:
                 await client.tokenize("hello")
             assert raised.value.code is grpc.StatusCode.UNAUTHENTICATED

@@ -573,8 +573,8 @@ class WordVectors:
             ]
 
     def _masker(self, group: list[PreparedQuery]) -> Callable[[torch.Tensor, int, int], None]:
-        """mask(scores, start, stop): -inf where a block's scores must never rank (zero rows, rows
-        past a query's restrict_vocab, the query's own inputs)."""
+        """mask(scores, start, stop): -inf where a block's scores must never rank (zero or damaged
+        rows, rows past a query's restrict_vocab, the query's own inputs)."""
         # Exclusions as (query, row) pairs sorted by row: each block masks its slice in one indexed write.
         pairs = sorted((index, row) for row, p in enumerate(group) for index in p.excluded if index < p.end)
         excluded_rows = torch.tensor([index for index, _ in pairs], dtype=torch.int64, device=self.device)
