@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -62,49 +63,83 @@ class Query:
     cosmul: bool = False
 
 
-def _term(item: TermLike) -> word_vectors_pb2.QueryTerm | dict[str, str]:
-    if type(item) is str:  # the common case, built as protobuf builds a dict fastest
-        return {"word": item}
-    weight: float | None = None
-    value: Any = item
-    if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], int | float):
-        value, weight = item[0], float(item[1])
-    term = word_vectors_pb2.QueryTerm()
-    if isinstance(value, str):
-        term.word = value
-    else:
-        term.vector.CopyFrom(to_tensor_pb(np.asarray(value, dtype=np.float32)))
-    if weight is not None:
-        term.weight = weight
-    return term
-
-
-def _terms(value: Terms) -> list[word_vectors_pb2.QueryTerm | dict[str, str]]:
+def _items(value: Terms) -> Sequence[TermLike]:
     """gensim's _ensure_list: a single word or 1-D vector means [it]; a 2-D array means its rows."""
     if value is None:
-        return []
+        return ()
     if isinstance(value, str):
-        return [_term(value)]
+        return (value,)
     if isinstance(value, np.ndarray):
-        return [_term(value)] if value.ndim == 1 else [_term(row) for row in value]
-    return [_term(item) for item in value]  # type: ignore[union-attr]
+        return (value,) if value.ndim == 1 else list(value)
+    return value  # type: ignore[return-value]
 
 
-def _query_pb(query: Query) -> word_vectors_pb2.SimilarityQuery:
-    if query.topn is None:
+class _Packer:
+    """Queries into a PackedQueries' columns (one Python pass; no message per query or term)."""
+
+    def __init__(self) -> None:
+        self.words: list[str] = []
+        self.weights: list[tuple[int, float]] = []  # (term, weight) where one was given
+        self.vector_terms: list[int] = []
+        self.vectors: list[npt.NDArray[np.float32]] = []
+
+    def add(self, terms: Terms) -> int:
+        """Appends these terms; how many there were."""
+        words = self.words
+        first = len(words)
+        for item in _items(terms):
+            if type(item) is str:  # the common case
+                words.append(item)
+                continue
+            value: Any = item
+            if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], int | float):
+                value = item[0]
+                self.weights.append((len(words), float(item[1])))
+            if isinstance(value, str):
+                words.append(value)
+            else:
+                self.vector_terms.append(len(words))
+                self.vectors.append(np.asarray(value, dtype=np.float32))
+                words.append("")
+        return len(words) - first
+
+
+def _packed(queries: Sequence[Query]) -> word_vectors_pb2.PackedQueries:
+    packer = _Packer()
+    positive_counts: list[int] = []
+    negative_counts: list[int] = []
+    for query in queries:
+        positive_counts.append(packer.add(query.positive))
+        negative_counts.append(packer.add(query.negative))
+    topn = [q.topn for q in queries]
+    if None in topn:
         raise ValueError("topn=None (all scores) is not served; pass an int")
-    # The stubs know only messages; protobuf initialises a message field from a dict as well.
-    message = word_vectors_pb2.SimilarityQuery(
-        positive=_terms(query.positive),  # type: ignore[arg-type]
-        negative=_terms(query.negative),  # type: ignore[arg-type]
-        topn=query.topn,
-        method=word_vectors_pb2.SIMILARITY_METHOD_COS_MUL
-        if query.cosmul
-        else word_vectors_pb2.SIMILARITY_METHOD_COS_ADD,
+    packed = word_vectors_pb2.PackedQueries(
+        words=packer.words, positive_counts=positive_counts, negative_counts=negative_counts, topn=topn
     )
-    if query.restrict_vocab is not None:
-        message.restrict_vocab = query.restrict_vocab
-    return message
+    if any(q.restrict_vocab is not None for q in queries):
+        packed.restrict_vocab.extend([q.restrict_vocab or 0 for q in queries])
+    if any(q.cosmul for q in queries):
+        packed.methods.extend(
+            [
+                word_vectors_pb2.SIMILARITY_METHOD_COS_MUL
+                if q.cosmul
+                else word_vectors_pb2.SIMILARITY_METHOD_COS_ADD
+                for q in queries
+            ]
+        )
+    if packer.weights:
+        weights = [math.nan] * len(packer.words)
+        for term, weight in packer.weights:
+            weights[term] = weight
+        packed.weights.extend(weights)
+    if packer.vector_terms:
+        shapes = {vector.shape for vector in packer.vectors}
+        if len(shapes) > 1:
+            raise ValueError(f"raw vectors of different shapes in one call: {sorted(shapes)}")
+        packed.vector_terms.extend(packer.vector_terms)
+        packed.vectors.CopyFrom(to_tensor_pb(np.stack(packer.vectors)))
+    return packed
 
 
 class AsyncWordVectors:
@@ -135,18 +170,18 @@ class AsyncWordVectors:
 
     async def most_similar_batch(self, queries: Sequence[Query]) -> list[list[tuple[str, float]]]:
         """Many queries in one call (the server scans the vocabulary once for all of them)."""
-        reply = await self._call(
-            self._stub.MostSimilar,
-            word_vectors_pb2.MostSimilarRequest(queries=[_query_pb(q) for q in queries]),
-        )
-        scores = from_tensor_pb(reply.scores).astype(float).tolist()
+        request = word_vectors_pb2.MostSimilarRequest(packed=_packed(queries))
+        reply = await self._call(self._stub.MostSimilar, request)
+        counts = list(reply.result_counts)
         words = list(reply.words)
-        if len(scores) != len(words) or sum(reply.result_counts) != len(words):
+        scores = from_tensor_pb(reply.scores).tolist()
+        if len(scores) != len(words) or sum(counts) != len(words) or len(counts) != len(queries):
             raise EmbedServeError(grpc.StatusCode.INTERNAL, "the server's ranked lists do not add up")
+        pairs = list(zip(words, scores, strict=True))
         ranked: list[list[tuple[str, float]]] = []
         start = 0
-        for count in reply.result_counts:
-            ranked.append(list(zip(words[start : start + count], scores[start : start + count], strict=True)))
+        for count in counts:
+            ranked.append(pairs[start : start + count])
             start += count
         return ranked
 

@@ -6,6 +6,7 @@ import asyncio
 from importlib import resources
 
 import numpy as np
+import numpy.typing as npt
 from embedserve.client.tensor import to_tensor_pb
 from embedserve.v1 import tensor_pb2, word_vectors_pb2, word_vectors_pb2_grpc
 
@@ -13,7 +14,7 @@ from . import _codec
 from .config import ServerConfig
 from .core import InvalidInput, LimitExceeded
 from .core.batcher import MicroBatcher
-from .core.vectors import PreparedQuery, SimilarityQuery, Term
+from .core.vectors import PreparedBatch, QueryColumns, RankedLists, SimilarityQuery, Term
 from .core.word_vector_slot import WordVectorSlot
 from .errors import Context, unary_errors
 from .metrics import add_timings
@@ -35,17 +36,42 @@ def _term(term: word_vectors_pb2.QueryTerm) -> Term:
     if kind == "word":
         return Term(word=term.word, weight=weight)
     if kind == "vector":
-        if term.vector.dtype not in (tensor_pb2.DTYPE_FLOAT32, tensor_pb2.DTYPE_FLOAT16):
-            raise InvalidInput("a raw vector must be float32 or float16")
-        return Term(vector=_codec.array_from_pb(term.vector, "vector").astype(np.float32), weight=weight)
+        return Term(vector=_raw_vectors(term.vector, "vector"), weight=weight)
     raise InvalidInput("a query term has neither a word nor a vector")
+
+
+def _raw_vectors(tensor: tensor_pb2.Tensor, field: str) -> npt.NDArray[np.float32]:
+    if tensor.dtype not in (tensor_pb2.DTYPE_FLOAT32, tensor_pb2.DTYPE_FLOAT16):
+        raise InvalidInput("a raw vector must be float32 or float16")
+    return _codec.array_from_pb(tensor, field).astype(np.float32)
+
+
+def _packed_columns(packed: word_vectors_pb2.PackedQueries) -> QueryColumns:
+    count = len(packed.topn)
+    methods = np.array(packed.methods, np.int64) if packed.methods else np.ones(count, np.int64)
+    unknown = ~np.isin(methods, list(_METHODS))
+    if np.any(unknown):
+        raise InvalidInput(f"unknown similarity method {methods[unknown][0]}")
+    return QueryColumns(
+        words=packed.words,
+        positive_counts=np.array(packed.positive_counts, np.int64),
+        negative_counts=np.array(packed.negative_counts, np.int64),
+        topn=np.array(packed.topn, np.int64),
+        restrict_vocab=np.array(packed.restrict_vocab, np.int64)
+        if packed.restrict_vocab
+        else np.zeros(count, np.int64),
+        cosmul=methods == word_vectors_pb2.SIMILARITY_METHOD_COS_MUL,
+        weights=np.array(packed.weights, np.float64) if packed.weights else None,
+        vector_terms=np.array(packed.vector_terms, np.int64),
+        vectors=_raw_vectors(packed.vectors, "packed.vectors") if packed.HasField("vectors") else None,
+    )
 
 
 def _query(query: word_vectors_pb2.SimilarityQuery) -> SimilarityQuery:
     if query.method not in _METHODS:
         raise InvalidInput(f"unknown similarity method {query.method}")
     method = _METHODS[query.method]
-    for term in query.positive if method == "mul" else ():
+    for term in (*query.positive, *query.negative) if method == "mul" else ():
         if term.HasField("weight"):
             raise InvalidInput("weights apply to 3CosAdd only")
     return SimilarityQuery(
@@ -61,7 +87,7 @@ class WordVectorsServicer(word_vectors_pb2_grpc.WordVectorsServiceServicer):
     def __init__(self, slot: WordVectorSlot, config: ServerConfig) -> None:
         self._slot = slot
         self._config = config
-        self._batcher: MicroBatcher[PreparedQuery, list[tuple[str, float]]] | None = None
+        self._batcher: MicroBatcher[PreparedBatch, RankedLists] | None = None
 
     def _check_count(self, count: int, what: str) -> None:
         if count == 0:
@@ -87,18 +113,27 @@ class WordVectorsServicer(word_vectors_pb2_grpc.WordVectorsServiceServicer):
     async def MostSimilar(
         self, request: word_vectors_pb2.MostSimilarRequest, context: Context
     ) -> word_vectors_pb2.MostSimilarResponse:
-        self._check_count(len(request.queries), "queries")
+        if request.queries and request.HasField("packed"):
+            raise InvalidInput("a request carries queries or packed, not both")
         model = self._slot.model
-        prepared = model.prepare([_query(q) for q in request.queries])
+        columns = (
+            _packed_columns(request.packed)
+            if request.HasField("packed")
+            else model.query_columns([_query(q) for q in request.queries])
+        )
+        self._check_count(len(columns), "queries")
+        batch = model.prepare(columns)
         if self._batcher is None:
-            self._batcher = MicroBatcher(model.search, executor=self._slot.executor, max_items=1024)
-        timed = await self._batcher.submit(prepared)
+            self._batcher = MicroBatcher(
+                model.search_many, executor=self._slot.executor, max_items=1024, size=len
+            )
+        timed = await self._batcher.submit([batch])
         add_timings(context, queue=timed.queue_seconds, compute=timed.compute_seconds)
-        ranked = timed.outputs
+        ranked = timed.outputs[0]
         return word_vectors_pb2.MostSimilarResponse(
-            result_counts=[len(r) for r in ranked],
-            words=[word for r in ranked for word, _ in r],
-            scores=_float32_pb([score for r in ranked for _, score in r]),
+            result_counts=ranked.counts.tolist(),
+            words=ranked.words(model.words),
+            scores=to_tensor_pb(ranked.scores),
         )
 
     def _pairs(self, pairs: list[word_vectors_pb2.WordPair]) -> list[tuple[str, str]]:

@@ -16,7 +16,7 @@ import torch
 from embedserve.server.core import Cancelled, InvalidInput, LimitExceeded, NotFound, NotReady, StartupError
 from embedserve.server.core import vectors as vectors_module
 from embedserve.server.core.vector_sources import load_word_vectors
-from embedserve.server.core.vectors import SimilarityQuery, Term, WordVectors, prefilter_margin
+from embedserve.server.core.vectors import PreparedBatch, SimilarityQuery, Term, WordVectors, prefilter_margin
 from embedserve.server.core.word_vector_slot import WordVectorSlot
 from gensim.models import KeyedVectors
 
@@ -148,6 +148,32 @@ def test_many_queries_in_one_scan_equal_one_at_a_time(pair: tuple[WordVectors, K
         assert_same_ranking(result, model.most_similar([query])[0])
 
 
+def test_batches_searched_together_answer_each_as_alone(pair: tuple[WordVectors, KeyedVectors]) -> None:
+    """search_many (concurrent requests in one scan) keeps each batch's exclusions, restrict_vocab,
+    topn and 3CosMul terms with its own queries."""
+    model, kv = pair
+    rng = np.random.default_rng(17)
+    batches = []
+    for size in (1, 7, 3, 12):
+        batches.append(
+            [
+                SimilarityQuery(
+                    _gensim_terms(q["positive"]),
+                    _gensim_terms(q["negative"]),
+                    q["topn"],
+                    q["restrict"],
+                    "mul" if q["cosmul"] else "add",
+                )
+                for q in _random_queries(rng, kv, size)
+            ]
+        )
+    together = model.search_many([model.prepare(b) for b in batches])
+    assert [len(r) for r in together] == [1, 7, 3, 12]
+    for batch, ranked in zip(batches, together, strict=True):
+        for got, expected in zip(ranked.lists(model.words), model.most_similar(batch), strict=True):
+            assert_same_ranking(got, expected)
+
+
 def test_small_blocks_give_the_same_answers(pair: tuple[WordVectors, KeyedVectors]) -> None:
     model, kv = pair
     blocked = WordVectors(
@@ -182,9 +208,9 @@ def _count_candidate_blocks(monkeypatch: pytest.MonkeyPatch) -> tuple[list[int],
         blocks.append(1)
         return original_candidates(*args)
 
-    def search(self: WordVectors, members: list[int], *args: Any, **kwargs: Any) -> None:
-        rescanned.extend(members)
-        original_search(self, members, *args, **kwargs)
+    def search(self: WordVectors, group: PreparedBatch, *args: Any, **kwargs: Any) -> Any:
+        rescanned.extend(range(len(group)))
+        return original_search(self, group, *args, **kwargs)
 
     monkeypatch.setattr(vectors_module, "_approximate_candidates", candidates)
     monkeypatch.setattr(WordVectors, "_search", search)
@@ -580,7 +606,8 @@ def test_query_vectors_are_gensims_bit_for_bit(pair: tuple[WordVectors, KeyedVec
         split = int(rng.integers(0, len(items) + 1))
         specs.append((items[:split], items[split:]))
     queries = [SimilarityQuery(_gensim_terms(p), _gensim_terms(n)) for p, n in specs]
-    for (positive, negative), prepared in zip(specs, model.prepare(queries), strict=True):
+    prepared = model.prepare(queries)
+    for (positive, negative), add_vector in zip(specs, prepared.add_vectors, strict=True):
         # most_similar's own preparation of keys and weights (gensim 4.x).
         weight = np.concatenate((np.ones(len(positive)), -1.0 * np.ones(len(negative))))
         keys = []
@@ -591,8 +618,7 @@ def test_query_vectors_are_gensims_bit_for_bit(pair: tuple[WordVectors, KeyedVec
             else:
                 keys.append(item)
         expected = kv.get_mean_vector(keys, weight, pre_normalize=True, post_normalize=True)
-        assert prepared.add_vector is not None
-        np.testing.assert_array_equal(prepared.add_vector, expected)
+        np.testing.assert_array_equal(add_vector, expected)
 
 
 @pytest.mark.parametrize(

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import math
+import re
 import threading
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -20,6 +23,8 @@ from embedserve.client import (
     UnavailableError,
     WordNotFoundError,
 )
+from embedserve.client._word_vectors import _packed
+from embedserve.client.tensor import to_tensor_pb
 from embedserve.server.app import Components
 from embedserve.server.cli import main
 from embedserve.server.core.word_vector_slot import WordVectorSlot
@@ -113,6 +118,165 @@ async def test_errors_name_every_missing_word(loaded: ServerThread) -> None:
         with pytest.raises(InvalidArgumentError, match="queries is empty"):
             await wv.most_similar_batch([])
         assert await wv.most_similar(positive=["king"], topn=0) == []
+
+
+def _per_query_message(query: Query) -> word_vectors_pb2.SimilarityQuery:
+    """A query as one SimilarityQuery message (the form grpcurl users write)."""
+
+    def terms(values: Any) -> list[word_vectors_pb2.QueryTerm]:
+        built = []
+        for value in values or []:
+            item, weight = value if isinstance(value, tuple) else (value, None)
+            term = word_vectors_pb2.QueryTerm()
+            if isinstance(item, str):
+                term.word = item
+            else:
+                term.vector.CopyFrom(to_tensor_pb(np.asarray(item, np.float32)))
+            if weight is not None:
+                term.weight = weight
+            built.append(term)
+        return built
+
+    message = word_vectors_pb2.SimilarityQuery(
+        positive=terms(query.positive),
+        negative=terms(query.negative),
+        topn=query.topn,
+        method=word_vectors_pb2.SIMILARITY_METHOD_COS_MUL
+        if query.cosmul
+        else word_vectors_pb2.SIMILARITY_METHOD_COS_ADD,
+    )
+    if query.restrict_vocab is not None:
+        message.restrict_vocab = query.restrict_vocab
+    return message
+
+
+async def test_packed_and_per_query_requests_answer_alike(loaded: ServerThread) -> None:
+    """The SDK's packed columns and one message per query are two spellings of the same queries:
+    words, raw vectors, weights, negative-only, 3CosMul, restrict_vocab and topn 0 in one request."""
+    async with AsyncClient(loaded.target) as client:
+        france: Any = await client.word_vectors.get_vector("france")
+    queries: list[Query] = [
+        Query(positive=["king", "woman"], negative=["man"], topn=5),
+        Query(positive=[("king", 2.0), "woman"], negative=[("man", -0.5)], topn=3),
+        Query(positive=[france, "berlin"], negative=["paris"], topn=4),
+        Query(positive=["france", "berlin"], negative=["paris"], topn=3, cosmul=True),
+        Query(positive=["computer"], topn=5, restrict_vocab=1000),
+        Query(positive=["computer"], topn=0),
+        Query(negative=["king"], topn=2),
+        Query(positive=[france * 2, "germany"], topn=2, cosmul=True),
+    ]
+    async with grpc.aio.insecure_channel(loaded.target) as channel:
+        stub = word_vectors_pb2_grpc.WordVectorsServiceStub(channel)
+        packed = await stub.MostSimilar(word_vectors_pb2.MostSimilarRequest(packed=_packed(queries)))
+        one_each = await stub.MostSimilar(
+            word_vectors_pb2.MostSimilarRequest(queries=[_per_query_message(q) for q in queries])
+        )
+    assert list(packed.result_counts) == [5, 3, 4, 3, 5, 0, 2, 2]
+    assert packed == one_each
+    assert packed.words[0] == "queen"
+    assert "king" not in packed.words[5:8]  # a weighted input is still left out of its results
+
+
+async def test_packed_queries_that_do_not_add_up_are_invalid_argument(loaded: ServerThread) -> None:
+    vector = np.ones((1, 50), np.float32)
+    good: dict[str, Any] = {
+        "words": ["king", "woman", "man"],
+        "positive_counts": [2],
+        "negative_counts": [1],
+        "topn": [3],
+    }
+
+    def packed(**change: Any) -> word_vectors_pb2.PackedQueries:
+        return word_vectors_pb2.PackedQueries(**{**good, **change})
+
+    cos_mul = word_vectors_pb2.SIMILARITY_METHOD_COS_MUL
+    cases: list[tuple[str, dict[str, Any]]] = [
+        ("negative_counts has 2 values for 1 queries", {"negative_counts": [1, 0]}),
+        ("restrict_vocab has 2 values for 1 queries", {"restrict_vocab": [0, 5]}),
+        ("methods has 2 values for 1 queries", {"methods": [1, 1]}),
+        ("2 words for 3 terms", {"words": ["king", "woman"]}),
+        ("term counts must be >= 0", {"positive_counts": [4], "negative_counts": [-1]}),
+        (
+            "query 1: a query needs at least one positive or negative term",
+            {"positive_counts": [3, 0], "negative_counts": [0, 0], "topn": [3, 3]},
+        ),
+        (
+            "3CosMul needs at least one positive term",
+            {"positive_counts": [0], "negative_counts": [3], "methods": [cos_mul]},
+        ),
+        ("unknown similarity method 7", {"methods": [7]}),
+        ("weights has 1 values for 3 terms", {"weights": [1.0]}),
+        ("weights apply to 3CosAdd only", {"weights": [math.nan, math.nan, 2.0], "methods": [cos_mul]}),
+        ("a weight must be finite", {"weights": [math.inf, math.nan, math.nan]}),
+        ("topn must be >= 0", {"topn": [-1]}),
+        ("restrict_vocab must be >= 0", {"restrict_vocab": [-5]}),
+        (
+            r"raw vectors of shape \[0, 50\] for 1 raw-vector terms",
+            {"words": ["", "woman", "man"], "vector_terms": [0]},
+        ),
+        (
+            r"raw vectors of shape \[1, 3\] for 1 raw-vector terms; this model's vectors are \[50\]",
+            {
+                "words": ["", "woman", "man"],
+                "vector_terms": [0],
+                "vectors": to_tensor_pb(np.ones((1, 3), np.float32)),
+            },
+        ),
+        (
+            "vector_terms must be increasing indexes below 3",
+            {"words": ["", "woman", "man"], "vector_terms": [3], "vectors": to_tensor_pb(vector)},
+        ),
+        (
+            "vector_terms must be increasing",
+            {
+                "words": ["", "", "man"],
+                "vector_terms": [1, 0],
+                "vectors": to_tensor_pb(np.ones((2, 50), np.float32)),
+            },
+        ),
+        ("a raw-vector term has a word", {"vector_terms": [0], "vectors": to_tensor_pb(vector)}),
+        (
+            "NaN or infinite",
+            {"words": ["", "woman", "man"], "vector_terms": [0], "vectors": to_tensor_pb(vector * np.nan)},
+        ),
+        (
+            "float32 or float16",
+            {
+                "words": ["", "woman", "man"],
+                "vector_terms": [0],
+                "vectors": to_tensor_pb(np.ones((1, 50), np.int32)),
+            },
+        ),
+    ]
+    async with grpc.aio.insecure_channel(loaded.target) as channel:
+        stub = word_vectors_pb2_grpc.WordVectorsServiceStub(channel)
+        assert (await stub.MostSimilar(word_vectors_pb2.MostSimilarRequest(packed=packed()))).words[
+            0
+        ] == "queen"
+        both = word_vectors_pb2.MostSimilarRequest(
+            queries=[_per_query_message(Query(positive=["king"]))], packed=packed()
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stub.MostSimilar(both)
+        assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "queries or packed, not both" in (raised.value.details() or "")
+        for message, change in cases:
+            request = word_vectors_pb2.MostSimilarRequest(packed=packed(**change))
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await stub.MostSimilar(request)
+            assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT, message
+            assert re.search(message, raised.value.details() or ""), (message, raised.value.details())
+        # A term's word may be "" where the vocabulary has no such word: NOT_FOUND like any other.
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stub.MostSimilar(
+                word_vectors_pb2.MostSimilarRequest(packed=packed(words=["", "woman", "man"]))
+            )
+        assert raised.value.code() is grpc.StatusCode.NOT_FOUND
+    async with AsyncClient(loaded.target) as client:
+        with pytest.raises(ValueError, match="raw vectors of different shapes"):
+            await client.word_vectors.most_similar(positive=[np.ones(50), np.ones(3)])
+        with pytest.raises(InvalidArgumentError, match="weights apply to 3CosAdd only"):
+            await client.word_vectors.most_similar_cosmul(positive=["king"], negative=[("man", 2.0)])
 
 
 def test_sync_client_and_cli(

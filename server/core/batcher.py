@@ -30,7 +30,8 @@ class TimedOutputs(Generic[_Out]):
     compute_seconds: float
 
 
-_Pending = tuple[Sequence[_In], asyncio.Future[TimedOutputs[_Out]], float]
+# (items, their future, when they were queued, how many items they count as)
+_Pending = tuple[Sequence[_In], asyncio.Future[TimedOutputs[_Out]], float, int]
 
 
 class MicroBatcher(Generic[_In, _Out]):
@@ -41,8 +42,12 @@ class MicroBatcher(Generic[_In, _Out]):
         executor: Executor,
         max_items: int = 1024,
         max_queue: int = 65536,
+        size: Callable[[_In], int] | None = None,
     ) -> None:
+        """size: how many items one input counts as, for max_items and max_queue (default 1;
+        e.g. the queries of a prepared batch)."""
         self._run = run
+        self._size = size
         self._executor = executor
         self._max_items = max_items
         self._max_queue = max_queue
@@ -55,13 +60,14 @@ class MicroBatcher(Generic[_In, _Out]):
         """The batch function's outputs for these items, in order, and how long they took."""
         if not items:
             return TimedOutputs([], 0.0, 0.0)
-        if self._queued + len(items) > self._max_queue:
+        count = self._count(items)
+        if self._queued + count > self._max_queue:
             raise Overloaded(
                 f"{self._queued} items are already queued (limit {self._max_queue}); retry later"
             )
         future: asyncio.Future[TimedOutputs[_Out]] = asyncio.get_running_loop().create_future()
-        self._pending.append((items, future, time.perf_counter()))
-        self._queued += len(items)
+        self._pending.append((items, future, time.perf_counter(), count))
+        self._queued += count
         if self._drainer is None or self._drainer.done():
             self._drainer = asyncio.create_task(self._drain())
         return await future
@@ -71,29 +77,32 @@ class MicroBatcher(Generic[_In, _Out]):
         while self._pending:
             taken: list[_Pending[_In, _Out]] = []
             count = 0
-            while self._pending and (not taken or count + len(self._pending[0][0]) <= self._max_items):
+            while self._pending and (not taken or count + self._pending[0][3] <= self._max_items):
                 pending = self._pending.popleft()
-                self._queued -= len(pending[0])
+                self._queued -= pending[3]
                 if not pending[1].done():  # a cancelled caller's items are dropped
                     taken.append(pending)
-                    count += len(pending[0])
+                    count += pending[3]
             if not taken:
                 continue
-            flat = [item for items, _, _ in taken for item in items]
+            flat = [item for items, _, _, _ in taken for item in items]
             started = time.perf_counter()
             try:
                 outputs = await loop.run_in_executor(self._executor, self._run, flat)
             except Exception as error:
-                for _, future, _ in taken:
+                for _, future, _, _ in taken:
                     if not future.done():
                         future.set_exception(error)
                 continue
             compute_seconds = time.perf_counter() - started
             self.batches_run += 1
             start = 0
-            for items, future, enqueued in taken:
+            for items, future, enqueued, _ in taken:
                 if not future.done():
                     future.set_result(
                         TimedOutputs(outputs[start : start + len(items)], started - enqueued, compute_seconds)
                     )
                 start += len(items)
+
+    def _count(self, items: Sequence[_In]) -> int:
+        return len(items) if self._size is None else sum(map(self._size, items))

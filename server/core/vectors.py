@@ -12,7 +12,7 @@ float32 rounding.
 
 from __future__ import annotations
 
-import bisect
+import itertools
 import logging
 import math
 import warnings
@@ -28,6 +28,8 @@ from .errors import InvalidInput, LimitExceeded, NotFound
 
 _LOGGER = logging.getLogger(__name__)
 FloatArray = npt.NDArray[np.float32]
+IntArray = npt.NDArray[np.int64]
+BoolArray = npt.NDArray[np.bool_]
 Method = Literal["add", "mul"]
 # gensim's epsilon in most_similar_cosmul's denominator.
 COSMUL_EPSILON = 0.000001
@@ -81,17 +83,133 @@ class SimilarityQuery:
 
 
 @dataclass(slots=True)
-class PreparedQuery:
-    """A query reduced to what the search needs."""
+class QueryColumns:
+    """Many most_similar queries as columns (what a packed request carries).
 
-    topn: int
-    end: int  # search rows [0, end)
-    excluded: list[int]
-    # The vocabulary row of each term, positive then negative (-1: a raw vector).
-    term_rows: list[int] = field(default_factory=list)
-    add_vector: FloatArray | None = None
-    mul_positive: list[FloatArray] = field(default_factory=list)
-    mul_negative: list[FloatArray] = field(default_factory=list)
+    Query i has positive_counts[i] positive terms, then negative_counts[i] negative ones; the
+    terms of all queries follow each other, query by query.
+    """
+
+    words: Sequence[str]  # per term; "" for a raw-vector term
+    positive_counts: IntArray
+    negative_counts: IntArray
+    topn: IntArray
+    restrict_vocab: IntArray  # 0 searches the whole vocabulary, as gensim's `if restrict_vocab:`
+    cosmul: BoolArray
+    weights: npt.NDArray[np.float64] | None = None  # per term; NaN: the default, +1 or -1
+    vector_terms: IntArray = field(default_factory=lambda: np.zeros(0, np.int64))  # increasing
+    vectors: FloatArray | None = None  # [len(vector_terms), dim]
+
+    def __len__(self) -> int:
+        return len(self.topn)
+
+
+@dataclass(slots=True)
+class PreparedBatch:
+    """Queries reduced to what the search needs, one entry per query."""
+
+    topn: IntArray
+    end: IntArray  # search rows [0, end)
+    cosmul: BoolArray
+    add_vectors: FloatArray  # [queries, dim]: 3CosAdd query vectors (zero for 3CosMul queries)
+    # (query, row) pairs never returned: each query's own words (inside its end).
+    excluded_query: IntArray
+    excluded_row: IntArray
+    # 3CosMul: every such query's term vectors, query by query, its positive terms first.
+    term_vectors: FloatArray
+    term_start: IntArray
+    positive_count: IntArray
+    negative_count: IntArray
+
+    def __len__(self) -> int:
+        return len(self.topn)
+
+    def take(self, index: IntArray) -> PreparedBatch:
+        """The queries at these indexes, in this order."""
+        renumbered = np.full(len(self), -1, np.int64)
+        renumbered[index] = np.arange(len(index))
+        new_query = renumbered[self.excluded_query]
+        kept = new_query >= 0
+        return PreparedBatch(
+            topn=self.topn[index],
+            end=self.end[index],
+            cosmul=self.cosmul[index],
+            add_vectors=self.add_vectors[index],
+            excluded_query=new_query[kept],
+            excluded_row=self.excluded_row[kept],
+            term_vectors=self.term_vectors,
+            term_start=self.term_start[index],
+            positive_count=self.positive_count[index],
+            negative_count=self.negative_count[index],
+        )
+
+    @staticmethod
+    def concat(batches: Sequence[PreparedBatch]) -> PreparedBatch:
+        """The queries of several batches (e.g. from concurrent requests) in one."""
+        if len(batches) == 1:
+            return batches[0]
+        query_offsets = np.cumsum([0] + [len(b) for b in batches])
+        term_offsets = np.cumsum([0] + [len(b.term_vectors) for b in batches])
+        return PreparedBatch(
+            topn=np.concatenate([b.topn for b in batches]),
+            end=np.concatenate([b.end for b in batches]),
+            cosmul=np.concatenate([b.cosmul for b in batches]),
+            add_vectors=np.concatenate([b.add_vectors for b in batches]),
+            excluded_query=np.concatenate(
+                [b.excluded_query + offset for b, offset in zip(batches, query_offsets, strict=False)]
+            ),
+            excluded_row=np.concatenate([b.excluded_row for b in batches]),
+            term_vectors=np.concatenate([b.term_vectors for b in batches]),
+            term_start=np.concatenate(
+                [b.term_start + offset for b, offset in zip(batches, term_offsets, strict=False)]
+            ),
+            positive_count=np.concatenate([b.positive_count for b in batches]),
+            negative_count=np.concatenate([b.negative_count for b in batches]),
+        )
+
+
+@dataclass(slots=True)
+class RankedLists:
+    """One ranked list per query, flat: query i's is the next counts[i] rows and scores, best first."""
+
+    counts: IntArray
+    rows: IntArray
+    scores: FloatArray
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    @classmethod
+    def from_best(cls, scores: FloatArray, rows: IntArray, topn: IntArray) -> RankedLists:
+        """From each query's best [queries, k] (sorted best first, -inf for none), cut at its topn."""
+        ranked = (np.arange(scores.shape[1]) < topn[:, None]) & (scores != -np.inf)
+        return cls(ranked.sum(axis=1), rows[ranked], scores[ranked])
+
+    def split(self, sizes: Sequence[int]) -> list[RankedLists]:
+        """Consecutive parts of these many queries each."""
+        parts: list[RankedLists] = []
+        query = entry = 0
+        for size in sizes:
+            counts = self.counts[query : query + size]
+            entries = int(counts.sum())
+            parts.append(
+                RankedLists(counts, self.rows[entry : entry + entries], self.scores[entry : entry + entries])
+            )
+            query, entry = query + size, entry + entries
+        return parts
+
+    def words(self, vocabulary: Sequence[str]) -> list[str]:
+        return [vocabulary[row] for row in self.rows.tolist()]
+
+    def lists(self, vocabulary: Sequence[str]) -> list[list[tuple[str, float]]]:
+        """As gensim returns them: per query, [(word, score), ...]."""
+        pairs = list(zip(self.words(vocabulary), self.scores.tolist(), strict=True))
+        lists: list[list[tuple[str, float]]] = []
+        start = 0
+        for count in self.counts.tolist():
+            lists.append(pairs[start : start + count])
+            start += count
+        return lists
 
 
 def _not_in_vocabulary(missing: Sequence[str]) -> NotFound:
@@ -329,147 +447,207 @@ class WordVectors:
             raise InvalidInput("a raw vector holds NaN or infinite values")
         return vector.astype(np.float32, copy=False)
 
+    def query_columns(self, queries: Sequence[SimilarityQuery]) -> QueryColumns:
+        """Queries, one object each, as the columns that prepare() reads."""
+        words: list[str] = []
+        weights: list[float] = []
+        vector_terms: list[int] = []
+        vectors: list[FloatArray] = []
+        for query in queries:
+            if query.method not in ("add", "mul"):
+                raise InvalidInput(f"unknown method {query.method!r}")
+            for term in (*query.positive, *query.negative):
+                if (term.word is None) == (term.vector is None):
+                    raise InvalidInput("each term is either a word or a vector")
+                if term.vector is not None:
+                    vector_terms.append(len(words))
+                    vectors.append(self._check_vector(term.vector))
+                words.append(term.word or "")
+                weights.append(math.nan if term.weight is None else term.weight)
+        return QueryColumns(
+            words=words,
+            positive_counts=np.array([len(q.positive) for q in queries], np.int64),
+            negative_counts=np.array([len(q.negative) for q in queries], np.int64),
+            topn=np.array([q.topn for q in queries], np.int64),
+            restrict_vocab=np.array([q.restrict_vocab or 0 for q in queries], np.int64),
+            cosmul=np.array([q.method == "mul" for q in queries], np.bool_),
+            weights=np.array(weights, np.float64) if not all(map(math.isnan, weights)) else None,
+            vector_terms=np.array(vector_terms, np.int64),
+            vectors=np.stack(vectors) if vectors else None,
+        )
+
     def _mean_vectors(
-        self, queries: Sequence[SimilarityQuery], word_rows: Sequence[Sequence[int]]
+        self,
+        queries: int,
+        term_query: IntArray,
+        term_position: IntArray,
+        weights: npt.NDArray[np.float64],
+        vectors: FloatArray,
     ) -> FloatArray:
         """most_similar's query vectors, get_mean_vector(pre_normalize=True, post_normalize=True),
         for many queries at once with gensim's operations in gensim's order, row-wise.
 
         Term position by term position, as gensim's loop: float64 weight times the float32 unit
         (or raw) vector, added into a float32 mean; then divided by the sum of absolute weights
-        in float64, scaled to unit length, and cast to float32. word_rows: per query, the
-        vocabulary row of each term (positive then negative; -1 for a raw vector).
+        in float64, scaled to unit length, and cast to float32. Per term: its query, its position
+        in the query (positive terms first), its weight and its vector.
         """
-        # Every term once, flattened: its query, position, weight, and row or raw vector.
-        term_query: list[int] = []
-        term_position: list[int] = []
-        term_weight: list[float] = []
-        term_row: list[int] = []
-        raw: list[tuple[int, FloatArray]] = []
-        for member, (query, rows) in enumerate(zip(queries, word_rows, strict=True)):
-            positives = len(query.positive)
-            for position, (term, row) in enumerate(
-                zip((*query.positive, *query.negative), rows, strict=True)
-            ):
-                term_query.append(member)
-                term_position.append(position)
-                weight = term.weight
-                term_weight.append((1.0 if position < positives else -1.0) if weight is None else weight)
-                term_row.append(row)
-                if row < 0:
-                    raw.append((len(term_row) - 1, self._check_vector(term.vector)))  # type: ignore[arg-type]
-        query_of = np.array(term_query, dtype=np.int64)
-        position_of = np.array(term_position, dtype=np.int64)
-        weight_of = np.array(term_weight, dtype=np.float64)
-        row_of = np.array(term_row, dtype=np.int64)
-        vectors = np.empty((len(term_row), self.dim), np.float32)
-        by_word = row_of >= 0
-        if by_word.any():
-            word_index = row_of[by_word]
-            vectors[by_word] = self._rows[word_index] / self._row_norms[word_index][:, None]
-        for flat, vector in raw:
-            vectors[flat] = vector
-        means = np.zeros((len(queries), self.dim), np.float32)
-        totals = np.zeros(len(queries), np.float64)
-        for position in range(int(position_of.max()) + 1 if len(position_of) else 0):
-            at = position_of == position  # at most one term of each query
-            members, weights = query_of[at], weight_of[at]
-            means[members] = means[members] + weights[:, None] * vectors[at]
-            totals[members] += np.abs(weights)
+        means = np.zeros((queries, self.dim), np.float32)
+        totals = np.zeros(queries, np.float64)
+        for position in range(int(term_position.max()) + 1 if len(term_position) else 0):
+            at = term_position == position  # at most one term of each query
+            members, weights_at = term_query[at], weights[at]
+            if len(members) == queries:  # every query, in order: no gather and scatter
+                means += weights_at[:, None] * vectors[at]
+                totals += np.abs(weights_at)
+                continue
+            means[members] = means[members] + weights_at[:, None] * vectors[at]
+            totals[members] += np.abs(weights_at)
         averaged = means.astype(np.float64)
-        weighted = totals > 0
-        averaged[weighted] /= totals[weighted, None]
-        lengths = np.sqrt(np.sum(averaged**2, axis=1))
-        nonzero = lengths > 0
-        averaged[nonzero] /= lengths[nonzero, None]
+        if np.any(totals != 1):  # x / 1 is x: most queries' weights sum to 1
+            weighted = totals > 0
+            averaged[weighted] /= totals[weighted, None]
+        lengths = np.sqrt(np.einsum("ij,ij->i", averaged, averaged))
+        if np.all(lengths > 0):
+            averaged /= lengths[:, None]
+        else:
+            nonzero = lengths > 0
+            averaged[nonzero] /= lengths[nonzero, None]
         return averaged.astype(np.float32)
 
-    def _prepare(self, query: SimilarityQuery) -> PreparedQuery:
-        """The query checked and reduced (its 3CosAdd vector is left to prepare())."""
-        terms = [*query.positive, *query.negative]
-        if not terms:
-            raise InvalidInput("a query needs at least one positive or negative term")
-        if query.method == "mul" and not query.positive:
-            raise InvalidInput("3CosMul needs at least one positive term")
-        key_to_index = self.key_to_index
-        rows: list[int] = []
-        missing: list[str] = []
-        for term in terms:
-            word = term.word
-            if (word is None) == (term.vector is None):
-                raise InvalidInput("each term is either a word or a vector")
-            if word is None:
-                rows.append(-1)
-                continue
-            row = key_to_index.get(word)
-            if row is None:
-                missing.append(word)
-                row = -1
-            rows.append(row)
-        if missing:
-            raise _not_in_vocabulary(list(dict.fromkeys(missing)))
-        if query.topn < 0:
-            raise InvalidInput(f"topn must be >= 0, got {query.topn}")
-        if query.topn > self.max_topn:
-            raise LimitExceeded(f"topn {query.topn} is over the server's --max-topn {self.max_topn}")
-        restrict = query.restrict_vocab
-        if restrict is not None and restrict < 0:
-            raise InvalidInput(f"restrict_vocab must be >= 0, got {restrict}")
-        # gensim: `if restrict_vocab:` so 0 and None both search everything.
-        end = min(restrict, self.vocab_size) if restrict else self.vocab_size
-        excluded = sorted({row for row in rows if row >= 0})
-        prepared = PreparedQuery(topn=query.topn, end=end, excluded=excluded, term_rows=rows)
-        if query.method == "add":
-            pass  # prepare() computes the add vectors of all queries together
-        elif query.method == "mul":
-            # Words are unit-normalised; raw vectors are used as given, as gensim does.
-            def as_vector(term: Term) -> FloatArray:
-                return (
-                    self._check_vector(term.vector)
-                    if term.vector is not None
-                    else self.unit_vector(term.word or "")
-                )
+    def prepare(self, queries: QueryColumns | Sequence[SimilarityQuery]) -> PreparedBatch:
+        """Checks queries and reduces them to what the search needs (cheap; raises on bad input)."""
+        columns = queries if isinstance(queries, QueryColumns) else self.query_columns(queries)
+        count = len(columns)
+        topn = np.asarray(columns.topn, np.int64)
+        positive = np.asarray(columns.positive_counts, np.int64)
+        negative = np.asarray(columns.negative_counts, np.int64)
+        restrict = np.asarray(columns.restrict_vocab, np.int64)
+        cosmul = np.asarray(columns.cosmul, np.bool_)
+        for name, values in (
+            ("positive_counts", positive),
+            ("negative_counts", negative),
+            ("restrict_vocab", restrict),
+            ("methods", cosmul),
+        ):
+            if values.shape != (count,):
+                raise InvalidInput(f"{name} has {len(values)} values for {count} queries")
+        if np.any(positive < 0) or np.any(negative < 0):
+            raise InvalidInput("term counts must be >= 0")
+        terms_per_query = positive + negative
+        _check_each(terms_per_query > 0, "a query needs at least one positive or negative term")
+        _check_each(~cosmul | (positive > 0), "3CosMul needs at least one positive term")
+        term_count = int(terms_per_query.sum())
+        words = columns.words
+        if len(words) != term_count:
+            raise InvalidInput(f"{len(words)} words for {term_count} terms")
 
-            prepared.mul_positive = [as_vector(t) for t in query.positive]
-            prepared.mul_negative = [as_vector(t) for t in query.negative]
-        else:
-            raise InvalidInput(f"unknown method {query.method!r}")
-        return prepared
+        vector_terms = np.asarray(columns.vector_terms, np.int64)
+        raw = np.zeros((0, self.dim), np.float32) if columns.vectors is None else columns.vectors
+        if raw.shape != (len(vector_terms), self.dim):
+            raise InvalidInput(
+                f"raw vectors of shape {list(raw.shape)} for {len(vector_terms)} raw-vector terms; "
+                f"this model's vectors are [{self.dim}]"
+            )
+        is_vector = np.zeros(term_count, np.bool_)
+        if len(vector_terms):
+            if vector_terms[0] < 0 or vector_terms[-1] >= term_count or np.any(np.diff(vector_terms) <= 0):
+                raise InvalidInput(f"vector_terms must be increasing indexes below {term_count}")
+            if not np.all(np.isfinite(raw)):
+                raise InvalidInput("a raw vector holds NaN or infinite values")
+            if any(words[index] for index in vector_terms.tolist()):
+                raise InvalidInput("a raw-vector term has a word")
+            is_vector[vector_terms] = True
+        rows = np.fromiter(map(self.key_to_index.get, words, itertools.repeat(-1)), np.int64, term_count)
+        rows[is_vector] = -1
+        missing = np.flatnonzero((rows < 0) & ~is_vector)
+        if len(missing):
+            raise _not_in_vocabulary(list(dict.fromkeys(words[index] for index in missing.tolist())))
 
-    def prepare(self, queries: Sequence[SimilarityQuery]) -> list[PreparedQuery]:
-        """Checks queries and reduces them to their query vectors (cheap; raises on bad input)."""
-        prepared = [self._prepare(q) for q in queries]
-        add = [i for i, q in enumerate(queries) if q.method == "add"]
-        if add:
-            vectors = self._mean_vectors([queries[i] for i in add], [prepared[i].term_rows for i in add])
-            for i, vector in zip(add, vectors, strict=True):
-                prepared[i].add_vector = vector
-        return prepared
+        if np.any(topn < 0):
+            raise InvalidInput(f"topn must be >= 0, got {topn[topn < 0][0]}")
+        if np.any(topn > self.max_topn):
+            over = topn[topn > self.max_topn][0]
+            raise LimitExceeded(f"topn {over} is over the server's --max-topn {self.max_topn}")
+        if np.any(restrict < 0):
+            raise InvalidInput(f"restrict_vocab must be >= 0, got {restrict[restrict < 0][0]}")
+
+        term_query = np.repeat(np.arange(count), terms_per_query)
+        term_position = np.arange(term_count) - (np.cumsum(terms_per_query) - terms_per_query)[term_query]
+        weights = np.where(term_position < positive[term_query], 1.0, -1.0)
+        if columns.weights is not None:
+            given = np.asarray(columns.weights, np.float64)
+            if given.shape != (term_count,):
+                raise InvalidInput(f"weights has {len(given)} values for {term_count} terms")
+            explicit = ~np.isnan(given)
+            if np.any(explicit & cosmul[term_query]):
+                raise InvalidInput("weights apply to 3CosAdd only")
+            if not np.all(np.isfinite(given[explicit])):
+                raise InvalidInput("a weight must be finite")
+            weights = np.where(explicit, given, weights)
+
+        # Each term's vector: a word's unit vector (gensim's get_vector(norm=True)), a raw vector as given.
+        vectors = np.empty((term_count, self.dim), np.float32)
+        word_terms = ~is_vector
+        word_rows = rows[word_terms]
+        vectors[word_terms] = self._rows[word_rows] / self._row_norms[word_rows][:, None]
+        vectors[vector_terms] = raw
+        add_terms = ~cosmul[term_query]
+        add_vectors = self._mean_vectors(
+            count, term_query[add_terms], term_position[add_terms], weights[add_terms], vectors[add_terms]
+        )
+
+        # gensim: `if restrict_vocab:` so 0 searches everything.
+        end = np.where(restrict > 0, np.minimum(restrict, self.vocab_size), self.vocab_size)
+        word_query = term_query[word_terms]
+        inside = word_rows < end[word_query]
+        stride = max(1, self.vocab_size)
+        excluded = np.unique(word_query[inside] * stride + word_rows[inside])
+        mul_terms = np.where(cosmul, terms_per_query, 0)
+        return PreparedBatch(
+            topn=topn,
+            end=end,
+            cosmul=cosmul,
+            add_vectors=add_vectors,
+            excluded_query=excluded // stride,
+            excluded_row=excluded % stride,
+            term_vectors=vectors[~add_terms],
+            term_start=np.cumsum(mul_terms) - mul_terms,
+            positive_count=np.where(cosmul, positive, 0),
+            negative_count=np.where(cosmul, negative, 0),
+        )
 
     def most_similar(self, queries: Sequence[SimilarityQuery]) -> list[list[tuple[str, float]]]:
         """One ranked (word, score) list per query; all queries share one blocked scan."""
-        return self.search(self.prepare(queries))
+        return self.search(self.prepare(queries)).lists(self.words)
 
-    def search(self, prepared: Sequence[PreparedQuery]) -> list[list[tuple[str, float]]]:
-        """The scan itself, for queries from prepare() (possibly from many requests)."""
-        results: list[list[tuple[str, float]]] = [[] for _ in prepared]
-        add = [i for i, p in enumerate(prepared) if p.add_vector is not None and p.topn > 0]
-        mul = [i for i, p in enumerate(prepared) if p.add_vector is None and p.topn > 0]
+    def search_many(self, batches: Sequence[PreparedBatch]) -> list[RankedLists]:
+        """Several prepared batches (e.g. concurrent requests) in one scan, answered each."""
+        return self.search(PreparedBatch.concat(batches)).split([len(b) for b in batches])
+
+    def search(self, batch: PreparedBatch) -> RankedLists:
+        """The scan itself, for queries from prepare()."""
+        width = min(int(batch.topn.max()) if len(batch) else 0, self.vocab_size)
+        best_scores = np.full((len(batch), width), -np.inf, np.float32)
+        best_rows = np.zeros((len(batch), width), np.int64)
+        searched = batch.topn > 0
         with torch.inference_mode():
-            if add:
-                queries = self._add_queries([prepared[i] for i in add])
-                if self.prefilter and self.candidate_scan and self._candidates_fit(add, prepared):
-                    self._search_candidates(add, prepared, results, queries)
+            for cosmul in (False, True):
+                members = np.flatnonzero(searched & (batch.cosmul == cosmul))
+                if not len(members):
+                    continue
+                group = batch.take(members)
+                if cosmul:
+                    scores, rows = self._search(group, self._mul_scorer(group))
                 else:
-                    self._search(add, prepared, results, self._add_scorer(queries), exact_queries=queries)
-            if mul:
-                self._search(mul, prepared, results, self._mul_scorer([prepared[i] for i in mul]))
-        return results
-
-    def _add_queries(self, group: list[PreparedQuery]) -> torch.Tensor:
-        return torch.from_numpy(np.stack([p.add_vector for p in group if p.add_vector is not None])).to(
-            self.device
-        )
+                    queries = torch.from_numpy(group.add_vectors).to(self.device)
+                    if self.prefilter and self.candidate_scan and self._candidates_fit(group):
+                        scores, rows = self._search_candidates(group, queries)
+                    else:
+                        scores, rows = self._search(group, self._add_scorer(queries), exact_queries=queries)
+                best_scores[members, : scores.shape[1]] = scores.cpu().numpy()
+                best_rows[members, : rows.shape[1]] = rows.cpu().numpy()
+        return RankedLists.from_best(best_scores, best_rows, batch.topn)
 
     def _add_scorer(self, queries: torch.Tensor) -> _Scorer:
         def score(unit_block: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -478,23 +656,17 @@ class WordVectors:
 
         return score
 
-    def _mul_scorer(self, group: list[PreparedQuery]) -> _Scorer:
-        terms: list[FloatArray] = []
-        positive_columns: list[list[int]] = []
-        negative_columns: list[list[int]] = []
-        for p in group:
-            positive_columns.append(list(range(len(terms), len(terms) + len(p.mul_positive))))
-            terms.extend(p.mul_positive)
-            negative_columns.append(list(range(len(terms), len(terms) + len(p.mul_negative))))
-            terms.extend(p.mul_negative)
-        term_matrix = torch.from_numpy(np.stack(terms).astype(np.float32)).to(self.device)
-        ones_column = len(terms)  # a column of ones pads the ragged products
+    def _mul_scorer(self, group: PreparedBatch) -> _Scorer:
+        term_matrix = torch.from_numpy(group.term_vectors).to(self.device)
+        ones_column = len(group.term_vectors)  # a column of ones pads the ragged products
 
-        def padded(columns: list[list[int]]) -> torch.Tensor:
-            width = max(1, *(len(c) for c in columns))
-            return torch.tensor([c + [ones_column] * (width - len(c)) for c in columns], device=self.device)
+        def padded(starts: IntArray, counts: IntArray) -> torch.Tensor:
+            offsets = np.arange(max(1, int(counts.max())))
+            columns = np.where(offsets < counts[:, None], starts[:, None] + offsets, ones_column)
+            return torch.from_numpy(columns).to(self.device)
 
-        positive_index, negative_index = padded(positive_columns), padded(negative_columns)
+        positive_index = padded(group.term_start, group.positive_count)
+        negative_index = padded(group.term_start + group.positive_count, group.negative_count)
 
         def score(unit_block: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
             shifted = (1 + torch.mm(term_matrix, unit_block.T)) / 2  # [terms, rows]
@@ -507,13 +679,11 @@ class WordVectors:
 
     def _search(
         self,
-        members: list[int],
-        prepared: Sequence[PreparedQuery],
-        results: list[list[tuple[str, float]]],
+        group: PreparedBatch,
         score: _Scorer,
         exact_queries: torch.Tensor | None = None,
-    ) -> None:
-        """The blocked scan of one group of queries.
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The blocked scan of one group of queries: each one's k best (scores, rows), best first.
 
         With the bfloat16 prefilter (exact_queries given, the float32 3CosAdd query matrix),
         once every query has a k-th best so far, a block is scored in bfloat16 and only the
@@ -521,8 +691,7 @@ class WordVectors:
         float32 (a max per group of 64 columns finds them); no float32 score that could enter
         the top k is skipped, so the results are the float32 scan's.
         """
-        group = [prepared[i] for i in members]
-        end = max(p.end for p in group)
+        end = int(group.end.max())
         k = _group_k(group)
         block_rows = self._rows_per_block(len(group), end)
         mask = self._masker(group)
@@ -553,35 +722,18 @@ class WordVectors:
             scores = score(self._unit[start:stop], buffer[: len(group) * rows].view(len(group), rows))
             mask(scores, start, stop)
             best.add_block(scores, start)
-        self._fill_results(members, prepared, results, *best.result())
+        return best.result()
 
-    def _fill_results(
-        self,
-        members: list[int],
-        prepared: Sequence[PreparedQuery],
-        results: list[list[tuple[str, float]]],
-        best_scores: torch.Tensor,
-        best_rows: torch.Tensor,
-    ) -> None:
-        top_scores, top_rows = best_scores.cpu().tolist(), best_rows.cpu().tolist()
-        for row, member in enumerate(members):
-            topn = prepared[member].topn
-            results[member] = [
-                (self.words[index], float(value))
-                for index, value in zip(top_rows[row][:topn], top_scores[row][:topn], strict=True)
-                if value != -math.inf
-            ]
-
-    def _masker(self, group: list[PreparedQuery]) -> Callable[[torch.Tensor, int, int], None]:
+    def _masker(self, group: PreparedBatch) -> Callable[[torch.Tensor, int, int], None]:
         """mask(scores, start, stop): -inf where a block's scores must never rank (zero or damaged
         rows, rows past a query's restrict_vocab, the query's own inputs)."""
-        # Exclusions as (query, row) pairs sorted by row: each block masks its slice in one indexed write.
-        pairs = sorted((index, row) for row, p in enumerate(group) for index in p.excluded if index < p.end)
-        excluded_rows = torch.tensor([index for index, _ in pairs], dtype=torch.int64, device=self.device)
-        excluded_queries = torch.tensor([row for _, row in pairs], dtype=torch.int64, device=self.device)
-        excluded_starts = [index for index, _ in pairs]
-        query_ends = torch.tensor([p.end for p in group], dtype=torch.int64, device=self.device)[:, None]
-        smallest_end = min(p.end for p in group)
+        # Exclusions sorted by row: each block masks its slice in one indexed write.
+        order = np.argsort(group.excluded_row, kind="stable")
+        excluded_starts = group.excluded_row[order]
+        excluded_rows = torch.from_numpy(excluded_starts).to(self.device)
+        excluded_queries = torch.from_numpy(group.excluded_query[order]).to(self.device)
+        query_ends = torch.from_numpy(group.end).to(self.device)[:, None]
+        smallest_end = int(group.end.min())
 
         def mask(scores: torch.Tensor, start: int, stop: int) -> None:
             if self._never_ranked is not None:
@@ -589,10 +741,7 @@ class WordVectors:
             if smallest_end < stop:  # some query's restrict_vocab ends inside this block
                 columns = torch.arange(start, stop, device=self.device)[None, :]
                 scores.masked_fill_(columns >= query_ends, -math.inf)
-            first, last = (
-                bisect.bisect_left(excluded_starts, start),
-                bisect.bisect_left(excluded_starts, stop),
-            )
+            first, last = np.searchsorted(excluded_starts, (start, stop)).tolist()
             if first < last:
                 scores.index_put_(
                     (excluded_queries[first:last], excluded_rows[first:last] - start),
@@ -601,20 +750,15 @@ class WordVectors:
 
         return mask
 
-    def _candidates_fit(self, members: list[int], prepared: Sequence[PreparedQuery]) -> bool:
+    def _candidates_fit(self, group: PreparedBatch) -> bool:
         """Whether the candidate scan's float32 rescoring of a block (queries x candidates x dim)
         fits the score buffer's budget; a large topn is scanned in float32 instead."""
-        group = [prepared[i] for i in members]
         k = _group_k(group)
         return k > 0 and len(group) * _candidate_count(k) * self.dim <= _GPU_SCORE_BUFFER_ELEMENTS
 
     def _search_candidates(
-        self,
-        members: list[int],
-        prepared: Sequence[PreparedQuery],
-        results: list[list[tuple[str, float]]],
-        queries: torch.Tensor,
-    ) -> None:
+        self, group: PreparedBatch, queries: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The bfloat16 prefilter without a host round trip per block (for GPUs).
 
         Each block is scored in bfloat16; its `candidates` best columns by that score are scored
@@ -626,8 +770,7 @@ class WordVectors:
         others are scanned again in float32. No read-back until the scan is over.
         """
         assert self._unit_bfloat16 is not None
-        group = [prepared[i] for i in members]
-        end = max(p.end for p in group)
+        end = int(group.end.max())
         k = _group_k(group)
         candidates = _candidate_count(k)
         block_rows = self._rows_per_block(len(group), end)
@@ -655,12 +798,16 @@ class WordVectors:
         kth = best_scores[:, -1]
         margin = prefilter_margin(queries.norm(dim=1), self.dim)
         settled = (left_out == -math.inf) | (left_out + margin < kth)
-        unsettled = (~settled).nonzero().flatten().cpu().tolist()
-        self._fill_results(members, prepared, results, best_scores, best_rows)  # unsettled: refilled
-        if unsettled:
-            again = [members[i] for i in unsettled]
-            subset = queries[torch.tensor(unsettled, device=self.device)]
-            self._search(again, prepared, results, self._add_scorer(subset))
+        unsettled = (~settled).nonzero().flatten()
+        if unsettled.numel():
+            again = unsettled.cpu().numpy()
+            rescanned_scores, rescanned_rows = self._search(
+                group.take(again), self._add_scorer(queries[unsettled])
+            )
+            best_scores[unsettled] = -math.inf
+            best_scores[unsettled, : rescanned_scores.shape[1]] = rescanned_scores
+            best_rows[unsettled, : rescanned_rows.shape[1]] = rescanned_rows
+        return best_scores, best_rows
 
     def _rows_per_block(self, queries: int, end: int) -> int:
         """Vocabulary rows scored per step.
@@ -734,9 +881,15 @@ class WordVectors:
         )
 
 
-def _group_k(group: Sequence[PreparedQuery]) -> int:
+def _group_k(group: PreparedBatch) -> int:
     """How many best rows a scan of these queries together keeps for each."""
-    return min(max(p.topn for p in group), max(p.end for p in group))
+    return min(int(group.topn.max()), int(group.end.max()))
+
+
+def _check_each(valid: BoolArray, problem: str) -> None:
+    """InvalidInput naming the first query where valid is False."""
+    if not np.all(valid):
+        raise InvalidInput(f"query {int(np.argmin(valid))}: {problem}")
 
 
 def _candidate_count(k: int) -> int:

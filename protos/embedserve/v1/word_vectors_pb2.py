@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from embedserve.v1 import tensor_pb2 as embedserve_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n embedserve/v1/word_vectors.proto\x12\rembedserve.v1\x1a\x1a\x65mbedserve/v1/tensor.proto\"\"\n\x11GetVectorsRequest\x12\r\n\x05words\x18\x01 \x03(\t\"S\n\x12GetVectorsResponse\x12&\n\x07vectors\x18\x01 \x01(\x0b\x32\x15.embedserve.v1.Tensor\x12\x15\n\rmissing_words\x18\x02 \x03(\t\"l\n\tQueryTerm\x12\x0e\n\x04word\x18\x01 \x01(\tH\x00\x12\'\n\x06vector\x18\x02 \x01(\x0b\x32\x15.embedserve.v1.TensorH\x00\x12\x13\n\x06weight\x18\x03 \x01(\x01H\x01\x88\x01\x01\x42\x06\n\x04termB\t\n\x07_weight\"\xe6\x01\n\x0fSimilarityQuery\x12*\n\x08positive\x18\x01 \x03(\x0b\x32\x18.embedserve.v1.QueryTerm\x12*\n\x08negative\x18\x02 \x03(\x0b\x32\x18.embedserve.v1.QueryTerm\x12\x11\n\x04topn\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x1b\n\x0erestrict_vocab\x18\x04 \x01(\x03H\x01\x88\x01\x01\x12/\n\x06method\x18\x05 \x01(\x0e\x32\x1f.embedserve.v1.SimilarityMethodB\x07\n\x05_topnB\x11\n\x0f_restrict_vocab\"E\n\x12MostSimilarRequest\x12/\n\x07queries\x18\x01 \x03(\x0b\x32\x1e.embedserve.v1.SimilarityQuery\"q\n\x13MostSimilarResponse\x12\x15\n\rresult_counts\x18\x02 \x03(\x05\x12\r\n\x05words\x18\x03 \x03(\t\x12%\n\x06scores\x18\x04 \x01(\x0b\x32\x15.embedserve.v1.TensorJ\x04\x08\x01\x10\x02R\x07results\")\n\x08WordPair\x12\r\n\x05\x66irst\x18\x01 \x01(\t\x12\x0e\n\x06second\x18\x02 \x01(\t\";\n\x11SimilarityRequest\x12&\n\x05pairs\x18\x01 \x03(\x0b\x32\x17.embedserve.v1.WordPair\"A\n\x12SimilarityResponse\x12+\n\x0csimilarities\x18\x01 \x01(\x0b\x32\x15.embedserve.v1.Tensor\"9\n\x0f\x44istanceRequest\x12&\n\x05pairs\x18\x01 \x03(\x0b\x32\x17.embedserve.v1.WordPair\"c\n\x10\x44istanceResponse\x12%\n\x06\x63osine\x18\x01 \x01(\x0b\x32\x15.embedserve.v1.Tensor\x12(\n\teuclidean\x18\x02 \x01(\x0b\x32\x15.embedserve.v1.Tensor\"#\n\x12\x44oesntMatchRequest\x12\r\n\x05words\x18\x01 \x03(\t\"#\n\x13\x44oesntMatchResponse\x12\x0c\n\x04word\x18\x01 \x01(\t\"\x91\x01\n\x18\x45valuateAnalogiesRequest\x12\x11\n\tquestions\x18\x01 \x01(\t\x12\x1b\n\x0erestrict_vocab\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x1d\n\x10\x63\x61se_insensitive\x18\x03 \x01(\x08H\x01\x88\x01\x01\x42\x11\n\x0f_restrict_vocabB\x13\n\x11_case_insensitive\"B\n\x0e\x41nalogySection\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x63orrect\x18\x02 \x01(\x03\x12\x11\n\tincorrect\x18\x03 \x01(\x03\"\xb0\x01\n\x19\x45valuateAnalogiesResponse\x12\x10\n\x08\x61\x63\x63uracy\x18\x01 \x01(\x01\x12/\n\x08sections\x18\x02 \x03(\x0b\x32\x1d.embedserve.v1.AnalogySection\x12\x0f\n\x07\x63orrect\x18\x03 \x01(\x03\x12\x11\n\tincorrect\x18\x04 \x01(\x03\x12\x11\n\tquestions\x18\x05 \x01(\x03\x12\x19\n\x11out_of_vocabulary\x18\x06 \x01(\x03\"\x1f\n\x1dWordVectorsServiceInfoRequest\"\xa3\x01\n\x1eWordVectorsServiceInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\x03\x12\x0b\n\x03\x64im\x18\x03 \x01(\x03\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x10\n\x08max_topn\x18\x06 \x01(\x03\x12\x1f\n\x17max_queries_per_request\x18\x07 \x01(\x03*s\n\x10SimilarityMethod\x12!\n\x1dSIMILARITY_METHOD_UNSPECIFIED\x10\x00\x12\x1d\n\x19SIMILARITY_METHOD_COS_ADD\x10\x01\x12\x1d\n\x19SIMILARITY_METHOD_COS_MUL\x10\x02\x32\x80\x05\n\x12WordVectorsService\x12Q\n\nGetVectors\x12 .embedserve.v1.GetVectorsRequest\x1a!.embedserve.v1.GetVectorsResponse\x12T\n\x0bMostSimilar\x12!.embedserve.v1.MostSimilarRequest\x1a\".embedserve.v1.MostSimilarResponse\x12Q\n\nSimilarity\x12 .embedserve.v1.SimilarityRequest\x1a!.embedserve.v1.SimilarityResponse\x12K\n\x08\x44istance\x12\x1e.embedserve.v1.DistanceRequest\x1a\x1f.embedserve.v1.DistanceResponse\x12T\n\x0b\x44oesntMatch\x12!.embedserve.v1.DoesntMatchRequest\x1a\".embedserve.v1.DoesntMatchResponse\x12\x66\n\x11\x45valuateAnalogies\x12\'.embedserve.v1.EvaluateAnalogiesRequest\x1a(.embedserve.v1.EvaluateAnalogiesResponse\x12\x63\n\x04Info\x12,.embedserve.v1.WordVectorsServiceInfoRequest\x1a-.embedserve.v1.WordVectorsServiceInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n embedserve/v1/word_vectors.proto\x12\rembedserve.v1\x1a\x1a\x65mbedserve/v1/tensor.proto\"\"\n\x11GetVectorsRequest\x12\r\n\x05words\x18\x01 \x03(\t\"S\n\x12GetVectorsResponse\x12&\n\x07vectors\x18\x01 \x01(\x0b\x32\x15.embedserve.v1.Tensor\x12\x15\n\rmissing_words\x18\x02 \x03(\t\"l\n\tQueryTerm\x12\x0e\n\x04word\x18\x01 \x01(\tH\x00\x12\'\n\x06vector\x18\x02 \x01(\x0b\x32\x15.embedserve.v1.TensorH\x00\x12\x13\n\x06weight\x18\x03 \x01(\x01H\x01\x88\x01\x01\x42\x06\n\x04termB\t\n\x07_weight\"\xe6\x01\n\x0fSimilarityQuery\x12*\n\x08positive\x18\x01 \x03(\x0b\x32\x18.embedserve.v1.QueryTerm\x12*\n\x08negative\x18\x02 \x03(\x0b\x32\x18.embedserve.v1.QueryTerm\x12\x11\n\x04topn\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x1b\n\x0erestrict_vocab\x18\x04 \x01(\x03H\x01\x88\x01\x01\x12/\n\x06method\x18\x05 \x01(\x0e\x32\x1f.embedserve.v1.SimilarityMethodB\x07\n\x05_topnB\x11\n\x0f_restrict_vocab\"s\n\x12MostSimilarRequest\x12/\n\x07queries\x18\x01 \x03(\x0b\x32\x1e.embedserve.v1.SimilarityQuery\x12,\n\x06packed\x18\x02 \x01(\x0b\x32\x1c.embedserve.v1.PackedQueries\"\xf7\x01\n\rPackedQueries\x12\r\n\x05words\x18\x01 \x03(\t\x12\x17\n\x0fpositive_counts\x18\x02 \x03(\x05\x12\x17\n\x0fnegative_counts\x18\x03 \x03(\x05\x12\x0c\n\x04topn\x18\x04 \x03(\x03\x12\x16\n\x0erestrict_vocab\x18\x05 \x03(\x03\x12\x30\n\x07methods\x18\x06 \x03(\x0e\x32\x1f.embedserve.v1.SimilarityMethod\x12\x0f\n\x07weights\x18\x07 \x03(\x01\x12\x14\n\x0cvector_terms\x18\x08 \x03(\x05\x12&\n\x07vectors\x18\t \x01(\x0b\x32\x15.embedserve.v1.Tensor\"q\n\x13MostSimilarResponse\x12\x15\n\rresult_counts\x18\x02 \x03(\x05\x12\r\n\x05words\x18\x03 \x03(\t\x12%\n\x06scores\x18\x04 \x01(\x0b\x32\x15.embedserve.v1.TensorJ\x04\x08\x01\x10\x02R\x07results\")\n\x08WordPair\x12\r\n\x05\x66irst\x18\x01 \x01(\t\x12\x0e\n\x06second\x18\x02 \x01(\t\";\n\x11SimilarityRequest\x12&\n\x05pairs\x18\x01 \x03(\x0b\x32\x17.embedserve.v1.WordPair\"A\n\x12SimilarityResponse\x12+\n\x0csimilarities\x18\x01 \x01(\x0b\x32\x15.embedserve.v1.Tensor\"9\n\x0f\x44istanceRequest\x12&\n\x05pairs\x18\x01 \x03(\x0b\x32\x17.embedserve.v1.WordPair\"c\n\x10\x44istanceResponse\x12%\n\x06\x63osine\x18\x01 \x01(\x0b\x32\x15.embedserve.v1.Tensor\x12(\n\teuclidean\x18\x02 \x01(\x0b\x32\x15.embedserve.v1.Tensor\"#\n\x12\x44oesntMatchRequest\x12\r\n\x05words\x18\x01 \x03(\t\"#\n\x13\x44oesntMatchResponse\x12\x0c\n\x04word\x18\x01 \x01(\t\"\x91\x01\n\x18\x45valuateAnalogiesRequest\x12\x11\n\tquestions\x18\x01 \x01(\t\x12\x1b\n\x0erestrict_vocab\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x1d\n\x10\x63\x61se_insensitive\x18\x03 \x01(\x08H\x01\x88\x01\x01\x42\x11\n\x0f_restrict_vocabB\x13\n\x11_case_insensitive\"B\n\x0e\x41nalogySection\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x63orrect\x18\x02 \x01(\x03\x12\x11\n\tincorrect\x18\x03 \x01(\x03\"\xb0\x01\n\x19\x45valuateAnalogiesResponse\x12\x10\n\x08\x61\x63\x63uracy\x18\x01 \x01(\x01\x12/\n\x08sections\x18\x02 \x03(\x0b\x32\x1d.embedserve.v1.AnalogySection\x12\x0f\n\x07\x63orrect\x18\x03 \x01(\x03\x12\x11\n\tincorrect\x18\x04 \x01(\x03\x12\x11\n\tquestions\x18\x05 \x01(\x03\x12\x19\n\x11out_of_vocabulary\x18\x06 \x01(\x03\"\x1f\n\x1dWordVectorsServiceInfoRequest\"\xa3\x01\n\x1eWordVectorsServiceInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\x03\x12\x0b\n\x03\x64im\x18\x03 \x01(\x03\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x10\n\x08max_topn\x18\x06 \x01(\x03\x12\x1f\n\x17max_queries_per_request\x18\x07 \x01(\x03*s\n\x10SimilarityMethod\x12!\n\x1dSIMILARITY_METHOD_UNSPECIFIED\x10\x00\x12\x1d\n\x19SIMILARITY_METHOD_COS_ADD\x10\x01\x12\x1d\n\x19SIMILARITY_METHOD_COS_MUL\x10\x02\x32\x80\x05\n\x12WordVectorsService\x12Q\n\nGetVectors\x12 .embedserve.v1.GetVectorsRequest\x1a!.embedserve.v1.GetVectorsResponse\x12T\n\x0bMostSimilar\x12!.embedserve.v1.MostSimilarRequest\x1a\".embedserve.v1.MostSimilarResponse\x12Q\n\nSimilarity\x12 .embedserve.v1.SimilarityRequest\x1a!.embedserve.v1.SimilarityResponse\x12K\n\x08\x44istance\x12\x1e.embedserve.v1.DistanceRequest\x1a\x1f.embedserve.v1.DistanceResponse\x12T\n\x0b\x44oesntMatch\x12!.embedserve.v1.DoesntMatchRequest\x1a\".embedserve.v1.DoesntMatchResponse\x12\x66\n\x11\x45valuateAnalogies\x12\'.embedserve.v1.EvaluateAnalogiesRequest\x1a(.embedserve.v1.EvaluateAnalogiesResponse\x12\x63\n\x04Info\x12,.embedserve.v1.WordVectorsServiceInfoRequest\x1a-.embedserve.v1.WordVectorsServiceInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'embedserve.v1.word_vectors_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SIMILARITYMETHOD']._serialized_start=1728
-  _globals['_SIMILARITYMETHOD']._serialized_end=1843
+  _globals['_SIMILARITYMETHOD']._serialized_start=2024
+  _globals['_SIMILARITYMETHOD']._serialized_end=2139
   _globals['_GETVECTORSREQUEST']._serialized_start=79
   _globals['_GETVECTORSREQUEST']._serialized_end=113
   _globals['_GETVECTORSRESPONSE']._serialized_start=115
@@ -43,33 +43,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SIMILARITYQUERY']._serialized_start=311
   _globals['_SIMILARITYQUERY']._serialized_end=541
   _globals['_MOSTSIMILARREQUEST']._serialized_start=543
-  _globals['_MOSTSIMILARREQUEST']._serialized_end=612
-  _globals['_MOSTSIMILARRESPONSE']._serialized_start=614
-  _globals['_MOSTSIMILARRESPONSE']._serialized_end=727
-  _globals['_WORDPAIR']._serialized_start=729
-  _globals['_WORDPAIR']._serialized_end=770
-  _globals['_SIMILARITYREQUEST']._serialized_start=772
-  _globals['_SIMILARITYREQUEST']._serialized_end=831
-  _globals['_SIMILARITYRESPONSE']._serialized_start=833
-  _globals['_SIMILARITYRESPONSE']._serialized_end=898
-  _globals['_DISTANCEREQUEST']._serialized_start=900
-  _globals['_DISTANCEREQUEST']._serialized_end=957
-  _globals['_DISTANCERESPONSE']._serialized_start=959
-  _globals['_DISTANCERESPONSE']._serialized_end=1058
-  _globals['_DOESNTMATCHREQUEST']._serialized_start=1060
-  _globals['_DOESNTMATCHREQUEST']._serialized_end=1095
-  _globals['_DOESNTMATCHRESPONSE']._serialized_start=1097
-  _globals['_DOESNTMATCHRESPONSE']._serialized_end=1132
-  _globals['_EVALUATEANALOGIESREQUEST']._serialized_start=1135
-  _globals['_EVALUATEANALOGIESREQUEST']._serialized_end=1280
-  _globals['_ANALOGYSECTION']._serialized_start=1282
-  _globals['_ANALOGYSECTION']._serialized_end=1348
-  _globals['_EVALUATEANALOGIESRESPONSE']._serialized_start=1351
-  _globals['_EVALUATEANALOGIESRESPONSE']._serialized_end=1527
-  _globals['_WORDVECTORSSERVICEINFOREQUEST']._serialized_start=1529
-  _globals['_WORDVECTORSSERVICEINFOREQUEST']._serialized_end=1560
-  _globals['_WORDVECTORSSERVICEINFORESPONSE']._serialized_start=1563
-  _globals['_WORDVECTORSSERVICEINFORESPONSE']._serialized_end=1726
-  _globals['_WORDVECTORSSERVICE']._serialized_start=1846
-  _globals['_WORDVECTORSSERVICE']._serialized_end=2486
+  _globals['_MOSTSIMILARREQUEST']._serialized_end=658
+  _globals['_PACKEDQUERIES']._serialized_start=661
+  _globals['_PACKEDQUERIES']._serialized_end=908
+  _globals['_MOSTSIMILARRESPONSE']._serialized_start=910
+  _globals['_MOSTSIMILARRESPONSE']._serialized_end=1023
+  _globals['_WORDPAIR']._serialized_start=1025
+  _globals['_WORDPAIR']._serialized_end=1066
+  _globals['_SIMILARITYREQUEST']._serialized_start=1068
+  _globals['_SIMILARITYREQUEST']._serialized_end=1127
+  _globals['_SIMILARITYRESPONSE']._serialized_start=1129
+  _globals['_SIMILARITYRESPONSE']._serialized_end=1194
+  _globals['_DISTANCEREQUEST']._serialized_start=1196
+  _globals['_DISTANCEREQUEST']._serialized_end=1253
+  _globals['_DISTANCERESPONSE']._serialized_start=1255
+  _globals['_DISTANCERESPONSE']._serialized_end=1354
+  _globals['_DOESNTMATCHREQUEST']._serialized_start=1356
+  _globals['_DOESNTMATCHREQUEST']._serialized_end=1391
+  _globals['_DOESNTMATCHRESPONSE']._serialized_start=1393
+  _globals['_DOESNTMATCHRESPONSE']._serialized_end=1428
+  _globals['_EVALUATEANALOGIESREQUEST']._serialized_start=1431
+  _globals['_EVALUATEANALOGIESREQUEST']._serialized_end=1576
+  _globals['_ANALOGYSECTION']._serialized_start=1578
+  _globals['_ANALOGYSECTION']._serialized_end=1644
+  _globals['_EVALUATEANALOGIESRESPONSE']._serialized_start=1647
+  _globals['_EVALUATEANALOGIESRESPONSE']._serialized_end=1823
+  _globals['_WORDVECTORSSERVICEINFOREQUEST']._serialized_start=1825
+  _globals['_WORDVECTORSSERVICEINFOREQUEST']._serialized_end=1856
+  _globals['_WORDVECTORSSERVICEINFORESPONSE']._serialized_start=1859
+  _globals['_WORDVECTORSSERVICEINFORESPONSE']._serialized_end=2022
+  _globals['_WORDVECTORSSERVICE']._serialized_start=2142
+  _globals['_WORDVECTORSSERVICE']._serialized_end=2782
 # @@protoc_insertion_point(module_scope)

@@ -171,20 +171,103 @@ class MostSimilarRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     QUERIES_FIELD_NUMBER: _builtins.int
+    PACKED_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def queries(self) -> _containers.RepeatedCompositeFieldContainer[Global___SimilarityQuery]: ...
+    def queries(self) -> _containers.RepeatedCompositeFieldContainer[Global___SimilarityQuery]:
+        """One message per query: the readable form (grpcurl, hand-written clients)."""
+
+    @_builtins.property
+    def packed(self) -> Global___PackedQueries:
+        """The same queries as columns: what the SDK sends, since building and reading one message
+        per query and term costs more than the search itself at thousands of queries per call.
+        A request carries queries or packed, not both.
+        """
+
     def __init__(
         self,
         *,
         queries: _abc.Iterable[Global___SimilarityQuery] | None = ...,
+        packed: Global___PackedQueries | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["packed", b"packed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["queries", b"queries"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["packed", b"packed", "queries", b"queries"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___MostSimilarRequest: _TypeAlias = MostSimilarRequest  # noqa: Y015
+
+@_typing.final
+class PackedQueries(_message.Message):
+    """Many queries as columns. Query i has positive_counts[i] positive terms, then
+    negative_counts[i] negative ones; the terms of all queries follow each other, query by query.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORDS_FIELD_NUMBER: _builtins.int
+    POSITIVE_COUNTS_FIELD_NUMBER: _builtins.int
+    NEGATIVE_COUNTS_FIELD_NUMBER: _builtins.int
+    TOPN_FIELD_NUMBER: _builtins.int
+    RESTRICT_VOCAB_FIELD_NUMBER: _builtins.int
+    METHODS_FIELD_NUMBER: _builtins.int
+    WEIGHTS_FIELD_NUMBER: _builtins.int
+    VECTOR_TERMS_FIELD_NUMBER: _builtins.int
+    VECTORS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def words(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Per term: its word; "" for a raw-vector term (see vector_terms)."""
+
+    @_builtins.property
+    def positive_counts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Per query."""
+
+    @_builtins.property
+    def negative_counts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def topn(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def restrict_vocab(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Per query, or empty for none: search only the first restrict_vocab words; 0 searches all."""
+
+    @_builtins.property
+    def methods(self) -> _containers.RepeatedScalarFieldContainer[Global___SimilarityMethod.ValueType]:
+        """Per query, or empty for all COS_ADD."""
+
+    @_builtins.property
+    def weights(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Per term, or empty for none: 3CosAdd weights; NaN means the default (1 for positive,
+        -1 for negative terms), and the terms of COS_MUL queries must have NaN.
+        """
+
+    @_builtins.property
+    def vector_terms(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The raw-vector terms: their indexes among the terms, increasing, and their vectors,
+        [len(vector_terms), D] float32 or float16, in the same order.
+        """
+
+    @_builtins.property
+    def vectors(self) -> _tensor_pb2.Tensor: ...
+    def __init__(
+        self,
+        *,
+        words: _abc.Iterable[_builtins.str] | None = ...,
+        positive_counts: _abc.Iterable[_builtins.int] | None = ...,
+        negative_counts: _abc.Iterable[_builtins.int] | None = ...,
+        topn: _abc.Iterable[_builtins.int] | None = ...,
+        restrict_vocab: _abc.Iterable[_builtins.int] | None = ...,
+        methods: _abc.Iterable[Global___SimilarityMethod.ValueType] | None = ...,
+        weights: _abc.Iterable[_builtins.float] | None = ...,
+        vector_terms: _abc.Iterable[_builtins.int] | None = ...,
+        vectors: _tensor_pb2.Tensor | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["vectors", b"vectors"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["methods", b"methods", "negative_counts", b"negative_counts", "positive_counts", b"positive_counts", "restrict_vocab", b"restrict_vocab", "topn", b"topn", "vector_terms", b"vector_terms", "vectors", b"vectors", "weights", b"weights", "words", b"words"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PackedQueries: _TypeAlias = PackedQueries  # noqa: Y015
 
 @_typing.final
 class MostSimilarResponse(_message.Message):
