@@ -495,16 +495,21 @@ class WordVectors:
         means = np.zeros((queries, self.dim), np.float32)
         totals = np.zeros(queries, np.float64)
         for position in range(int(term_position.max()) + 1 if len(term_position) else 0):
-            at = term_position == position  # at most one term of each query
+            at = np.flatnonzero(term_position == position)  # at most one term of each query
             members, weights_at = term_query[at], weights[at]
+            vectors_at = vectors if len(at) == len(vectors) else vectors[at]
             if len(members) == queries:  # every query, in order: no gather and scatter
-                means += weights_at[:, None] * vectors[at]
+                if position == 0 and np.all(np.abs(weights_at) == 1):
+                    means[...] = vectors_at  # 0 + (+-1 * v) is +-v exactly
+                    np.negative(means, out=means, where=(weights_at < 0)[:, None])
+                else:
+                    means += weights_at[:, None] * vectors_at
                 totals += np.abs(weights_at)
                 continue
-            means[members] = means[members] + weights_at[:, None] * vectors[at]
+            means[members] = means[members] + weights_at[:, None] * vectors_at
             totals[members] += np.abs(weights_at)
         averaged = means.astype(np.float64)
-        if np.any(totals != 1):  # x / 1 is x: most queries' weights sum to 1
+        if not np.all(totals == 1):  # x / 1 is x: most queries' weights sum to 1
             weighted = totals > 0
             averaged[weighted] /= totals[weighted, None]
         lengths = np.sqrt(np.einsum("ij,ij->i", averaged, averaged))
@@ -587,22 +592,33 @@ class WordVectors:
             weights = np.where(explicit, given, weights)
 
         # Each term's vector: a word's unit vector (gensim's get_vector(norm=True)), a raw vector as given.
-        vectors = np.empty((term_count, self.dim), np.float32)
         word_terms = ~is_vector
-        word_rows = rows[word_terms]
-        vectors[word_terms] = self._rows[word_rows] / self._row_norms[word_rows][:, None]
-        vectors[vector_terms] = raw
+        if len(vector_terms):
+            word_index = np.flatnonzero(word_terms)
+            word_rows = rows[word_index]
+            vectors = np.empty((term_count, self.dim), np.float32)
+            vectors[word_index] = self._rows[word_rows] / self._row_norms[word_rows][:, None]
+            vectors[vector_terms] = raw
+        else:
+            word_rows = rows
+            vectors = self._rows[rows] / self._row_norms[rows][:, None]
         add_terms = ~cosmul[term_query]
-        add_vectors = self._mean_vectors(
-            count, term_query[add_terms], term_position[add_terms], weights[add_terms], vectors[add_terms]
-        )
+        if np.any(cosmul):
+            add_vectors = self._mean_vectors(
+                count, term_query[add_terms], term_position[add_terms], weights[add_terms], vectors[add_terms]
+            )
+        else:
+            add_vectors = self._mean_vectors(count, term_query, term_position, weights, vectors)
 
         # gensim: `if restrict_vocab:` so 0 searches everything.
         end = np.where(restrict > 0, np.minimum(restrict, self.vocab_size), self.vocab_size)
         word_query = term_query[word_terms]
         inside = word_rows < end[word_query]
         stride = max(1, self.vocab_size)
-        excluded = np.unique(word_query[inside] * stride + word_rows[inside])
+        excluded = np.sort(word_query[inside] * stride + word_rows[inside])
+        excluded = (
+            excluded[np.concatenate(([True], excluded[1:] != excluded[:-1]))] if len(excluded) else excluded
+        )
         mul_terms = np.where(cosmul, terms_per_query, 0)
         return PreparedBatch(
             topn=topn,

@@ -163,6 +163,12 @@ SEEDS = {
     "GetVectors": 'words: ["king", "queen"]',
     "MostSimilar": 'queries { positive { word: "king" } positive { word: "woman" } '
     'negative { word: "man" } topn: 3 }',
+    # The same request as the SDK's columns, plus a raw-vector term and 3CosMul.
+    "MostSimilar packed": 'packed { words: ["king", "woman", "man", "", "paris"] '
+    "positive_counts: [2, 2] negative_counts: [1, 0] topn: [3, 4] restrict_vocab: [0, 1000] "
+    "methods: [SIMILARITY_METHOD_COS_ADD, SIMILARITY_METHOD_COS_MUL] "
+    "weights: [2.0, nan, nan, nan, nan] vector_terms: 3 "
+    'vectors { dtype: DTYPE_FLOAT16 shape: [1, 50] data: "' + "\\x00\\x3c" * 50 + '" } }',
     "Similarity": 'pairs { first: "king" second: "queen" }',
     "Distance": 'pairs { first: "king" second: "queen" }',
     "DoesntMatch": 'words: ["breakfast", "lunch", "dinner", "cereal"]',
@@ -170,18 +176,26 @@ SEEDS = {
 }
 
 
-def seeded_strategy(method: pb_descriptor.MethodDescriptor) -> st.SearchStrategy[bytes]:
-    """The method's valid seed with a few fields replaced by (or extended with) hostile values."""
+def method_seeds(method: pb_descriptor.MethodDescriptor) -> list[Message]:
+    """The method's valid seed requests (SEEDS[name], and SEEDS["name variant"] for other forms)."""
     message_class = message_factory.GetMessageClass(method.input_type)
-    seed = text_format.Parse(SEEDS.get(method.name, ""), message_class())
+    texts = [text for name, text in SEEDS.items() if name.split(" ")[0] == method.name] or [""]
+    return [text_format.Parse(text, message_class()) for text in texts]
 
-    def mutate(change: Message) -> bytes:
+
+def seeded_strategy(method: pb_descriptor.MethodDescriptor) -> st.SearchStrategy[bytes]:
+    """A valid seed of the method's with a few fields replaced by (or extended with) hostile values."""
+    message_class = message_factory.GetMessageClass(method.input_type)
+
+    def mutate(seed_and_change: tuple[Message, Message]) -> bytes:
+        seed, change = seed_and_change
         mutated = message_class()
         mutated.CopyFrom(seed)
         mutated.MergeFrom(change)
         return bytes(mutated.SerializeToString())
 
-    return message_strategy(method.input_type, sparse=True).map(mutate)
+    changes = message_strategy(method.input_type, sparse=True)
+    return st.tuples(st.sampled_from(method_seeds(method)), changes).map(mutate)
 
 
 def malformed_strategy(descriptor: pb_descriptor.Descriptor) -> st.SearchStrategy[bytes]:
@@ -283,7 +297,6 @@ def test_hostile_messages_get_clear_statuses(hostile_target: str, scale: Scale, 
 
 @pytest.mark.parametrize("method", METHODS, ids=lambda method: method.name)
 def test_seeds_are_valid_requests(hostile_target: str, method: Any) -> None:
-    message_class = message_factory.GetMessageClass(method.input_type)
-    seed = text_format.Parse(SEEDS.get(method.name, ""), message_class())
     with grpc.insecure_channel(hostile_target) as channel:
-        assert _call(channel, method, seed.SerializeToString()) is grpc.StatusCode.OK
+        for seed in method_seeds(method):
+            assert _call(channel, method, seed.SerializeToString()) is grpc.StatusCode.OK, seed
