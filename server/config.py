@@ -49,6 +49,7 @@ class ServerConfig:
     max_topn: int = 10000
     word_vector_prefilter: str = "auto"
     max_queries_per_request: int = 4096
+    max_terms_per_request: int = 65536
     log_level: str = "INFO"
     grace: float = 5.0
     # Never shown: a config printed in a log must not leak them.
@@ -139,6 +140,7 @@ _FLAGS: Mapping[str, tuple[Callable[[str], Any], str]] = {
         "(same answers; auto: on CPUs with native bfloat16)",
     ),
     "max_queries_per_request": (int, "most queries, pairs or words in one WordVectors call"),
+    "max_terms_per_request": (int, "most positive and negative terms of all queries in one MostSimilar call"),
     "log_level": (str, "DEBUG, INFO, WARNING or ERROR"),
     "grace": (float, "seconds that in-flight calls get to finish after SIGTERM or SIGINT"),
     "api_keys": (str, "accept calls with 'authorization: Bearer KEY' (repeatable; health checks are exempt)"),

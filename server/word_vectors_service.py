@@ -115,13 +115,20 @@ class WordVectorsServicer(word_vectors_pb2_grpc.WordVectorsServiceServicer):
     ) -> word_vectors_pb2.MostSimilarResponse:
         if request.queries and request.HasField("packed"):
             raise InvalidInput("a request carries queries or packed, not both")
+        packed = request.packed if request.HasField("packed") else None
+        self._check_count(len(packed.topn) if packed else len(request.queries), "queries")
+        terms = (
+            len(packed.words) if packed else sum(len(q.positive) + len(q.negative) for q in request.queries)
+        )
+        if terms > self._config.max_terms_per_request:
+            raise LimitExceeded(
+                f"{terms} terms are over the server's --max-terms-per-request "
+                f"{self._config.max_terms_per_request}"
+            )
         model = self._slot.model
         columns = (
-            _packed_columns(request.packed)
-            if request.HasField("packed")
-            else model.query_columns([_query(q) for q in request.queries])
+            _packed_columns(packed) if packed else model.query_columns([_query(q) for q in request.queries])
         )
-        self._check_count(len(columns), "queries")
         batch = model.prepare(columns)
         if self._batcher is None:
             self._batcher = MicroBatcher(

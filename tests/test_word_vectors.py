@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import threading
 from collections.abc import Callable, Iterator
@@ -168,6 +169,15 @@ def test_batches_searched_together_answer_each_as_alone(pair: tuple[WordVectors,
             ]
         )
     together = model.search_many([model.prepare(b) for b in batches])
+    # The GPU's candidate scan (forced here on the CPU) keeps them apart as well.
+    candidates = WordVectors(
+        model.words, np.asarray(model.vectors), name="c", source="c", device=CPU, prefilter=True
+    )
+    candidates.candidate_scan = True
+    by_candidates = candidates.search_many([candidates.prepare(b) for b in batches])
+    for ranked, candidate_ranked in zip(together, by_candidates, strict=True):
+        for got, expected in zip(candidate_ranked.lists(model.words), ranked.lists(model.words), strict=True):
+            assert_same_ranking(got, expected)
     assert [len(r) for r in together] == [1, 7, 3, 12]
     for batch, ranked in zip(batches, together, strict=True):
         for got, expected in zip(ranked.lists(model.words), model.most_similar(batch), strict=True):
@@ -590,15 +600,16 @@ def test_slot_close_stops_a_load_and_reports_one_that_will_not_stop() -> None:
 
 
 def test_query_vectors_are_gensims_bit_for_bit(pair: tuple[WordVectors, KeyedVectors]) -> None:
-    """A batch's 3CosAdd query vectors equal most_similar's get_mean_vector exactly: words, raw
-    vectors and weights, positive and negative, in one batch of mixed lengths."""
+    """A batch's 3CosAdd query vectors equal most_similar's get_mean_vector exactly, to the sign of
+    zeros: words, raw vectors and weights, positive and negative, single words, and a few long
+    queries (whose tails are summed term by term), in one batch of mixed lengths."""
     model, kv = pair
     rng = np.random.default_rng(21)
     words = kv.index_to_key
     specs = []
-    for _ in range(200):
+    for index in range(200):
         items: list[Any] = []
-        for _ in range(int(rng.integers(1, 5))):
+        for _ in range(int(rng.integers(1, 5)) if index % 40 else 30 + index // 40):
             value: Any = words[int(rng.integers(len(words)))]
             if rng.random() < 0.2:
                 value = rng.standard_normal(kv.vector_size).astype(np.float32)
@@ -618,7 +629,35 @@ def test_query_vectors_are_gensims_bit_for_bit(pair: tuple[WordVectors, KeyedVec
             else:
                 keys.append(item)
         expected = kv.get_mean_vector(keys, weight, pre_normalize=True, post_normalize=True)
-        np.testing.assert_array_equal(add_vector, expected)
+        np.testing.assert_array_equal(add_vector.view(np.uint32), expected.view(np.uint32))
+    # A word alone, negated: gensim's 0 + (-1 * v) leaves +0.0 where v is 0.
+    zero = np.zeros((1, kv.vector_size), np.float32)
+    zero[0, 0] = 1.0
+    single = WordVectors(["x"], zero, name="z", source="z", device=CPU)
+    negated = single.prepare([SimilarityQuery((), (Term("x"),))]).add_vectors[0]
+    assert not np.signbit(negated[1:]).any()
+    assert negated[0] == -1.0
+
+
+def test_cosmul_on_a_float16_model_matches_float32() -> None:
+    """A core caller may pass float16 vectors, as before the columnar search: 3CosMul's term
+    matrix is float32 all the same."""
+    rng = np.random.default_rng(4)
+    vectors: Any = rng.standard_normal((300, 8)).astype(np.float16)  # outside the annotated float32
+    words = [f"w{i}" for i in range(300)]
+    half = WordVectors(words, vectors, name="h", source="h", device=CPU, prefilter=False)
+    single = WordVectors(words, vectors.astype(np.float32), name="s", source="s", device=CPU, prefilter=False)
+    query = SimilarityQuery((Term("w1"), Term("w2")), (Term("w3"),), 5, None, "mul")
+    got, expected = half.most_similar([query])[0], single.most_similar([query])[0]
+    assert [w for w, _ in got] == [w for w, _ in expected]
+    np.testing.assert_allclose([s for _, s in got], [s for _, s in expected], rtol=5e-3)  # float16 norms
+
+
+def test_weights_must_be_finite() -> None:
+    model = WordVectors(["a", "b"], np.eye(2, dtype=np.float32), name="w", source="w", device=CPU)
+    for weight in (math.nan, math.inf):
+        with pytest.raises(InvalidInput, match="a weight must be finite"):
+            model.prepare([SimilarityQuery((Term("a", weight=weight),))])
 
 
 @pytest.mark.parametrize(

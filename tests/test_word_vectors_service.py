@@ -208,7 +208,16 @@ async def test_packed_queries_that_do_not_add_up_are_invalid_argument(loaded: Se
         ("weights has 1 values for 3 terms", {"weights": [1.0]}),
         ("weights apply to 3CosAdd only", {"weights": [math.nan, math.nan, 2.0], "methods": [cos_mul]}),
         ("a weight must be finite", {"weights": [math.inf, math.nan, math.nan]}),
-        ("topn must be >= 0", {"topn": [-1]}),
+        ("query 0: topn must be >= 0, got -1", {"topn": [-1]}),
+        (
+            "query 1: topn 10001 is over the server's --max-topn 10000",
+            {"topn": [3, 10001], "positive_counts": [2, 1], "negative_counts": [0, 0]},
+        ),
+        ("4097 queries are over the server's --max-queries-per-request 4096", {"topn": [1] * 4097}),
+        (
+            "65537 terms are over the server's --max-terms-per-request 65536",
+            {"words": ["king"] * 65537, "positive_counts": [65537], "negative_counts": [0]},
+        ),
         ("restrict_vocab must be >= 0", {"restrict_vocab": [-5]}),
         (
             r"raw vectors of shape \[0, 50\] for 1 raw-vector terms",
@@ -272,7 +281,30 @@ async def test_packed_queries_that_do_not_add_up_are_invalid_argument(loaded: Se
                 word_vectors_pb2.MostSimilarRequest(packed=packed(words=["", "woman", "man"]))
             )
         assert raised.value.code() is grpc.StatusCode.NOT_FOUND
+        one_each = [_per_query_message(Query(positive=["king"], topn=1)) for _ in range(4)]
+        one_each[3].positive[0].weight = math.nan
+        with pytest.raises(grpc.aio.AioRpcError, match="a weight must be finite"):
+            await stub.MostSimilar(word_vectors_pb2.MostSimilarRequest(queries=one_each))
+        one_each = [_per_query_message(Query(positive=["king"] * 16400, topn=1)) for _ in range(4)]
+        with pytest.raises(grpc.aio.AioRpcError, match="65600 terms are over"):
+            await stub.MostSimilar(word_vectors_pb2.MostSimilarRequest(queries=one_each))
     async with AsyncClient(loaded.target) as client:
+        # float16 raw vectors answer as the same values in float32 (here exactly representable).
+        halves = np.round(np.linspace(-1, 1, 50) * 64) / 64
+        in_float16 = word_vectors_pb2.MostSimilarRequest(
+            packed=word_vectors_pb2.PackedQueries(
+                words=[""],
+                positive_counts=[1],
+                negative_counts=[0],
+                topn=[5],
+                vector_terms=[0],
+                vectors=to_tensor_pb(halves[None].astype(np.float16)),
+            )
+        )
+        async with grpc.aio.insecure_channel(loaded.target) as channel:
+            reply = await word_vectors_pb2_grpc.WordVectorsServiceStub(channel).MostSimilar(in_float16)
+        expected = await client.word_vectors.similar_by_vector(halves.astype(np.float32), topn=5)
+        assert list(reply.words) == [w for w, _ in expected]
         with pytest.raises(ValueError, match="raw vectors of different shapes"):
             await client.word_vectors.most_similar(positive=[np.ones(50), np.ones(3)])
         with pytest.raises(InvalidArgumentError, match="weights apply to 3CosAdd only"):

@@ -44,6 +44,9 @@ _PREFILTER_MAX_HIT_SHARE = 0.2
 # Columns per query and block that the candidate scan (see _search_candidates) scores again in
 # float32, at least: enough that the best column left out rarely comes within the margin.
 _PREFILTER_CANDIDATES = 32
+# Query vectors are summed term position by term position for all queries at once, until fewer
+# than this many queries have terms left; those go on term by term.
+_FEW_QUERIES = 8
 
 
 def prefilter_margin(query_norms: torch.Tensor, dim: int) -> torch.Tensor:
@@ -62,8 +65,8 @@ def bfloat16_prefilter_available(device: torch.device) -> bool:
     return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-# Built per query term on every request: slotted, and not frozen (a frozen dataclass's __init__
-# costs twice as much).
+# Built per term of the one-message-per-query form (and by core callers): slotted, and not frozen
+# (a frozen dataclass's __init__ costs twice as much).
 @dataclass(slots=True)
 class Term:
     """One positive or negative term: a word or a raw vector, with an optional weight (3CosAdd only)."""
@@ -156,12 +159,12 @@ class PreparedBatch:
             cosmul=np.concatenate([b.cosmul for b in batches]),
             add_vectors=np.concatenate([b.add_vectors for b in batches]),
             excluded_query=np.concatenate(
-                [b.excluded_query + offset for b, offset in zip(batches, query_offsets, strict=False)]
+                [b.excluded_query + offset for b, offset in zip(batches, query_offsets[:-1], strict=True)]
             ),
             excluded_row=np.concatenate([b.excluded_row for b in batches]),
             term_vectors=np.concatenate([b.term_vectors for b in batches]),
             term_start=np.concatenate(
-                [b.term_start + offset for b, offset in zip(batches, term_offsets, strict=False)]
+                [b.term_start + offset for b, offset in zip(batches, term_offsets[:-1], strict=True)]
             ),
             positive_count=np.concatenate([b.positive_count for b in batches]),
             negative_count=np.concatenate([b.negative_count for b in batches]),
@@ -463,6 +466,8 @@ class WordVectors:
                     vector_terms.append(len(words))
                     vectors.append(self._check_vector(term.vector))
                 words.append(term.word or "")
+                if term.weight is not None and not math.isfinite(term.weight):
+                    raise InvalidInput("a weight must be finite")
                 weights.append(math.nan if term.weight is None else term.weight)
         return QueryColumns(
             words=words,
@@ -494,14 +499,21 @@ class WordVectors:
         """
         means = np.zeros((queries, self.dim), np.float32)
         totals = np.zeros(queries, np.float64)
-        for position in range(int(term_position.max()) + 1 if len(term_position) else 0):
-            at = np.flatnonzero(term_position == position)  # at most one term of each query
+        by_position = np.argsort(term_position, kind="stable")  # query order within each position
+        bounds = np.searchsorted(term_position[by_position], np.arange(term_position.max(initial=-1) + 2))
+        for position in range(len(bounds) - 1):
+            at = by_position[bounds[position] : bounds[position + 1]]  # at most one term of each query
+            if position > 0 and len(at) < _FEW_QUERIES:
+                # The long tails of a few queries: a step per term costs less than one per position.
+                self._add_tails(means, totals, term_query, weights, vectors, by_position[bounds[position] :])
+                break
             members, weights_at = term_query[at], weights[at]
             vectors_at = vectors if len(at) == len(vectors) else vectors[at]
             if len(members) == queries:  # every query, in order: no gather and scatter
                 if position == 0 and np.all(np.abs(weights_at) == 1):
-                    means[...] = vectors_at  # 0 + (+-1 * v) is +-v exactly
-                    np.negative(means, out=means, where=(weights_at < 0)[:, None])
+                    # 0 + (1 * v) is v + 0 and 0 + (-1 * v) is 0 - v, exactly (zeros included).
+                    np.add(vectors_at, 0, out=means)
+                    np.subtract(0, vectors_at, out=means, where=(weights_at < 0)[:, None])
                 else:
                     means += weights_at[:, None] * vectors_at
                 totals += np.abs(weights_at)
@@ -520,6 +532,28 @@ class WordVectors:
             averaged[nonzero] /= lengths[nonzero, None]
         return averaged.astype(np.float32)
 
+    def _add_tails(
+        self,
+        means: FloatArray,
+        totals: npt.NDArray[np.float64],
+        term_query: IntArray,
+        weights: npt.NDArray[np.float64],
+        vectors: FloatArray,
+        tail: IntArray,
+    ) -> None:
+        """_mean_vectors' sums over the rest of each query's terms (`tail`: in position order), term
+        by term in gensim's order: float32 mean += float64 weight * vector, total += |weight|."""
+        tail = tail[np.argsort(term_query[tail], kind="stable")]  # by query, then position
+        product = np.empty(self.dim, np.float64)
+        for terms in np.split(tail, np.flatnonzero(np.diff(term_query[tail])) + 1):
+            query = int(term_query[terms[0]])
+            mean, total = means[query], float(totals[query])
+            for term in terms.tolist():
+                np.multiply(vectors[term], weights[term], out=product)
+                np.add(mean, product, out=mean, casting="same_kind")
+                total += abs(float(weights[term]))
+            totals[query] = total
+
     def prepare(self, queries: QueryColumns | Sequence[SimilarityQuery]) -> PreparedBatch:
         """Checks queries and reduces them to what the search needs (cheap; raises on bad input)."""
         columns = queries if isinstance(queries, QueryColumns) else self.query_columns(queries)
@@ -529,6 +563,8 @@ class WordVectors:
         negative = np.asarray(columns.negative_counts, np.int64)
         restrict = np.asarray(columns.restrict_vocab, np.int64)
         cosmul = np.asarray(columns.cosmul, np.bool_)
+        if topn.ndim != 1:
+            raise InvalidInput(f"topn must be one value per query, got shape {list(topn.shape)}")
         for name, values in (
             ("positive_counts", positive),
             ("negative_counts", negative),
@@ -536,7 +572,7 @@ class WordVectors:
             ("methods", cosmul),
         ):
             if values.shape != (count,):
-                raise InvalidInput(f"{name} has {len(values)} values for {count} queries")
+                raise InvalidInput(f"{name} has {values.size} values for {count} queries")
         if np.any(positive < 0) or np.any(negative < 0):
             raise InvalidInput("term counts must be >= 0")
         terms_per_query = positive + negative
@@ -569,13 +605,13 @@ class WordVectors:
         if len(missing):
             raise _not_in_vocabulary(list(dict.fromkeys(words[index] for index in missing.tolist())))
 
-        if np.any(topn < 0):
-            raise InvalidInput(f"topn must be >= 0, got {topn[topn < 0][0]}")
+        _check_each(topn >= 0, "topn must be >= 0, got {}", topn)
         if np.any(topn > self.max_topn):
-            over = topn[topn > self.max_topn][0]
-            raise LimitExceeded(f"topn {over} is over the server's --max-topn {self.max_topn}")
-        if np.any(restrict < 0):
-            raise InvalidInput(f"restrict_vocab must be >= 0, got {restrict[restrict < 0][0]}")
+            query = int(np.argmax(topn > self.max_topn))
+            raise LimitExceeded(
+                f"query {query}: topn {topn[query]} is over the server's --max-topn {self.max_topn}"
+            )
+        _check_each(restrict >= 0, "restrict_vocab must be >= 0, got {}", restrict)
 
         term_query = np.repeat(np.arange(count), terms_per_query)
         term_position = np.arange(term_count) - (np.cumsum(terms_per_query) - terms_per_query)[term_query]
@@ -601,7 +637,7 @@ class WordVectors:
             vectors[vector_terms] = raw
         else:
             word_rows = rows
-            vectors = self._rows[rows] / self._row_norms[rows][:, None]
+            vectors = (self._rows[rows] / self._row_norms[rows][:, None]).astype(np.float32, copy=False)
         add_terms = ~cosmul[term_query]
         if np.any(cosmul):
             add_vectors = self._mean_vectors(
@@ -652,7 +688,7 @@ class WordVectors:
                 members = np.flatnonzero(searched & (batch.cosmul == cosmul))
                 if not len(members):
                     continue
-                group = batch.take(members)
+                group = batch if len(members) == len(batch) else batch.take(members)
                 if cosmul:
                     scores, rows = self._search(group, self._mul_scorer(group))
                 else:
@@ -710,6 +746,12 @@ class WordVectors:
         end = int(group.end.max())
         k = _group_k(group)
         block_rows = self._rows_per_block(len(group), end)
+        if group.cosmul[0]:
+            # 3CosMul holds every term's scores and each query's gathered products per block row.
+            width = max(1, int(group.positive_count.max())) + max(1, int(group.negative_count.max()))
+            per_row = len(group.term_vectors) + 1 + len(group) * (width + 2)
+            fitting = _GPU_SCORE_BUFFER_ELEMENTS // per_row // _TOPK_GROUP * _TOPK_GROUP
+            block_rows = max(_TOPK_GROUP, min(block_rows, fitting))
         mask = self._masker(group)
         buffer_size = len(group) * min(block_rows, end)
         buffer = torch.empty(buffer_size, device=self.device)
@@ -902,10 +944,12 @@ def _group_k(group: PreparedBatch) -> int:
     return min(int(group.topn.max()), int(group.end.max()))
 
 
-def _check_each(valid: BoolArray, problem: str) -> None:
-    """InvalidInput naming the first query where valid is False."""
+def _check_each(valid: BoolArray, problem: str, values: IntArray | None = None) -> None:
+    """InvalidInput naming the first query where valid is False (and its value, for a {} in problem)."""
     if not np.all(valid):
-        raise InvalidInput(f"query {int(np.argmin(valid))}: {problem}")
+        query = int(np.argmin(valid))
+        detail = problem if values is None else problem.format(values[query])
+        raise InvalidInput(f"query {query}: {detail}")
 
 
 def _candidate_count(k: int) -> int:
