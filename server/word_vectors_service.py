@@ -49,9 +49,8 @@ def _raw_vectors(tensor: tensor_pb2.Tensor, field: str) -> npt.NDArray[np.float3
 def _packed_columns(packed: word_vectors_pb2.PackedQueries) -> QueryColumns:
     count = len(packed.topn)
     methods = np.array(packed.methods, np.int64) if packed.methods else np.ones(count, np.int64)
-    unknown = ~np.isin(methods, list(_METHODS))
-    if np.any(unknown):
-        raise InvalidInput(f"unknown similarity method {methods[unknown][0]}")
+    if not set(packed.methods) <= _METHODS.keys():
+        raise InvalidInput(f"unknown similarity method {min(set(packed.methods) - _METHODS.keys())}")
     return QueryColumns(
         words=packed.words,
         positive_counts=np.array(packed.positive_counts, np.int64),

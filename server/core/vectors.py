@@ -38,6 +38,9 @@ _Scorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # Columns per group in the two-stage top-k.
 _TOPK_GROUP = 64
 _GPU_SCORE_BUFFER_ELEMENTS = 64 * 1024 * 1024
+# On CPU: rows per block for many queries, and the score buffer a few queries may fill instead.
+_CPU_BLOCK_ROWS = 8192
+_CPU_SCORE_BUFFER_ELEMENTS = 1024 * 1024
 # The prefilter pays only where few (query, column group) pairs need a second look: early in a
 # scan, when the k-th best scores so far are still low, blocks are scored in float32 alone.
 _PREFILTER_MAX_HIT_SHARE = 0.2
@@ -281,7 +284,7 @@ class WordVectors:
         device: torch.device,
         norms: FloatArray | None = None,
         unit: FloatArray | None = None,
-        block_rows: int = 8192,
+        block_rows: int | None = None,
         max_topn: int = 10000,
         prefilter: bool | None = None,
         unit_bfloat16: npt.NDArray[np.uint16] | None = None,
@@ -305,7 +308,9 @@ class WordVectors:
         # Plain ndarray views of the (possibly memory-mapped) arrays: np.memmap indexing is slow per row.
         self._rows: FloatArray = np.asarray(vectors)
         self._row_norms: FloatArray = np.asarray(self.norms)
-        self._block_rows = block_rows
+        # None: 8192 rows, more for a few queries (see _rows_per_block); a number: that many on CPU.
+        self._block_rows = block_rows or _CPU_BLOCK_ROWS
+        self._scaled_blocks = block_rows is None
         self.max_topn = max_topn
         with warnings.catch_warnings():
             # Memory-mapped caches are read-only; nothing here writes to them.
@@ -446,7 +451,7 @@ class WordVectors:
             raise InvalidInput(
                 f"a raw vector has shape {list(vector.shape)}; this model's vectors are [{self.dim}]"
             )
-        if not np.all(np.isfinite(vector)):
+        if not np.isfinite(vector).all():
             raise InvalidInput("a raw vector holds NaN or infinite values")
         return vector.astype(np.float32, copy=False)
 
@@ -499,18 +504,23 @@ class WordVectors:
         """
         means = np.zeros((queries, self.dim), np.float32)
         totals = np.zeros(queries, np.float64)
+        if queries < _FEW_QUERIES:  # terms come query by query, each query's in position order
+            self._add_tails(means, totals, term_query, weights, vectors, np.arange(len(term_query)))
+            return self._normalized(means, totals)
         by_position = np.argsort(term_position, kind="stable")  # query order within each position
         bounds = np.searchsorted(term_position[by_position], np.arange(term_position.max(initial=-1) + 2))
         for position in range(len(bounds) - 1):
             at = by_position[bounds[position] : bounds[position + 1]]  # at most one term of each query
-            if position > 0 and len(at) < _FEW_QUERIES:
+            if len(at) < _FEW_QUERIES:
                 # The long tails of a few queries: a step per term costs less than one per position.
-                self._add_tails(means, totals, term_query, weights, vectors, by_position[bounds[position] :])
+                tail = by_position[bounds[position] :]
+                tail = tail[np.argsort(term_query[tail], kind="stable")]  # by query, then position
+                self._add_tails(means, totals, term_query, weights, vectors, tail)
                 break
             members, weights_at = term_query[at], weights[at]
             vectors_at = vectors if len(at) == len(vectors) else vectors[at]
             if len(members) == queries:  # every query, in order: no gather and scatter
-                if position == 0 and np.all(np.abs(weights_at) == 1):
+                if position == 0 and (np.abs(weights_at) == 1).all():
                     # 0 + (1 * v) is v + 0 and 0 + (-1 * v) is 0 - v, exactly (zeros included).
                     np.add(vectors_at, 0, out=means)
                     np.subtract(0, vectors_at, out=means, where=(weights_at < 0)[:, None])
@@ -520,12 +530,18 @@ class WordVectors:
                 continue
             means[members] = means[members] + weights_at[:, None] * vectors_at
             totals[members] += np.abs(weights_at)
+        return self._normalized(means, totals)
+
+    @staticmethod
+    def _normalized(means: FloatArray, totals: npt.NDArray[np.float64]) -> FloatArray:
+        """get_mean_vector's end: divided by the total weight, scaled to unit length in float64,
+        then float32."""
         averaged = means.astype(np.float64)
-        if not np.all(totals == 1):  # x / 1 is x: most queries' weights sum to 1
+        if not (totals == 1).all():  # x / 1 is x: most queries' weights sum to 1
             weighted = totals > 0
             averaged[weighted] /= totals[weighted, None]
         lengths = np.sqrt(np.einsum("ij,ij->i", averaged, averaged))
-        if np.all(lengths > 0):
+        if (lengths > 0).all():
             averaged /= lengths[:, None]
         else:
             nonzero = lengths > 0
@@ -541,18 +557,16 @@ class WordVectors:
         vectors: FloatArray,
         tail: IntArray,
     ) -> None:
-        """_mean_vectors' sums over the rest of each query's terms (`tail`: in position order), term
-        by term in gensim's order: float32 mean += float64 weight * vector, total += |weight|."""
-        tail = tail[np.argsort(term_query[tail], kind="stable")]  # by query, then position
+        """_mean_vectors' sums over the rest of each query's terms (`tail`: by query, then by
+        position), term by term in gensim's order: float32 mean += float64 weight * vector,
+        total += |weight|."""
         product = np.empty(self.dim, np.float64)
-        for terms in np.split(tail, np.flatnonzero(np.diff(term_query[tail])) + 1):
-            query = int(term_query[terms[0]])
-            mean, total = means[query], float(totals[query])
-            for term in terms.tolist():
-                np.multiply(vectors[term], weights[term], out=product)
-                np.add(mean, product, out=mean, casting="same_kind")
-                total += abs(float(weights[term]))
-            totals[query] = total
+        queries = term_query[tail].tolist()
+        for term, query, weight in zip(tail.tolist(), queries, weights[tail].tolist(), strict=True):
+            np.multiply(vectors[term], weight, out=product, dtype=np.float64)
+            mean = means[query]
+            np.add(mean, product, out=mean, casting="same_kind")
+            totals[query] += abs(weight)
 
     def prepare(self, queries: QueryColumns | Sequence[SimilarityQuery]) -> PreparedBatch:
         """Checks queries and reduces them to what the search needs (cheap; raises on bad input)."""
@@ -573,7 +587,7 @@ class WordVectors:
         ):
             if values.shape != (count,):
                 raise InvalidInput(f"{name} has {values.size} values for {count} queries")
-        if np.any(positive < 0) or np.any(negative < 0):
+        if min(positive.min(initial=0), negative.min(initial=0)) < 0:
             raise InvalidInput("term counts must be >= 0")
         terms_per_query = positive + negative
         _check_each(terms_per_query > 0, "a query needs at least one positive or negative term")
@@ -592,9 +606,9 @@ class WordVectors:
             )
         is_vector = np.zeros(term_count, np.bool_)
         if len(vector_terms):
-            if vector_terms[0] < 0 or vector_terms[-1] >= term_count or np.any(np.diff(vector_terms) <= 0):
+            if vector_terms[0] < 0 or vector_terms[-1] >= term_count or (np.diff(vector_terms) <= 0).any():
                 raise InvalidInput(f"vector_terms must be increasing indexes below {term_count}")
-            if not np.all(np.isfinite(raw)):
+            if not np.isfinite(raw).all():
                 raise InvalidInput("a raw vector holds NaN or infinite values")
             if any(words[index] for index in vector_terms.tolist()):
                 raise InvalidInput("a raw-vector term has a word")
@@ -606,7 +620,7 @@ class WordVectors:
             raise _not_in_vocabulary(list(dict.fromkeys(words[index] for index in missing.tolist())))
 
         _check_each(topn >= 0, "topn must be >= 0, got {}", topn)
-        if np.any(topn > self.max_topn):
+        if (topn > self.max_topn).any():
             query = int(np.argmax(topn > self.max_topn))
             raise LimitExceeded(
                 f"query {query}: topn {topn[query]} is over the server's --max-topn {self.max_topn}"
@@ -621,9 +635,9 @@ class WordVectors:
             if given.shape != (term_count,):
                 raise InvalidInput(f"weights has {len(given)} values for {term_count} terms")
             explicit = ~np.isnan(given)
-            if np.any(explicit & cosmul[term_query]):
+            if (explicit & cosmul[term_query]).any():
                 raise InvalidInput("weights apply to 3CosAdd only")
-            if not np.all(np.isfinite(given[explicit])):
+            if not (np.isfinite(given[explicit])).all():
                 raise InvalidInput("a weight must be finite")
             weights = np.where(explicit, given, weights)
 
@@ -639,7 +653,7 @@ class WordVectors:
             word_rows = rows
             vectors = (self._rows[rows] / self._row_norms[rows][:, None]).astype(np.float32, copy=False)
         add_terms = ~cosmul[term_query]
-        if np.any(cosmul):
+        if cosmul.any():
             add_vectors = self._mean_vectors(
                 count, term_query[add_terms], term_position[add_terms], weights[add_terms], vectors[add_terms]
             )
@@ -679,10 +693,14 @@ class WordVectors:
 
     def search(self, batch: PreparedBatch) -> RankedLists:
         """The scan itself, for queries from prepare()."""
+        searched = batch.topn > 0
+        if searched.all() and not batch.cosmul.any():  # the common case: one group, as it is
+            with torch.inference_mode():
+                scores, rows = self._search_add(batch)
+            return RankedLists.from_best(scores.cpu().numpy(), rows.cpu().numpy(), batch.topn)
         width = min(int(batch.topn.max()) if len(batch) else 0, self.vocab_size)
         best_scores = np.full((len(batch), width), -np.inf, np.float32)
         best_rows = np.zeros((len(batch), width), np.int64)
-        searched = batch.topn > 0
         with torch.inference_mode():
             for cosmul in (False, True):
                 members = np.flatnonzero(searched & (batch.cosmul == cosmul))
@@ -692,14 +710,17 @@ class WordVectors:
                 if cosmul:
                     scores, rows = self._search(group, self._mul_scorer(group))
                 else:
-                    queries = torch.from_numpy(group.add_vectors).to(self.device)
-                    if self.prefilter and self.candidate_scan and self._candidates_fit(group):
-                        scores, rows = self._search_candidates(group, queries)
-                    else:
-                        scores, rows = self._search(group, self._add_scorer(queries), exact_queries=queries)
+                    scores, rows = self._search_add(group)
                 best_scores[members, : scores.shape[1]] = scores.cpu().numpy()
                 best_rows[members, : rows.shape[1]] = rows.cpu().numpy()
         return RankedLists.from_best(best_scores, best_rows, batch.topn)
+
+    def _search_add(self, group: PreparedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scan of 3CosAdd queries (with topn > 0): the candidate scan where it is on, else _search."""
+        queries = torch.from_numpy(group.add_vectors).to(self.device)
+        if self.prefilter and self.candidate_scan and self._candidates_fit(group):
+            return self._search_candidates(group, queries)
+        return self._search(group, self._add_scorer(queries), exact_queries=queries)
 
     def _add_scorer(self, queries: torch.Tensor) -> _Scorer:
         def score(unit_block: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -870,11 +891,15 @@ class WordVectors:
     def _rows_per_block(self, queries: int, end: int) -> int:
         """Vocabulary rows scored per step.
 
-        On CPU a block sized for the caches; on a GPU as many rows as keep the score buffer near
-        256 MiB, since each step there costs kernel launches rather than cache misses.
+        On CPU a block sized for the caches, with more rows for fewer queries (a lone query's
+        scan in 8192-row steps spends more on the steps than on the product); on a GPU as many
+        rows as keep the score buffer near 256 MiB, since each step there costs kernel launches
+        rather than cache misses.
         """
         if self.device.type == "cpu":
-            return self._block_rows
+            if not self._scaled_blocks:
+                return self._block_rows
+            return max(self._block_rows, min(end, _CPU_SCORE_BUFFER_ELEMENTS // max(1, queries)))
         return max(self._block_rows, min(end, _GPU_SCORE_BUFFER_ELEMENTS // max(1, queries)))
 
     # Evaluation
@@ -946,7 +971,7 @@ def _group_k(group: PreparedBatch) -> int:
 
 def _check_each(valid: BoolArray, problem: str, values: IntArray | None = None) -> None:
     """InvalidInput naming the first query where valid is False (and its value, for a {} in problem)."""
-    if not np.all(valid):
+    if not valid.all():
         query = int(np.argmin(valid))
         detail = problem if values is None else problem.format(values[query])
         raise InvalidInput(f"query {query}: {detail}")
