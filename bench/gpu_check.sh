@@ -15,6 +15,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 if [ -n "${1:-}" ]; then
+    if [ -e "$1/SOURCE_SHA256" ] && [ "$(cat "$1/SOURCE_SHA256")" != "$(bash bench/source_hash.sh)" ]; then
+        echo "$1 holds another version of embedserve than this tree: rebuild it (bash bench/gpu_bundle.sh)" >&2
+        exit 2
+    fi
     SITE=$(mktemp -d)
     "$PYTHON" -m pip install -q --no-deps --no-index --target "$SITE" "$1"/*.whl
     for archive in "$1"/*.tar.xz; do

@@ -705,6 +705,27 @@ def test_an_empty_vocabulary_answers_nothing(candidate_scan: bool) -> None:
     model.candidate_scan = candidate_scan
     query = SimilarityQuery(positive=(Term(vector=np.ones(4, np.float32)),), topn=5)
     assert model.most_similar([query]) == [[]]
+    assert model.most_similar([]) == []
+
+
+def test_default_blocks_grow_for_few_queries_in_whole_column_groups(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fewer queries get more rows per block (a lone query's scan is then a step or two), always
+    in whole groups of 64 columns, so that the threshold collection and the bfloat16 prefilter
+    still run on every block past the first ones."""
+    rng = np.random.default_rng(8)
+    vectors = rng.standard_normal((60_000, 16)).astype(np.float32)
+    words = [f"w{i}" for i in range(len(vectors))]
+    model = WordVectors(words, vectors, name="d", source="d", device=CPU, prefilter=True)
+    sizes = {queries: model._rows_per_block(queries, len(words)) for queries in (1, 3, 10, 30, 100, 1000)}
+    assert sizes[1] == len(words)  # one block
+    assert all(rows % 64 == 0 or rows == len(words) for rows in sizes.values()), sizes  # or one block
+    assert sizes[10] > sizes[100] > sizes[1000] == 8192
+    prefiltered = _count_prefiltered_blocks(monkeypatch)
+    queries = [SimilarityQuery((Term(words[int(i)]),), topn=10) for i in rng.integers(0, len(words), 100)]
+    exact = WordVectors(words, vectors, name="e", source="e", device=CPU, prefilter=False)
+    for got, expected in zip(model.most_similar(queries), exact.most_similar(queries), strict=True):
+        assert_same_ranking(got, expected)
+    assert prefiltered, "the prefilter never ran with the default blocks"
 
 
 def test_a_topn_too_large_for_the_candidate_buffer_is_scanned_in_float32(

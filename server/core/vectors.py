@@ -497,10 +497,13 @@ class WordVectors:
         """most_similar's query vectors, get_mean_vector(pre_normalize=True, post_normalize=True),
         for many queries at once with gensim's operations in gensim's order, row-wise.
 
-        Term position by term position, as gensim's loop: float64 weight times the float32 unit
-        (or raw) vector, added into a float32 mean; then divided by the sum of absolute weights
-        in float64, scaled to unit length, and cast to float32. Per term: its query, its position
-        in the query (positive terms first), its weight and its vector.
+        In gensim's order for each query: float64 weight times the float32 unit (or raw) vector,
+        added into a float32 mean, term after term; then divided by the sum of absolute weights in
+        float64, scaled to unit length, and cast to float32. Many queries go term position by term
+        position, all at once; the tails of the few longest, or a batch of fewer than _FEW_QUERIES
+        queries, term by term (_add_tails). Per term: its query, its position in the query
+        (positive terms first), its weight and its vector. Bit for bit gensim's under numpy 2
+        (under numpy 1, gensim itself multiplies in float32).
         """
         means = np.zeros((queries, self.dim), np.float32)
         totals = np.zeros(queries, np.float64)
@@ -694,7 +697,7 @@ class WordVectors:
     def search(self, batch: PreparedBatch) -> RankedLists:
         """The scan itself, for queries from prepare()."""
         searched = batch.topn > 0
-        if searched.all() and not batch.cosmul.any():  # the common case: one group, as it is
+        if len(batch) and searched.all() and not batch.cosmul.any():  # the common case: one group
             with torch.inference_mode():
                 scores, rows = self._search_add(batch)
             return RankedLists.from_best(scores.cpu().numpy(), rows.cpu().numpy(), batch.topn)
@@ -768,6 +771,8 @@ class WordVectors:
         k = _group_k(group)
         block_rows = self._rows_per_block(len(group), end)
         if group.cosmul[0]:
+            if self.device.type == "cpu":
+                block_rows = self._block_rows  # its intermediates outweigh a few queries' scores
             # 3CosMul holds every term's scores and each query's gathered products per block row.
             width = max(1, int(group.positive_count.max())) + max(1, int(group.negative_count.max()))
             per_row = len(group.term_vectors) + 1 + len(group) * (width + 2)
@@ -899,7 +904,9 @@ class WordVectors:
         if self.device.type == "cpu":
             if not self._scaled_blocks:
                 return self._block_rows
-            return max(self._block_rows, min(end, _CPU_SCORE_BUFFER_ELEMENTS // max(1, queries)))
+            # Whole column groups: the threshold collection and the prefilter take no others.
+            rows = _CPU_SCORE_BUFFER_ELEMENTS // max(1, queries) // _TOPK_GROUP * _TOPK_GROUP
+            return max(self._block_rows, min(end, rows))
         return max(self._block_rows, min(end, _GPU_SCORE_BUFFER_ELEMENTS // max(1, queries)))
 
     # Evaluation
