@@ -118,6 +118,17 @@ def _random_queries(rng: np.random.Generator, kv: KeyedVectors, count: int) -> I
         }
 
 
+def _similarity_query(spec: dict[str, Any]) -> SimilarityQuery:
+    """A _random_queries spec as the core's query."""
+    return SimilarityQuery(
+        _gensim_terms(spec["positive"]),
+        _gensim_terms(spec["negative"]),
+        spec["topn"],
+        spec["restrict"],
+        "mul" if spec["cosmul"] else "add",
+    )
+
+
 def test_random_queries_match_gensim(pair: tuple[WordVectors, KeyedVectors]) -> None:
     model, kv = pair
     rng = np.random.default_rng(1234)
@@ -134,16 +145,7 @@ def test_random_queries_match_gensim(pair: tuple[WordVectors, KeyedVectors]) -> 
 
 def test_many_queries_in_one_scan_equal_one_at_a_time(pair: tuple[WordVectors, KeyedVectors]) -> None:
     model, kv = pair
-    queries = [
-        SimilarityQuery(
-            _gensim_terms(q["positive"]),
-            _gensim_terms(q["negative"]),
-            q["topn"],
-            q["restrict"],
-            "mul" if q["cosmul"] else "add",
-        )
-        for q in _random_queries(np.random.default_rng(7), kv, 60)
-    ]
+    queries = [_similarity_query(q) for q in _random_queries(np.random.default_rng(7), kv, 60)]
     together = model.most_similar(queries)
     for query, result in zip(queries, together, strict=True):
         assert_same_ranking(result, model.most_similar([query])[0])
@@ -156,18 +158,7 @@ def test_batches_searched_together_answer_each_as_alone(pair: tuple[WordVectors,
     rng = np.random.default_rng(17)
     batches = []
     for size in (1, 7, 3, 12):
-        batches.append(
-            [
-                SimilarityQuery(
-                    _gensim_terms(q["positive"]),
-                    _gensim_terms(q["negative"]),
-                    q["topn"],
-                    q["restrict"],
-                    "mul" if q["cosmul"] else "add",
-                )
-                for q in _random_queries(rng, kv, size)
-            ]
-        )
+        batches.append([_similarity_query(q) for q in _random_queries(rng, kv, size)])
     together = model.search_many([model.prepare(b) for b in batches])
     # The GPU's candidate scan (forced here on the CPU) keeps them apart as well.
     candidates = WordVectors(
@@ -250,13 +241,7 @@ def test_threshold_scan_over_many_blocks_matches_gensim(
     prefiltered = _count_prefiltered_blocks(monkeypatch)
     candidate_blocks, rescanned = _count_candidate_blocks(monkeypatch)
     specs = list(_random_queries(rng, kv, 120))
-    queries = [
-        SimilarityQuery(
-            _gensim_terms(q["positive"]), _gensim_terms(q["negative"]), q["topn"], q["restrict"],
-            "mul" if q["cosmul"] else "add",
-        )
-        for q in specs
-    ]  # fmt: skip
+    queries = [_similarity_query(q) for q in specs]
     with np.errstate(invalid="ignore", divide="ignore"):  # gensim divides by the zero vector's norm
         for q, got in zip(specs, model.most_similar(queries), strict=True):
             if q["cosmul"]:
