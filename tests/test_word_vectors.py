@@ -27,6 +27,15 @@ TEST_DATA = Path(str(resources.files("gensim") / "test" / "test_data"))
 CPU = torch.device("cpu")
 
 
+# The three scans of 3CosAdd queries: float32, the CPU's bfloat16 prefilter, and the GPU's
+# bfloat16 candidate scan (forced on the CPU).
+SCAN_MODES = pytest.mark.parametrize(
+    ("prefilter", "candidate_scan"),
+    [(False, False), (True, False), (True, True)],
+    ids=["float32", "bfloat16 prefilter", "bfloat16 candidates (the GPU's)"],
+)
+
+
 def _gensim_terms(items: list[Any]) -> tuple[Term, ...]:
     terms = []
     for item in items:
@@ -218,11 +227,7 @@ def _count_candidate_blocks(monkeypatch: pytest.MonkeyPatch) -> tuple[list[int],
     return blocks, rescanned
 
 
-@pytest.mark.parametrize(
-    ("prefilter", "candidate_scan"),
-    [(False, False), (True, False), (True, True)],
-    ids=["float32", "bfloat16 prefilter", "bfloat16 candidates (the GPU's)"],
-)
+@SCAN_MODES
 def test_threshold_scan_over_many_blocks_matches_gensim(
     prefilter: bool, candidate_scan: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -645,11 +650,7 @@ def test_weights_must_be_finite() -> None:
             model.prepare([SimilarityQuery((Term("a", weight=weight),))])
 
 
-@pytest.mark.parametrize(
-    ("prefilter", "candidate_scan"),
-    [(False, False), (True, False), (True, True)],
-    ids=["float32", "bfloat16 prefilter", "bfloat16 candidates"],
-)
+@SCAN_MODES
 def test_vectors_holding_nan_or_infinity_are_never_returned(
     prefilter: bool, candidate_scan: bool, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -446,14 +446,12 @@ class WordVectors:
 
     # Queries
 
-    def _check_vector(self, vector: FloatArray) -> FloatArray:
+    def _checked_shape(self, vector: FloatArray) -> FloatArray:
         if vector.shape != (self.dim,):
             raise InvalidInput(
                 f"a raw vector has shape {list(vector.shape)}; this model's vectors are [{self.dim}]"
             )
-        if not np.isfinite(vector).all():
-            raise InvalidInput("a raw vector holds NaN or infinite values")
-        return vector.astype(np.float32, copy=False)
+        return vector.astype(np.float32, copy=False)  # prepare() checks every raw vector's values
 
     def query_columns(self, queries: Sequence[SimilarityQuery]) -> QueryColumns:
         """Queries, one object each, as the columns that prepare() reads."""
@@ -469,7 +467,7 @@ class WordVectors:
                     raise InvalidInput("each term is either a word or a vector")
                 if term.vector is not None:
                     vector_terms.append(len(words))
-                    vectors.append(self._check_vector(term.vector))
+                    vectors.append(self._checked_shape(term.vector))
                 words.append(term.word or "")
                 if term.weight is not None and not math.isfinite(term.weight):
                     raise InvalidInput("a weight must be finite")
@@ -668,6 +666,7 @@ class WordVectors:
         word_query = term_query[word_terms]
         inside = word_rows < end[word_query]
         stride = max(1, self.vocab_size)
+        # Sorted, then each pair once (np.unique hashes, which costs more at these sizes).
         excluded = np.sort(word_query[inside] * stride + word_rows[inside])
         excluded = (
             excluded[np.concatenate(([True], excluded[1:] != excluded[:-1]))] if len(excluded) else excluded
