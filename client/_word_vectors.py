@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -19,6 +20,10 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable
 
 _T = TypeVar("_T")
+_Item = TypeVar("_Item")
+_Answer = TypeVar("_Answer")
+# A batch larger than a server's request limits goes out as several requests, this many at a time.
+_CHUNKS_IN_FLIGHT = 4
 # A term as gensim takes it: a word, a raw vector, or (word or vector, weight).
 TermLike = str | npt.ArrayLike | tuple[str | npt.ArrayLike, float]
 Terms = TermLike | Sequence[TermLike] | None
@@ -40,6 +45,8 @@ class WordVectorsInfo:
     device: str
     max_topn: int
     max_queries_per_request: int
+    max_terms_per_request: int
+    max_results_per_request: int
 
 
 @dataclass(frozen=True)
@@ -142,12 +149,64 @@ def _packed(queries: Sequence[Query]) -> word_vectors_pb2.PackedQueries:
     return packed
 
 
+def _query_chunks(queries: Sequence[Query], limits: WordVectorsInfo) -> list[Sequence[Query]]:
+    """Consecutive runs of queries that each fit the server's per-request limits (a limit of 0,
+    from a server that does not report it, is no limit). A query over a limit by itself goes
+    alone, for the server to refuse."""
+    vocab_size = limits.vocab_size
+    chunks: list[Sequence[Query]] = []
+    first = terms = results = 0
+    for index, query in enumerate(queries):
+        query_terms = len(_items(query.positive)) + len(_items(query.negative))
+        rows = min(query.restrict_vocab or vocab_size, vocab_size)
+        query_results = max(0, min(query.topn, rows))
+        over = (
+            index - first >= (limits.max_queries_per_request or math.inf)
+            or terms + query_terms > (limits.max_terms_per_request or math.inf)
+            or results + query_results > (limits.max_results_per_request or math.inf)
+        )
+        if over and index > first:
+            chunks.append(queries[first:index])
+            first, terms, results = index, 0, 0
+        terms += query_terms
+        results += query_results
+    chunks.append(queries[first:])
+    return chunks
+
+
 class AsyncWordVectors:
     """Async gensim-style queries: `await client.word_vectors.most_similar(positive=[...])`."""
 
     def __init__(self, channel: grpc.aio.Channel, timeout: Callable[[], float]) -> None:
         self._stub = word_vectors_pb2_grpc.WordVectorsServiceStub(channel)
         self._timeout = timeout
+        self._info: WordVectorsInfo | None = None
+
+    async def _limits(self) -> WordVectorsInfo:
+        """The server's Info, asked once: batches are split to fit its request limits."""
+        if self._info is None:
+            self._info = await self.info()
+        return self._info
+
+    async def _in_chunks(
+        self, chunks: Sequence[Sequence[_Item]], send: Callable[[Sequence[_Item]], Awaitable[_Answer]]
+    ) -> list[_Answer]:
+        """Each chunk's answer, in order, a few requests in flight at once (the server scans
+        concurrent MostSimilar requests together)."""
+        in_flight = asyncio.Semaphore(_CHUNKS_IN_FLIGHT)
+
+        async def bounded(chunk: Sequence[_Item]) -> _Answer:
+            async with in_flight:
+                return await send(chunk)
+
+        return list(await asyncio.gather(*(bounded(chunk) for chunk in chunks)))
+
+    async def _by_count(self, items: Sequence[_Item]) -> list[Sequence[_Item]]:
+        """Items in chunks of the server's --max-queries-per-request (one chunk for one item)."""
+        if len(items) <= 1:
+            return [items]
+        limit = (await self._limits()).max_queries_per_request or len(items)
+        return [items[start : start + limit] for start in range(0, len(items), limit)]
 
     async def _call(self, method: Callable[..., Awaitable[_T]], request: Any) -> _T:
         try:
@@ -157,6 +216,13 @@ class AsyncWordVectors:
 
     async def get_vectors(self, words: Sequence[str]) -> tuple[npt.NDArray[np.float32], list[str]]:
         """[len(words), D] raw vectors (zero rows for unknown words) and the unknown words."""
+        parts = await self._in_chunks(await self._by_count(words), self._get_vectors)
+        if len(parts) == 1:
+            return parts[0]
+        missing = dict.fromkeys(word for _, part_missing in parts for word in part_missing)
+        return np.concatenate([vectors for vectors, _ in parts]), list(missing)
+
+    async def _get_vectors(self, words: Sequence[str]) -> tuple[npt.NDArray[np.float32], list[str]]:
         reply = await self._call(self._stub.GetVectors, word_vectors_pb2.GetVectorsRequest(words=list(words)))
         return from_tensor_pb(reply.vectors), list(reply.missing_words)  # type: ignore[return-value]
 
@@ -169,7 +235,14 @@ class AsyncWordVectors:
         return vector
 
     async def most_similar_batch(self, queries: Sequence[Query]) -> list[list[tuple[str, float]]]:
-        """Many queries in one call (the server scans the vocabulary once for all of them)."""
+        """Many queries, scanned together: one request, or several where the batch is over the
+        server's limits on queries, terms or results per request."""
+        if len(queries) <= 1:
+            return await self._most_similar(queries)
+        parts = await self._in_chunks(_query_chunks(queries, await self._limits()), self._most_similar)
+        return [ranked for part in parts for ranked in part]
+
+    async def _most_similar(self, queries: Sequence[Query]) -> list[list[tuple[str, float]]]:
         request = word_vectors_pb2.MostSimilarRequest(packed=_packed(queries))
         reply = await self._call(self._stub.MostSimilar, request)
         counts = list(reply.result_counts)
@@ -216,6 +289,10 @@ class AsyncWordVectors:
         return await self.most_similar(positive=[vector], topn=topn, restrict_vocab=restrict_vocab)
 
     async def similarity_batch(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
+        parts = await self._in_chunks(await self._by_count(pairs), self._similarity)
+        return [similarity for part in parts for similarity in part]
+
+    async def _similarity(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
         request = word_vectors_pb2.SimilarityRequest(
             pairs=[word_vectors_pb2.WordPair(first=a, second=b) for a, b in pairs]
         )
@@ -227,6 +304,10 @@ class AsyncWordVectors:
 
     async def distance_batch(self, pairs: Sequence[tuple[str, str]]) -> tuple[list[float], list[float]]:
         """(cosine distances, euclidean distances of the raw vectors) for each pair."""
+        parts = await self._in_chunks(await self._by_count(pairs), self._distance)
+        return [x for cosine, _ in parts for x in cosine], [x for _, euclidean in parts for x in euclidean]
+
+    async def _distance(self, pairs: Sequence[tuple[str, str]]) -> tuple[list[float], list[float]]:
         request = word_vectors_pb2.DistanceRequest(
             pairs=[word_vectors_pb2.WordPair(first=a, second=b) for a, b in pairs]
         )
@@ -276,6 +357,8 @@ class AsyncWordVectors:
             device=reply.device,
             max_topn=reply.max_topn,
             max_queries_per_request=reply.max_queries_per_request,
+            max_terms_per_request=reply.max_terms_per_request,
+            max_results_per_request=reply.max_results_per_request,
         )
 
 

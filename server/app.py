@@ -81,6 +81,7 @@ def load_components(config: ServerConfig, environ: Mapping[str, str] | None = No
         "max_topn",
         "max_queries_per_request",
         "max_terms_per_request",
+        "max_results_per_request",
         "max_queue",
         "stream_window",
         "workers",

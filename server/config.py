@@ -50,6 +50,7 @@ class ServerConfig:
     word_vector_prefilter: str = "auto"
     max_queries_per_request: int = 4096
     max_terms_per_request: int = 65536
+    max_results_per_request: int = 1 << 20
     log_level: str = "INFO"
     grace: float = 5.0
     # Never shown: a config printed in a log must not leak them.
@@ -141,6 +142,11 @@ _FLAGS: Mapping[str, tuple[Callable[[str], Any], str]] = {
     ),
     "max_queries_per_request": (int, "most queries, pairs or words in one WordVectors call"),
     "max_terms_per_request": (int, "most positive and negative terms of all queries in one MostSimilar call"),
+    "max_results_per_request": (
+        int,
+        "most ranked results of one MostSimilar call: the sum over its queries of topn "
+        "(capped by the vocabulary each may rank)",
+    ),
     "log_level": (str, "DEBUG, INFO, WARNING or ERROR"),
     "grace": (float, "seconds that in-flight calls get to finish after SIGTERM or SIGINT"),
     "api_keys": (str, "accept calls with 'authorization: Bearer KEY' (repeatable; health checks are exempt)"),

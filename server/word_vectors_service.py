@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from importlib import resources
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -18,6 +20,13 @@ from .core.vectors import PreparedBatch, QueryColumns, RankedLists, SimilarityQu
 from .core.word_vector_slot import WordVectorSlot
 from .errors import Context, unary_errors
 from .metrics import add_timings
+
+_T = TypeVar("_T")
+# Requests with more items than these (terms, pairs or words; ranked results) are decoded, computed
+# and answered in a worker thread: on the event loop, the largest held every other call for up to
+# a second. The thread hop (~0.1 ms) would be most of a small request's time.
+_INLINE_ITEMS = 256
+_INLINE_RESULTS = 16384
 
 _METHODS = {
     word_vectors_pb2.SIMILARITY_METHOD_UNSPECIFIED: "add",
@@ -82,6 +91,10 @@ def _query(query: word_vectors_pb2.SimilarityQuery) -> SimilarityQuery:
     )
 
 
+async def _in_worker_if(large: bool, work: Callable[[], _T]) -> _T:
+    return await asyncio.to_thread(work) if large else work()
+
+
 class WordVectorsServicer(word_vectors_pb2_grpc.WordVectorsServiceServicer):
     def __init__(self, slot: WordVectorSlot, config: ServerConfig) -> None:
         self._slot = slot
@@ -102,7 +115,10 @@ class WordVectorsServicer(word_vectors_pb2_grpc.WordVectorsServiceServicer):
         self, request: word_vectors_pb2.GetVectorsRequest, context: Context
     ) -> word_vectors_pb2.GetVectorsResponse:
         self._check_count(len(request.words), "words")
-        vectors, missing = self._slot.model.get_vectors(list(request.words))
+        model = self._slot.model
+        vectors, missing = await _in_worker_if(
+            len(request.words) > _INLINE_ITEMS, lambda: model.get_vectors(list(request.words))
+        )
         return word_vectors_pb2.GetVectorsResponse(
             vectors=to_tensor_pb(vectors),
             missing_words=missing,
@@ -125,10 +141,23 @@ class WordVectorsServicer(word_vectors_pb2_grpc.WordVectorsServiceServicer):
                 f"{self._config.max_terms_per_request}"
             )
         model = self._slot.model
-        columns = (
-            _packed_columns(packed) if packed else model.query_columns([_query(q) for q in request.queries])
-        )
-        batch = model.prepare(columns)
+
+        def prepared() -> PreparedBatch:
+            columns = (
+                _packed_columns(packed)
+                if packed
+                else model.query_columns([_query(q) for q in request.queries])
+            )
+            return model.prepare(columns)
+
+        batch = await _in_worker_if(terms > _INLINE_ITEMS, prepared)
+        results = int(np.minimum(batch.topn, batch.end).sum())
+        if results > self._config.max_results_per_request:
+            raise LimitExceeded(
+                f"up to {results} ranked results (the queries' topn, capped by the vocabulary each may "
+                f"rank) are over the server's --max-results-per-request "
+                f"{self._config.max_results_per_request}; ask for fewer queries or a smaller topn"
+            )
         if self._batcher is None:
             self._batcher = MicroBatcher(
                 model.search_many, executor=self._slot.executor, max_items=1024, size=len
@@ -136,10 +165,13 @@ class WordVectorsServicer(word_vectors_pb2_grpc.WordVectorsServiceServicer):
         timed = await self._batcher.submit([batch])
         add_timings(context, queue=timed.queue_seconds, compute=timed.compute_seconds)
         ranked = timed.outputs[0]
-        return word_vectors_pb2.MostSimilarResponse(
-            result_counts=ranked.counts.tolist(),
-            words=ranked.words(model.words),
-            scores=to_tensor_pb(ranked.scores),
+        return await _in_worker_if(
+            len(ranked.rows) > _INLINE_RESULTS,
+            lambda: word_vectors_pb2.MostSimilarResponse(
+                result_counts=ranked.counts.tolist(),
+                words=ranked.words(model.words),
+                scores=to_tensor_pb(ranked.scores),
+            ),
         )
 
     def _pairs(self, pairs: list[word_vectors_pb2.WordPair]) -> list[tuple[str, str]]:
@@ -150,14 +182,16 @@ class WordVectorsServicer(word_vectors_pb2_grpc.WordVectorsServiceServicer):
     async def Similarity(
         self, request: word_vectors_pb2.SimilarityRequest, context: Context
     ) -> word_vectors_pb2.SimilarityResponse:
-        similarities = self._slot.model.similarity(self._pairs(list(request.pairs)))
+        pairs, model = self._pairs(list(request.pairs)), self._slot.model
+        similarities = await _in_worker_if(len(pairs) > _INLINE_ITEMS, lambda: model.similarity(pairs))
         return word_vectors_pb2.SimilarityResponse(similarities=_float32_pb(similarities))
 
     @unary_errors
     async def Distance(
         self, request: word_vectors_pb2.DistanceRequest, context: Context
     ) -> word_vectors_pb2.DistanceResponse:
-        cosine, euclidean = self._slot.model.distance(self._pairs(list(request.pairs)))
+        pairs, model = self._pairs(list(request.pairs)), self._slot.model
+        cosine, euclidean = await _in_worker_if(len(pairs) > _INLINE_ITEMS, lambda: model.distance(pairs))
         return word_vectors_pb2.DistanceResponse(cosine=_float32_pb(cosine), euclidean=_float32_pb(euclidean))
 
     @unary_errors
@@ -165,7 +199,9 @@ class WordVectorsServicer(word_vectors_pb2_grpc.WordVectorsServiceServicer):
         self, request: word_vectors_pb2.DoesntMatchRequest, context: Context
     ) -> word_vectors_pb2.DoesntMatchResponse:
         self._check_count(len(request.words), "words")
-        return word_vectors_pb2.DoesntMatchResponse(word=self._slot.model.doesnt_match(list(request.words)))
+        words, model = list(request.words), self._slot.model
+        odd_one = await _in_worker_if(len(words) > _INLINE_ITEMS, lambda: model.doesnt_match(words))
+        return word_vectors_pb2.DoesntMatchResponse(word=odd_one)
 
     @unary_errors
     async def EvaluateAnalogies(
@@ -208,6 +244,8 @@ class WordVectorsServicer(word_vectors_pb2_grpc.WordVectorsServiceServicer):
             device=str(model.device),
             max_topn=model.max_topn,
             max_queries_per_request=self._config.max_queries_per_request,
+            max_terms_per_request=self._config.max_terms_per_request,
+            max_results_per_request=self._config.max_results_per_request,
         )
 
 

@@ -23,7 +23,7 @@ from embedserve.client import (
     UnavailableError,
     WordNotFoundError,
 )
-from embedserve.client._word_vectors import _packed
+from embedserve.client._word_vectors import WordVectorsInfo, _packed, _query_chunks
 from embedserve.client.tensor import to_tensor_pb
 from embedserve.server.app import Components
 from embedserve.server.cli import main
@@ -309,6 +309,138 @@ async def test_packed_queries_that_do_not_add_up_are_invalid_argument(loaded: Se
             await client.word_vectors.most_similar(positive=[np.ones(50), np.ones(3)])
         with pytest.raises(InvalidArgumentError, match="weights apply to 3CosAdd only"):
             await client.word_vectors.most_similar_cosmul(positive=["king"], negative=[("man", 2.0)])
+
+
+async def test_results_are_bounded_by_max_results_per_request(loaded: ServerThread) -> None:
+    """The sum over a call's queries of topn, capped by the rows each may rank: 105 queries of
+    topn 10000 would have answered with 1.05M (word, score) pairs, about 2 GB of server memory."""
+
+    def request(**query: Any) -> word_vectors_pb2.MostSimilarRequest:
+        return word_vectors_pb2.MostSimilarRequest(packed=_packed([Query(positive="king", **query)] * 105))
+
+    async with grpc.aio.insecure_channel(loaded.target) as channel:
+        stub = word_vectors_pb2_grpc.WordVectorsServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stub.MostSimilar(request(topn=10000))
+        assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert re.search(r"1050000 ranked results .* --max-results-per-request 1048576", str(raised.value))
+        # restrict_vocab caps what a query can return, and so what it counts for.
+        capped = await stub.MostSimilar(request(topn=10000, restrict_vocab=100))
+        assert list(capped.result_counts) == [100] * 105  # "king" is not among them
+    async with AsyncClient(loaded.target) as client:
+        info = await client.word_vectors.info()
+    assert (info.max_queries_per_request, info.max_terms_per_request) == (4096, 65536)
+    assert info.max_results_per_request == 1 << 20
+
+
+async def test_batches_over_the_servers_limits_are_split(default_components: Components) -> None:
+    """The SDK asks the server's limits once and sends a larger batch as several requests, whose
+    answers are the same as one query (or pair, or word) at a time."""
+    assert default_components.word_vectors.wait(120), "GloVe did not load"
+    config = replace(
+        default_components.config,
+        max_queries_per_request=3,
+        max_terms_per_request=7,
+        max_results_per_request=25,
+    )
+    server = ServerThread(config, replace(default_components, config=config))
+    queries = [
+        Query(positive=["king", "woman"], negative=["man"], topn=5),
+        Query(positive=["paris", "germany"], negative=["france"], topn=10),
+        Query(positive=["computer"], topn=10),  # 25 results so far: the next one starts a request
+        Query(positive=["king"], topn=1),
+        Query(positive=["a", "b", "c", "d"], negative=["e", "f"], topn=2),  # 7 terms with the last
+        Query(positive=["water"], topn=3, cosmul=True),
+        Query(positive=["one", "two"], topn=10000, restrict_vocab=10),  # 10 results at most
+        Query(positive=["good"], topn=4),
+    ]
+    words = ["king", "queen", "nosuchword", "paris", "nosuchword", "berlin", "another-missing-word"]
+    pairs = [("king", "queen"), ("man", "woman"), ("paris", "france"), ("cat", "dog"), ("a", "the")]
+    try:
+        async with AsyncClient(server.target) as client:
+            vectors = client.word_vectors
+            split = await vectors.most_similar_batch(queries)
+            assert len(split) == len(queries)
+            for query, ranked in zip(queries, split, strict=True):
+                [alone] = await vectors.most_similar_batch([query])
+                assert [w for w, _ in ranked] == [w for w, _ in alone]
+                # A product's blocking depends on how many queries share it: float32 rounding.
+                np.testing.assert_allclose([s for _, s in ranked], [s for _, s in alone], atol=1e-6)
+            got, missing = await vectors.get_vectors(words)
+            assert missing == ["nosuchword", "another-missing-word"]
+            for word, row in zip(words, got, strict=True):
+                expected, _ = await vectors.get_vectors([word])
+                np.testing.assert_array_equal(row, expected[0])
+            assert await vectors.similarity_batch(pairs) == [await vectors.similarity(*p) for p in pairs]
+            assert await vectors.distance_batch(pairs) == (
+                [await vectors.distance(*p) for p in pairs],
+                [await vectors.euclidean_distance(*p) for p in pairs],
+            )
+            # A single query over a limit goes alone, and the server says which limit.
+            with pytest.raises(InvalidArgumentError, match="8 terms are over"):
+                await vectors.most_similar_batch([queries[0], Query(positive=["king"] * 8)])
+    finally:
+        server.stop()
+
+
+def test_query_chunks_respect_each_limit_and_keep_the_order() -> None:
+    limits = WordVectorsInfo(
+        model="m",
+        vocab_size=1000,
+        dim=2,
+        source="s",
+        device="cpu",
+        max_topn=100,
+        max_queries_per_request=3,
+        max_terms_per_request=5,
+        max_results_per_request=30,
+    )
+
+    def sizes(queries: list[Query], info: WordVectorsInfo = limits) -> list[int]:
+        chunks = _query_chunks(queries, info)
+        assert [q for chunk in chunks for q in chunk] == queries
+        return [len(chunk) for chunk in chunks]
+
+    one_term = Query(positive="a", topn=1)
+    assert sizes([one_term] * 7) == [3, 3, 1]  # queries
+    assert sizes([Query(positive=["a", "b"], negative="c", topn=1)] * 3) == [1, 1, 1]  # terms: 3 + 3 > 5
+    assert sizes([Query(positive="a", topn=20)] * 3) == [1, 1, 1]  # results: 20 + 20 > 30
+    # restrict_vocab caps a query's results, and so does the vocabulary.
+    assert sizes([Query(positive="a", topn=100, restrict_vocab=10)] * 4) == [3, 1]
+    assert sizes([Query(positive="a", topn=100)] * 2, replace(limits, vocab_size=15)) == [2]
+    # A query over a limit by itself goes alone; a limit of 0 (not reported) is no limit.
+    assert sizes([one_term, Query(positive=["a"] * 9), one_term]) == [1, 1, 1]
+    assert sizes([one_term] * 7, replace(limits, max_queries_per_request=0)) == [5, 2]
+
+
+async def test_large_requests_are_computed_off_the_event_loop(
+    loaded: ServerThread, default_components: Components, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call of many terms or pairs runs in a worker thread: on the event loop, one query of
+    65,536 terms held every other call for about half a second."""
+    model = default_components.word_vectors.model
+    on_the_loop: list[bool] = []
+
+    def spied(work: Any) -> Any:
+        def run(*args: Any) -> Any:
+            try:
+                asyncio.get_running_loop()
+                on_the_loop.append(True)
+            except RuntimeError:
+                on_the_loop.append(False)
+            return work(*args)
+
+        return run
+
+    monkeypatch.setattr(model, "prepare", spied(model.prepare))
+    monkeypatch.setattr(model, "similarity", spied(model.similarity))
+    async with AsyncClient(loaded.target) as client:
+        words = client.word_vectors
+        assert (await words.most_similar(["king", "woman"], ["man"], topn=1))[0][0] == "queen"
+        assert (await words.most_similar(["king"] * 300, topn=1))[0][0] == "prince"
+        await words.similarity_batch([("woman", "man")])
+        await words.similarity_batch([("woman", "man")] * 300)
+    assert on_the_loop == [True, False, True, False]
 
 
 def test_sync_client_and_cli(

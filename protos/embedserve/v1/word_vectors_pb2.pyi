@@ -577,6 +577,8 @@ class WordVectorsServiceInfoResponse(_message.Message):
     DEVICE_FIELD_NUMBER: _builtins.int
     MAX_TOPN_FIELD_NUMBER: _builtins.int
     MAX_QUERIES_PER_REQUEST_FIELD_NUMBER: _builtins.int
+    MAX_TERMS_PER_REQUEST_FIELD_NUMBER: _builtins.int
+    MAX_RESULTS_PER_REQUEST_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     vocab_size: _builtins.int
     dim: _builtins.int
@@ -584,6 +586,8 @@ class WordVectorsServiceInfoResponse(_message.Message):
     device: _builtins.str
     max_topn: _builtins.int
     max_queries_per_request: _builtins.int
+    max_terms_per_request: _builtins.int
+    max_results_per_request: _builtins.int
     def __init__(
         self,
         *,
@@ -594,10 +598,12 @@ class WordVectorsServiceInfoResponse(_message.Message):
         device: _builtins.str = ...,
         max_topn: _builtins.int = ...,
         max_queries_per_request: _builtins.int = ...,
+        max_terms_per_request: _builtins.int = ...,
+        max_results_per_request: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "dim", b"dim", "max_queries_per_request", b"max_queries_per_request", "max_topn", b"max_topn", "model", b"model", "source", b"source", "vocab_size", b"vocab_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "dim", b"dim", "max_queries_per_request", b"max_queries_per_request", "max_results_per_request", b"max_results_per_request", "max_terms_per_request", b"max_terms_per_request", "max_topn", b"max_topn", "model", b"model", "source", b"source", "vocab_size", b"vocab_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
