@@ -4,26 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 import numpy as np
 import numpy.typing as npt
 from embedserve.v1 import word_vectors_pb2, word_vectors_pb2_grpc
 
-from ._errors import EmbedServeError, NotFoundError, call_idempotent
+from ._errors import EmbedServeError, InvalidArgumentError, NotFoundError, call_idempotent
 from .tensor import from_tensor_pb, to_tensor_pb
-
-if TYPE_CHECKING:
-    from collections.abc import Awaitable
 
 _T = TypeVar("_T")
 _Item = TypeVar("_Item")
 _Answer = TypeVar("_Answer")
-# A batch larger than a server's request limits goes out as several requests, this many at a time.
+# A batch larger than a server's request limits goes out as several requests, this many at a time,
+# all within one call's timeout (the time.monotonic() by which the batch must be answered).
 _CHUNKS_IN_FLIGHT = 4
+_BATCH_DEADLINE: ContextVar[float | None] = ContextVar("embedserve_batch_deadline", default=None)
+_OVER_A_LIMIT = "over the server's --max-"
 # A term as gensim takes it: a word, a raw vector, or (word or vector, weight).
 TermLike = str | npt.ArrayLike | tuple[str | npt.ArrayLike, float]
 Terms = TermLike | Sequence[TermLike] | None
@@ -118,11 +120,12 @@ def _packed(queries: Sequence[Query]) -> word_vectors_pb2.PackedQueries:
     for query in queries:
         positive_counts.append(packer.add(query.positive))
         negative_counts.append(packer.add(query.negative))
-    topn = [q.topn for q in queries]
-    if None in topn:
-        raise ValueError("topn=None (all scores) is not served; pass an int")
+    _check_topn(queries)
     packed = word_vectors_pb2.PackedQueries(
-        words=packer.words, positive_counts=positive_counts, negative_counts=negative_counts, topn=topn
+        words=packer.words,
+        positive_counts=positive_counts,
+        negative_counts=negative_counts,
+        topn=[q.topn for q in queries],
     )
     if any(q.restrict_vocab is not None for q in queries):
         packed.restrict_vocab.extend([q.restrict_vocab or 0 for q in queries])
@@ -147,6 +150,42 @@ def _packed(queries: Sequence[Query]) -> word_vectors_pb2.PackedQueries:
         packed.vector_terms.extend(packer.vector_terms)
         packed.vectors.CopyFrom(to_tensor_pb(np.stack(packer.vectors)))
     return packed
+
+
+def _check_topn(queries: Sequence[Query]) -> None:
+    if any(q.topn is None for q in queries):
+        raise ValueError("topn=None (all scores) is not served; pass an int")
+
+
+def _by_count(items: Sequence[_Item], limits: WordVectorsInfo) -> list[Sequence[_Item]]:
+    """Items in chunks of the server's --max-queries-per-request."""
+    size = limits.max_queries_per_request or len(items)
+    return [items[start : start + size] for start in range(0, len(items), size)]
+
+
+async def _in_order(
+    send: Callable[[Sequence[_Item]], Awaitable[_Answer]], chunks: Sequence[Sequence[_Item]]
+) -> list[_Answer]:
+    """send(chunk) for each chunk, _CHUNKS_IN_FLIGHT at a time (the server scans concurrent
+    MostSimilar requests together); the answers in order, or the first failure, the rest cancelled."""
+    gate = asyncio.Semaphore(_CHUNKS_IN_FLIGHT)
+
+    async def gated(chunk: Sequence[_Item]) -> _Answer:
+        async with gate:
+            return await send(chunk)
+
+    tasks = [asyncio.ensure_future(gated(chunk)) for chunk in chunks]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in tasks:
+            failure = task.exception() if task.done() and not task.cancelled() else None
+            if failure is not None:
+                raise failure
+        return [task.result() for task in tasks]
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _query_chunks(queries: Sequence[Query], limits: WordVectorsInfo) -> list[Sequence[Query]]:
@@ -188,35 +227,48 @@ class AsyncWordVectors:
             self._info = await self.info()
         return self._info
 
-    async def _in_chunks(
-        self, chunks: Sequence[Sequence[_Item]], send: Callable[[Sequence[_Item]], Awaitable[_Answer]]
+    async def _batched(
+        self,
+        items: Sequence[_Item],
+        split: Callable[[Sequence[_Item], WordVectorsInfo], list[Sequence[_Item]]],
+        send: Callable[[Sequence[_Item]], Awaitable[_Answer]],
     ) -> list[_Answer]:
-        """Each chunk's answer, in order, a few requests in flight at once (the server scans
-        concurrent MostSimilar requests together)."""
-        in_flight = asyncio.Semaphore(_CHUNKS_IN_FLIGHT)
-
-        async def bounded(chunk: Sequence[_Item]) -> _Answer:
-            async with in_flight:
-                return await send(chunk)
-
-        return list(await asyncio.gather(*(bounded(chunk) for chunk in chunks)))
-
-    async def _by_count(self, items: Sequence[_Item]) -> list[Sequence[_Item]]:
-        """Items in chunks of the server's --max-queries-per-request (one chunk for one item)."""
+        """Each chunk's answer, in order: one request for one item, else chunks that fit the
+        server's limits, a few in flight, within one call's timeout. The first failure cancels the
+        rest and is raised. A chunk refused as over a limit makes the batch ask the limits again:
+        where they changed (asked of another replica, or before a restart with other flags), it
+        is split anew and sent once more."""
         if len(items) <= 1:
-            return [items]
-        limit = (await self._limits()).max_queries_per_request or len(items)
-        return [items[start : start + limit] for start in range(0, len(items), limit)]
+            return [await send(items)]
+        deadline = _BATCH_DEADLINE.set(time.monotonic() + self._timeout())
+        try:
+            for attempt in range(2):
+                limits = await self._limits()
+                try:
+                    return await _in_order(send, split(items, limits))
+                except InvalidArgumentError as failure:
+                    if attempt or _OVER_A_LIMIT not in failure.details:
+                        raise
+                    self._info = None
+                    if await self._limits() == limits:  # the request itself is over a limit
+                        raise
+            raise AssertionError("unreachable")
+        finally:
+            _BATCH_DEADLINE.reset(deadline)
 
     async def _call(self, method: Callable[..., Awaitable[_T]], request: Any) -> _T:
+        seconds = self._timeout()
+        batch_deadline = _BATCH_DEADLINE.get()
+        if batch_deadline is not None:
+            seconds = min(seconds, max(0.0, batch_deadline - time.monotonic()))
         try:
-            return await call_idempotent(method, request, self._timeout())
+            return await call_idempotent(method, request, seconds)
         except NotFoundError as failure:
             raise WordNotFoundError(failure.code, failure.details) from None
 
     async def get_vectors(self, words: Sequence[str]) -> tuple[npt.NDArray[np.float32], list[str]]:
         """[len(words), D] raw vectors (zero rows for unknown words) and the unknown words."""
-        parts = await self._in_chunks(await self._by_count(words), self._get_vectors)
+        parts = await self._batched(words, _by_count, self._get_vectors)
         if len(parts) == 1:
             return parts[0]
         missing = dict.fromkeys(word for _, part_missing in parts for word in part_missing)
@@ -237,9 +289,8 @@ class AsyncWordVectors:
     async def most_similar_batch(self, queries: Sequence[Query]) -> list[list[tuple[str, float]]]:
         """Many queries, scanned together: one request, or several where the batch is over the
         server's limits on queries, terms or results per request."""
-        if len(queries) <= 1:
-            return await self._most_similar(queries)
-        parts = await self._in_chunks(_query_chunks(queries, await self._limits()), self._most_similar)
+        _check_topn(queries)
+        parts = await self._batched(queries, _query_chunks, self._most_similar)
         return [ranked for part in parts for ranked in part]
 
     async def _most_similar(self, queries: Sequence[Query]) -> list[list[tuple[str, float]]]:
@@ -289,7 +340,7 @@ class AsyncWordVectors:
         return await self.most_similar(positive=[vector], topn=topn, restrict_vocab=restrict_vocab)
 
     async def similarity_batch(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
-        parts = await self._in_chunks(await self._by_count(pairs), self._similarity)
+        parts = await self._batched(pairs, _by_count, self._similarity)
         return [similarity for part in parts for similarity in part]
 
     async def _similarity(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
@@ -304,7 +355,7 @@ class AsyncWordVectors:
 
     async def distance_batch(self, pairs: Sequence[tuple[str, str]]) -> tuple[list[float], list[float]]:
         """(cosine distances, euclidean distances of the raw vectors) for each pair."""
-        parts = await self._in_chunks(await self._by_count(pairs), self._distance)
+        parts = await self._batched(pairs, _by_count, self._distance)
         return [x for cosine, _ in parts for x in cosine], [x for _, euclidean in parts for x in euclidean]
 
     async def _distance(self, pairs: Sequence[tuple[str, str]]) -> tuple[list[float], list[float]]:

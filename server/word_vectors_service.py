@@ -91,8 +91,12 @@ def _query(query: word_vectors_pb2.SimilarityQuery) -> SimilarityQuery:
     )
 
 
-async def _in_worker_if(large: bool, work: Callable[[], _T]) -> _T:
-    return await asyncio.to_thread(work) if large else work()
+def _result_bound(topn: npt.NDArray[np.int64], restrict_vocab: npt.NDArray[np.int64], vocab_size: int) -> int:
+    """The most ranked results these queries can return: each one's topn, capped by the rows it
+    may rank (restrict_vocab where given, i.e. > 0, and the vocabulary). Values prepare() will
+    refuse count as 0."""
+    rows = np.where(restrict_vocab > 0, np.minimum(restrict_vocab, vocab_size), vocab_size)
+    return int(np.clip(np.minimum(topn, rows), 0, None).sum())
 
 
 class WordVectorsServicer(word_vectors_pb2_grpc.WordVectorsServiceServicer):
@@ -100,6 +104,11 @@ class WordVectorsServicer(word_vectors_pb2_grpc.WordVectorsServiceServicer):
         self._slot = slot
         self._config = config
         self._batcher: MicroBatcher[PreparedBatch, RankedLists] | None = None
+
+    async def _in_worker_if(self, large: bool, work: Callable[[], _T]) -> _T:
+        if not large:
+            return work()
+        return await asyncio.get_running_loop().run_in_executor(self._slot.request_executor, work)
 
     def _check_count(self, count: int, what: str) -> None:
         if count == 0:
@@ -116,7 +125,7 @@ class WordVectorsServicer(word_vectors_pb2_grpc.WordVectorsServiceServicer):
     ) -> word_vectors_pb2.GetVectorsResponse:
         self._check_count(len(request.words), "words")
         model = self._slot.model
-        vectors, missing = await _in_worker_if(
+        vectors, missing = await self._in_worker_if(
             len(request.words) > _INLINE_ITEMS, lambda: model.get_vectors(list(request.words))
         )
         return word_vectors_pb2.GetVectorsResponse(
@@ -141,23 +150,28 @@ class WordVectorsServicer(word_vectors_pb2_grpc.WordVectorsServiceServicer):
                 f"{self._config.max_terms_per_request}"
             )
         model = self._slot.model
-
-        def prepared() -> PreparedBatch:
-            columns = (
-                _packed_columns(packed)
-                if packed
-                else model.query_columns([_query(q) for q in request.queries])
-            )
-            return model.prepare(columns)
-
-        batch = await _in_worker_if(terms > _INLINE_ITEMS, prepared)
-        results = int(np.minimum(batch.topn, batch.end).sum())
+        if packed:
+            topn = np.array(packed.topn, np.int64)
+            restrict_vocab = np.array(packed.restrict_vocab, np.int64)
+            if len(restrict_vocab) != len(topn):  # none given, or a mismatch prepare() will name
+                restrict_vocab = np.zeros_like(topn)
+        else:
+            topn = np.array([q.topn if q.HasField("topn") else 10 for q in request.queries], np.int64)
+            restrict_vocab = np.array([q.restrict_vocab for q in request.queries], np.int64)
+        results = _result_bound(topn, restrict_vocab, model.vocab_size)
         if results > self._config.max_results_per_request:
             raise LimitExceeded(
                 f"up to {results} ranked results (the queries' topn, capped by the vocabulary each may "
                 f"rank) are over the server's --max-results-per-request "
                 f"{self._config.max_results_per_request}; ask for fewer queries or a smaller topn"
             )
+
+        def prepared() -> PreparedBatch:
+            if packed:
+                return model.prepare(_packed_columns(packed))
+            return model.prepare(model.query_columns([_query(q) for q in request.queries]))
+
+        batch = await self._in_worker_if(terms > _INLINE_ITEMS, prepared)
         if self._batcher is None:
             self._batcher = MicroBatcher(
                 model.search_many, executor=self._slot.executor, max_items=1024, size=len
@@ -165,7 +179,7 @@ class WordVectorsServicer(word_vectors_pb2_grpc.WordVectorsServiceServicer):
         timed = await self._batcher.submit([batch])
         add_timings(context, queue=timed.queue_seconds, compute=timed.compute_seconds)
         ranked = timed.outputs[0]
-        return await _in_worker_if(
+        return await self._in_worker_if(
             len(ranked.rows) > _INLINE_RESULTS,
             lambda: word_vectors_pb2.MostSimilarResponse(
                 result_counts=ranked.counts.tolist(),
@@ -183,7 +197,7 @@ class WordVectorsServicer(word_vectors_pb2_grpc.WordVectorsServiceServicer):
         self, request: word_vectors_pb2.SimilarityRequest, context: Context
     ) -> word_vectors_pb2.SimilarityResponse:
         pairs, model = self._pairs(list(request.pairs)), self._slot.model
-        similarities = await _in_worker_if(len(pairs) > _INLINE_ITEMS, lambda: model.similarity(pairs))
+        similarities = await self._in_worker_if(len(pairs) > _INLINE_ITEMS, lambda: model.similarity(pairs))
         return word_vectors_pb2.SimilarityResponse(similarities=_float32_pb(similarities))
 
     @unary_errors
@@ -191,7 +205,9 @@ class WordVectorsServicer(word_vectors_pb2_grpc.WordVectorsServiceServicer):
         self, request: word_vectors_pb2.DistanceRequest, context: Context
     ) -> word_vectors_pb2.DistanceResponse:
         pairs, model = self._pairs(list(request.pairs)), self._slot.model
-        cosine, euclidean = await _in_worker_if(len(pairs) > _INLINE_ITEMS, lambda: model.distance(pairs))
+        cosine, euclidean = await self._in_worker_if(
+            len(pairs) > _INLINE_ITEMS, lambda: model.distance(pairs)
+        )
         return word_vectors_pb2.DistanceResponse(cosine=_float32_pb(cosine), euclidean=_float32_pb(euclidean))
 
     @unary_errors
@@ -200,7 +216,7 @@ class WordVectorsServicer(word_vectors_pb2_grpc.WordVectorsServiceServicer):
     ) -> word_vectors_pb2.DoesntMatchResponse:
         self._check_count(len(request.words), "words")
         words, model = list(request.words), self._slot.model
-        odd_one = await _in_worker_if(len(words) > _INLINE_ITEMS, lambda: model.doesnt_match(words))
+        odd_one = await self._in_worker_if(len(words) > _INLINE_ITEMS, lambda: model.doesnt_match(words))
         return word_vectors_pb2.DoesntMatchResponse(word=odd_one)
 
     @unary_errors

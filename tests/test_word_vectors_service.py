@@ -28,6 +28,7 @@ from embedserve.client.tensor import to_tensor_pb
 from embedserve.server.app import Components
 from embedserve.server.cli import main
 from embedserve.server.core.word_vector_slot import WordVectorSlot
+from embedserve.server.word_vectors_service import _result_bound
 from embedserve.v1 import word_vectors_pb2, word_vectors_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -359,6 +360,14 @@ async def test_batches_over_the_servers_limits_are_split(default_components: Com
     try:
         async with AsyncClient(server.target) as client:
             vectors = client.word_vectors
+            info_calls = [0]
+            ask_info = vectors.info
+
+            async def counted_info() -> WordVectorsInfo:
+                info_calls[0] += 1
+                return await ask_info()
+
+            vectors.info = counted_info  # type: ignore[method-assign]
             split = await vectors.most_similar_batch(queries)
             assert len(split) == len(queries)
             for query, ranked in zip(queries, split, strict=True):
@@ -376,9 +385,21 @@ async def test_batches_over_the_servers_limits_are_split(default_components: Com
                 [await vectors.distance(*p) for p in pairs],
                 [await vectors.euclidean_distance(*p) for p in pairs],
             )
-            # A single query over a limit goes alone, and the server says which limit.
+            assert info_calls == [1]
+            # A single query over a limit goes alone, and the server says which limit (the SDK
+            # asks the limits again, finds them unchanged, and does not resend).
             with pytest.raises(InvalidArgumentError, match="8 terms are over"):
                 await vectors.most_similar_batch([queries[0], Query(positive=["king"] * 8)])
+            assert info_calls == [2]
+            # A failing chunk fails the batch with its own error (the rest are cancelled).
+            with pytest.raises(WordNotFoundError, match="nosuchword"):
+                await vectors.most_similar_batch([*queries, Query(positive="nosuchword"), *queries])
+            assert info_calls == [2]
+            # Limits asked before the server's changed (a restart, another replica): the refused
+            # chunk makes the SDK ask again, once, and the batch goes through.
+            vectors._info = replace(await vectors.info(), max_queries_per_request=1000)
+            assert len(await vectors.most_similar_batch(queries)) == len(queries)
+            assert info_calls == [3]
     finally:
         server.stop()
 
@@ -411,6 +432,10 @@ def test_query_chunks_respect_each_limit_and_keep_the_order() -> None:
     # A query over a limit by itself goes alone; a limit of 0 (not reported) is no limit.
     assert sizes([one_term, Query(positive=["a"] * 9), one_term]) == [1, 1, 1]
     assert sizes([one_term] * 7, replace(limits, max_queries_per_request=0)) == [5, 2]
+    # The server's own count: topn capped by restrict_vocab (> 0) and the vocabulary; what
+    # prepare() refuses (negative values) counts as nothing.
+    topn = np.array([5, 50, 50, 50, -3])
+    assert _result_bound(topn, np.array([0, 0, 20, 500, 0]), vocab_size=30) == 5 + 30 + 20 + 30
 
 
 async def test_large_requests_are_computed_off_the_event_loop(
@@ -419,28 +444,47 @@ async def test_large_requests_are_computed_off_the_event_loop(
     """A call of many terms or pairs runs in a worker thread: on the event loop, one query of
     65,536 terms held every other call for about half a second."""
     model = default_components.word_vectors.model
-    on_the_loop: list[bool] = []
+    calls: list[tuple[str, bool]] = []  # (method, whether it ran on the event loop's thread)
 
-    def spied(work: Any) -> Any:
+    def spied(name: str, work: Any) -> Any:
         def run(*args: Any) -> Any:
             try:
                 asyncio.get_running_loop()
-                on_the_loop.append(True)
+                calls.append((name, True))
             except RuntimeError:
-                on_the_loop.append(False)
+                calls.append((name, False))
             return work(*args)
 
         return run
 
-    monkeypatch.setattr(model, "prepare", spied(model.prepare))
-    monkeypatch.setattr(model, "similarity", spied(model.similarity))
+    for method in ("prepare", "get_vectors", "similarity", "distance", "doesnt_match"):
+        monkeypatch.setattr(model, method, spied(method, getattr(model, method)))
     async with AsyncClient(loaded.target) as client:
         words = client.word_vectors
         assert (await words.most_similar(["king", "woman"], ["man"], topn=1))[0][0] == "queen"
         assert (await words.most_similar(["king"] * 300, topn=1))[0][0] == "prince"
-        await words.similarity_batch([("woman", "man")])
+        await words.get_vectors(["king"] * 2)
+        await words.get_vectors(["king"] * 300)
+        await words.similarity_batch([("woman", "man")] * 2)
         await words.similarity_batch([("woman", "man")] * 300)
-    assert on_the_loop == [True, False, True, False]
+        await words.distance_batch([("woman", "man")] * 2)
+        await words.distance_batch([("woman", "man")] * 300)
+        await words.doesnt_match(["breakfast", "cereal", "dinner", "lunch"])
+        await words.doesnt_match(["breakfast", "cereal", "dinner", "lunch"] * 75)
+    assert calls == [
+        ("prepare", True),
+        ("prepare", False),
+        ("get_vectors", True),
+        ("get_vectors", False),
+        ("similarity", True),
+        ("similarity", False),
+        ("distance", True),
+        ("similarity", True),  # distance's cosine part
+        ("distance", False),
+        ("similarity", False),
+        ("doesnt_match", True),
+        ("doesnt_match", False),
+    ]
 
 
 def test_sync_client_and_cli(

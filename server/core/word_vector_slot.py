@@ -36,6 +36,11 @@ class WordVectorSlot:
         self._callbacks: list[Callable[[bool], None]] = []
         # The one thread that runs vector scans; batchers of every server share it.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedserve-vectors")
+        # Large requests' decoding, preparation and replies, off the event loop: two at a time, so
+        # many large calls at once queue here rather than all holding their term vectors together.
+        self.request_executor = ThreadPoolExecutor(
+            max_workers=2, thread_name_prefix="embedserve-vector-requests"
+        )
 
     @property
     def enabled(self) -> bool:
@@ -103,6 +108,7 @@ class WordVectorSlot:
         """Stops the scans and any load in progress; False when the load did not stop within `timeout`."""
         self._cancel.set()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.request_executor.shutdown(wait=False, cancel_futures=True)
         if self._thread is not None:
             self._thread.join(timeout)
         return not self.loading
