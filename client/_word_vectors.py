@@ -120,12 +120,11 @@ def _packed(queries: Sequence[Query]) -> word_vectors_pb2.PackedQueries:
     for query in queries:
         positive_counts.append(packer.add(query.positive))
         negative_counts.append(packer.add(query.negative))
-    _check_topn(queries)
+    topn = [q.topn for q in queries]
+    if None in topn:
+        raise ValueError("topn=None (all scores) is not served; pass an int")
     packed = word_vectors_pb2.PackedQueries(
-        words=packer.words,
-        positive_counts=positive_counts,
-        negative_counts=negative_counts,
-        topn=[q.topn for q in queries],
+        words=packer.words, positive_counts=positive_counts, negative_counts=negative_counts, topn=topn
     )
     if any(q.restrict_vocab is not None for q in queries):
         packed.restrict_vocab.extend([q.restrict_vocab or 0 for q in queries])
@@ -150,11 +149,6 @@ def _packed(queries: Sequence[Query]) -> word_vectors_pb2.PackedQueries:
         packed.vector_terms.extend(packer.vector_terms)
         packed.vectors.CopyFrom(to_tensor_pb(np.stack(packer.vectors)))
     return packed
-
-
-def _check_topn(queries: Sequence[Query]) -> None:
-    if any(q.topn is None for q in queries):
-        raise ValueError("topn=None (all scores) is not served; pass an int")
 
 
 def _by_count(items: Sequence[_Item], limits: WordVectorsInfo) -> list[Sequence[_Item]]:
@@ -188,27 +182,39 @@ async def _in_order(
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _query_chunks(queries: Sequence[Query], limits: WordVectorsInfo) -> list[Sequence[Query]]:
+def _query_chunks(
+    queries: Sequence[Query], limits: WordVectorsInfo, packed: word_vectors_pb2.PackedQueries | None = None
+) -> list[Sequence[Query]]:
     """Consecutive runs of queries that each fit the server's per-request limits (a limit of 0,
     from a server that does not report it, is no limit). A query over a limit by itself goes
-    alone, for the server to refuse."""
+    alone, for the server to refuse. `packed`: these queries' columns, where already made."""
+    if packed is None:
+        packed = _packed(queries)
+    terms = np.add(packed.positive_counts, packed.negative_counts, dtype=np.int64)
     vocab_size = limits.vocab_size
+    rows = np.full(len(queries), vocab_size, np.int64)
+    if packed.restrict_vocab:
+        restrict_vocab = np.array(packed.restrict_vocab, np.int64)
+        rows = np.where(restrict_vocab > 0, np.minimum(restrict_vocab, vocab_size), vocab_size)
+    results = np.clip(np.minimum(np.array(packed.topn, np.int64), rows), 0, None)
+    most_queries = limits.max_queries_per_request or math.inf
+    most_terms = limits.max_terms_per_request or math.inf
+    most_results = limits.max_results_per_request or math.inf
+    if len(queries) <= most_queries and terms.sum() <= most_terms and results.sum() <= most_results:
+        return [queries]
     chunks: list[Sequence[Query]] = []
-    first = terms = results = 0
-    for index, query in enumerate(queries):
-        query_terms = len(_items(query.positive)) + len(_items(query.negative))
-        rows = min(query.restrict_vocab or vocab_size, vocab_size)
-        query_results = max(0, min(query.topn, rows))
+    first = chunk_terms = chunk_results = 0
+    for index, (query_terms, query_results) in enumerate(zip(terms.tolist(), results.tolist(), strict=True)):
         over = (
-            index - first >= (limits.max_queries_per_request or math.inf)
-            or terms + query_terms > (limits.max_terms_per_request or math.inf)
-            or results + query_results > (limits.max_results_per_request or math.inf)
+            index - first >= most_queries
+            or chunk_terms + query_terms > most_terms
+            or chunk_results + query_results > most_results
         )
         if over and index > first:
             chunks.append(queries[first:index])
-            first, terms, results = index, 0, 0
-        terms += query_terms
-        results += query_results
+            first, chunk_terms, chunk_results = index, 0, 0
+        chunk_terms += query_terms
+        chunk_results += query_results
     chunks.append(queries[first:])
     return chunks
 
@@ -289,12 +295,21 @@ class AsyncWordVectors:
     async def most_similar_batch(self, queries: Sequence[Query]) -> list[list[tuple[str, float]]]:
         """Many queries, scanned together: one request, or several where the batch is over the
         server's limits on queries, terms or results per request."""
-        _check_topn(queries)
-        parts = await self._batched(queries, _query_chunks, self._most_similar)
+        if len(queries) <= 1:
+            return await self._most_similar(queries)
+        # Packed once: the columns size the chunks, and a batch that fits goes out as it is.
+        packed = _packed(queries)
+        parts = await self._batched(
+            queries,
+            lambda items, limits: _query_chunks(items, limits, packed),
+            lambda chunk: self._most_similar(chunk, packed if len(chunk) == len(queries) else None),
+        )
         return [ranked for part in parts for ranked in part]
 
-    async def _most_similar(self, queries: Sequence[Query]) -> list[list[tuple[str, float]]]:
-        request = word_vectors_pb2.MostSimilarRequest(packed=_packed(queries))
+    async def _most_similar(
+        self, queries: Sequence[Query], packed: word_vectors_pb2.PackedQueries | None = None
+    ) -> list[list[tuple[str, float]]]:
+        request = word_vectors_pb2.MostSimilarRequest(packed=_packed(queries) if packed is None else packed)
         reply = await self._call(self._stub.MostSimilar, request)
         counts = list(reply.result_counts)
         words = list(reply.words)
