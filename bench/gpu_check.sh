@@ -36,7 +36,8 @@ if "$PYTHON" -c "import gensim" 2>/dev/null; then
     WV_JSON=()
     if [ -n "${OUT:-}" ]; then WV_JSON=(--json "$OUT/gpu_word_vectors.json"); fi
     timeout 240 "$PYTHON" bench/word_vectors.py --device cuda --prefilter on --word-vectors none \
-        --synthetic 1000000x300 --batch 2048 --in-flight 4 --results "${RESULTS:-bench/RESULTS.md}" \
+        --synthetic 1000000x300 --batch 2048 --in-flight 4 --client-process \
+        --results "${RESULTS:-bench/RESULTS.md}" \
         "${WV_JSON[@]}"
 else
     echo "gensim is not importable: MostSimilar against gensim skipped (put its wheel in WHEEL_DIR)"

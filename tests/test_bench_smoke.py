@@ -14,7 +14,16 @@ SERVING = Path(__file__).resolve().parents[1] / "bench" / "serving.py"
 def test_word_vectors_benchmark_smoke(tmp_path: Path) -> None:
     out = tmp_path / "smoke.json"
     result = subprocess.run(
-        [sys.executable, str(BENCH), "--smoke", "--word-vectors", "none", "--json", str(out)],
+        [
+            sys.executable,
+            str(BENCH),
+            "--smoke",
+            "--word-vectors",
+            "none",
+            "--client-process",
+            "--json",
+            str(out),
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -23,6 +32,7 @@ def test_word_vectors_benchmark_smoke(tmp_path: Path) -> None:
     (synthetic,) = json.loads(out.read_text())["results"]
     assert synthetic["matched"] == synthetic["compared"] > 0
     assert synthetic["server_ms"] > 0
+    assert synthetic["server_apart_ms"] > 0  # the same calls from a client in another process
     assert synthetic["search_float32_ms"] > 0
 
 
