@@ -35,7 +35,7 @@ timeout 150 "$PYTHON" bench/serving.py --device cuda --sections ab --seconds 2 \
 if "$PYTHON" -c "import gensim" 2>/dev/null; then
     WV_JSON=()
     if [ -n "${OUT:-}" ]; then WV_JSON=(--json "$OUT/gpu_word_vectors.json"); fi
-    timeout 240 "$PYTHON" bench/word_vectors.py --device cuda --prefilter on --word-vectors none \
+    timeout 280 "$PYTHON" bench/word_vectors.py --device cuda --prefilter on --word-vectors none \
         --synthetic 1000000x300 --batch 2048 --in-flight 4 --client-process \
         --results "${RESULTS:-bench/RESULTS.md}" \
         "${WV_JSON[@]}"
