@@ -13,10 +13,11 @@ vocabulary words, it measures
    off the server, on the same queries (to tell the scan from the gRPC path), with the
    bfloat16 prefilter (where the server uses it) and without;
 3. the GEMM limit: a bare float32 torch.mm of [queries x dim] by [dim x vocab], blocked over
-   the vocabulary (the fastest of 4096, 8192 and 32768 rows on CPU; the server's blocking on
-   a GPU), with no top-k; with the prefilter, the same product in bfloat16 as well. Server
-   calls and GEMM passes alternate (--rounds of each), and the share of the GEMM limit is
-   the median of the rounds' ratios, so a slow spell of a shared machine slows both;
+   the vocabulary (the fastest of 4096, 8192 and 32768 rows on CPU, the server's blocking on
+   a GPU; each as that product and as its transpose, rows first), with no top-k; with the
+   prefilter, the same product in bfloat16 as well. Server calls and GEMM passes alternate
+   (--rounds of each), and the share of the GEMM limit is the median of the rounds' ratios,
+   so a slow spell of a shared machine slows both;
 4. verification: on the words gensim ran, the server's top-10 equals gensim's (a
    different word only where gensim scores both within 1e-6) with scores within 1e-5.
 
@@ -274,33 +275,46 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+Blocking = tuple[int, bool]  # (vocabulary rows per product, whether the product is rows first)
+
+
 def time_gemm(
     vectors: torch.Tensor,
     queries: torch.Tensor,
     repeats: int,
     dtype: torch.dtype = torch.float32,
-    blockings: tuple[int, ...] | None = None,
-) -> tuple[float, int]:
+    blockings: tuple[Blocking, ...] | None = None,
+) -> tuple[float, Blocking]:
     """ms per query of a bare [Q x D] @ [D x V] product, blocked over the vocabulary, and the
-    blocking: the fastest of `blockings` (default gemm_block_rows) and the best of `repeats`
+    blocking: the fastest of `blockings` (default: gemm_block_rows, each as [Q x D] @ [D x rows]
+    and as its transpose [rows x D] @ [D x Q], since a BLAS may be faster at one than the other;
+    the server's CPU scan takes the second for 16 queries or more) and the best of `repeats`
     (after a warm-up pass each)."""
     vectors, queries = vectors.to(DEVICE, dtype), queries.to(DEVICE, dtype)
+    queries_t = queries.T.contiguous()
     count, rows = vectors.shape[0], queries.shape[0]
-    best, best_block = math.inf, 0
-    for block in blockings or gemm_block_rows(rows, count):
+    best, best_blocking = math.inf, (0, False)
+    tried = blockings or tuple(
+        (block, rows_first) for block in gemm_block_rows(rows, count) for rows_first in (False, True)
+    )
+    for block, rows_first in tried:
         buffer = torch.empty(rows * min(block, count), dtype=dtype, device=DEVICE)  # reused
         with torch.inference_mode():
             for repeat in range(repeats + 1):
                 started = time.perf_counter()
                 for start in range(0, count, block):
                     stop = min(start + block, count)
-                    out = buffer[: rows * (stop - start)].view(rows, stop - start)
-                    torch.mm(queries, vectors[start:stop].T, out=out)
+                    if rows_first:
+                        out = buffer[: rows * (stop - start)].view(stop - start, rows)
+                        torch.mm(vectors[start:stop], queries_t, out=out)
+                    else:
+                        out = buffer[: rows * (stop - start)].view(rows, stop - start)
+                        torch.mm(queries, vectors[start:stop].T, out=out)
                 _sync()
                 elapsed = time.perf_counter() - started
                 if repeat and elapsed < best:  # the first pass is a warm-up
-                    best, best_block = elapsed, block
-    return best * 1000 / rows, best_block
+                    best, best_blocking = elapsed, (block, rows_first)
+    return best * 1000 / rows, best_blocking
 
 
 # Verification
@@ -590,7 +604,8 @@ def append_results(path: Path, results: list[Result], info: dict[str, Any], smok
         ),
         "- ms/q is per query; search = WordVectors.search alone (no gRPC), float32 search = the same "
         "with the bfloat16 prefilter off; GEMM = bare float32 torch.mm in the fastest of several "
-        "blockings, bf16 GEMM the same in bfloat16 (the prefilter's first pass); server and GEMM "
+        "blockings and of both orientations (queries x rows, rows x queries), bf16 GEMM the same "
+        "in bfloat16 (the prefilter's first pass); server and GEMM "
         f"alternate {plan.rounds} times and each is the median; server % GEMM = the median of the "
         "rounds' float32 GEMM ms / server ms (over 100% where the prefilter does less than that product)",
         "",

@@ -245,6 +245,14 @@ def test_threshold_scan_over_many_blocks_matches_gensim(
     model.candidate_scan = candidate_scan
     prefiltered = _count_prefiltered_blocks(monkeypatch)
     candidate_blocks, rescanned = _count_candidate_blocks(monkeypatch)
+    rows_first: list[int] = []  # float32 3CosAdd blocks scored [rows, queries] (16 queries or more)
+    add_rows_block = vectors_module._RunningTopK.add_rows_block
+
+    def counted_rows_block(self: Any, *args: Any) -> None:
+        rows_first.append(1)
+        add_rows_block(self, *args)
+
+    monkeypatch.setattr(vectors_module._RunningTopK, "add_rows_block", counted_rows_block)
     specs = list(_random_queries(rng, kv, 120))
     queries = [_similarity_query(q) for q in specs]
     with np.errstate(invalid="ignore", divide="ignore"):  # gensim divides by the zero vector's norm
@@ -263,6 +271,9 @@ def test_threshold_scan_over_many_blocks_matches_gensim(
             assert_same_ranking(got, [(w, s) for w, s in expected if w != "w17"])
     assert (len(prefiltered) > 20) == (prefilter and not candidate_scan), len(prefiltered)
     assert (len(candidate_blocks) > 20) == candidate_scan, len(candidate_blocks)
+    # (with the prefilter, the blocks before it pays are scored rows first in float32)
+    assert (len(rows_first) > 0) == (not candidate_scan), len(rows_first)
+    assert len(rows_first) > 20 or prefilter or candidate_scan, len(rows_first)
     if candidate_scan:  # on vectors without clusters of near-ties, almost every query is settled
         assert len(rescanned) <= len(specs) // 10 + len([q for q in specs if q["cosmul"]]), len(rescanned)
 
