@@ -210,13 +210,22 @@ def time_gensim(kv: KeyedVectors, words: list[str]) -> tuple[float, list[list[tu
 
 
 def same_rankings(a: list[list[tuple[str, float]]], b: list[list[tuple[str, float]]]) -> bool:
-    """The same words in the same order, scores within float32 rounding (how concurrent calls
-    coalesce changes the products' shapes, and so their rounding)."""
-    return len(a) == len(b) and all(
-        [w for w, _ in x] == [w for w, _ in y]
-        and all(abs(p - q) <= 1e-6 for (_, p), (_, q) in zip(x, y, strict=True))
-        for x, y in zip(a, b, strict=True)
-    )
+    """Position by position the same scores within float32 rounding, and the same words except
+    where two scored within TIE_TOLERANCE swapped (how concurrent calls coalesce changes the
+    products' shapes and orientation, and so their rounding)."""
+
+    def agree(x: list[tuple[str, float]], y: list[tuple[str, float]]) -> bool:
+        if len(x) != len(y) or any(abs(p - q) > 1e-6 for (_, p), (_, q) in zip(x, y, strict=True)):
+            return False
+        y_scores = dict(y)
+        return all(
+            word == other
+            or abs(y_scores.get(word, -math.inf) - score) <= TIE_TOLERANCE
+            or index == len(x) - 1
+            for index, ((word, score), (other, _)) in enumerate(zip(x, y, strict=True))
+        )
+
+    return len(a) == len(b) and all(agree(x, y) for x, y in zip(a, b, strict=True))
 
 
 def time_server_blocking(

@@ -278,6 +278,58 @@ def test_threshold_scan_over_many_blocks_matches_gensim(
         assert len(rescanned) <= len(specs) // 10 + len([q for q in specs if q["cosmul"]]), len(rescanned)
 
 
+@pytest.mark.parametrize(("rows", "queries", "k"), [(2560, 20, 1), (2560, 20, 3), (512, 17, 2), (100, 16, 5)])
+def test_rows_first_candidates_hold_the_columns_first_best(rows: int, queries: int, k: int) -> None:
+    """_row_block_candidates on a [rows, queries] block keeps each query's k best rows, as
+    _block_candidates does on the [queries, rows] one (the grouped path from 4 * 64 * k rows)."""
+    scores = torch.randn(queries, rows, generator=torch.Generator().manual_seed(rows + k))
+
+    def best_rows(candidate_scores: torch.Tensor, candidate_rows: torch.Tensor) -> torch.Tensor:
+        top = torch.topk(candidate_scores, k, dim=1).indices
+        return candidate_rows.gather(1, top).sort(dim=1).values
+
+    expected = best_rows(*vectors_module._block_candidates(scores, k))
+    assert torch.equal(best_rows(*vectors_module._row_block_candidates(scores.T.contiguous(), k)), expected)
+
+
+def test_rows_first_scan_answers_as_columns_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """60 queries over 20,480 rows in the default blocks: a first block of 17,472 rows (group
+    candidates) and a second one collected above the thresholds, rows first; the same words as
+    the [queries, rows] scan, with restrict_vocab and the queries' own words left out."""
+    rng = np.random.default_rng(29)
+    words = [f"w{i}" for i in range(20_480)]
+    model = WordVectors(
+        words,
+        rng.standard_normal((20_480, 16), dtype=np.float32),
+        name="r",
+        source="r",
+        device=CPU,
+        prefilter=False,
+    )
+    queries = [
+        SimilarityQuery(
+            positive=(Term(words[int(rng.integers(20_480))]), Term(words[int(rng.integers(20_480))])),
+            negative=(Term(words[int(rng.integers(20_480))]),),
+            topn=int(rng.choice([1, 10, 40])),
+            restrict_vocab=None if rng.random() < 0.5 else int(rng.integers(100, 20_480)),
+        )
+        for _ in range(60)
+    ]
+    blocks: list[int] = []
+    add_rows_block = vectors_module._RunningTopK.add_rows_block
+
+    def counted(self: Any, scores_t: torch.Tensor, start: int) -> None:
+        blocks.append(scores_t.shape[0])
+        add_rows_block(self, scores_t, start)
+
+    monkeypatch.setattr(vectors_module._RunningTopK, "add_rows_block", counted)
+    rows_first = model.most_similar(queries)
+    assert blocks == [17_472, 3_008]
+    monkeypatch.setattr(vectors_module, "_ROWS_FIRST_QUERIES", 10**9)
+    for got, expected in zip(rows_first, model.most_similar(queries), strict=True):
+        assert_same_ranking(got, expected)
+
+
 def test_prefilter_margin_bounds_bfloat16_products() -> None:
     """The margin holds for unit rows however their weight is spread (even, spiky, one-hot) and
     for unit, short and zero queries, at small and large dims."""
