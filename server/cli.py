@@ -89,7 +89,7 @@ def _client_options(args: argparse.Namespace) -> dict[str, Any]:
 # through the kernel, which on 2 cores made a word-vector scan's small operators twice as slow.
 # Active waiting for a bounded spin count and sleeping after keeps them quicker and costs nothing
 # at idle. (While threads outnumber cores, libgomp still caps the spin at 1,000 iterations under
-# ACTIVE, 100 otherwise: GOMP_SPINCOUNT applies only below that; see the README.)
+# ACTIVE, 100 by default: GOMP_SPINCOUNT applies only below that; see the README.)
 OPENMP_WAITING = {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "300000"}
 
 
