@@ -295,8 +295,6 @@ class AsyncWordVectors:
     async def most_similar_batch(self, queries: Sequence[Query]) -> list[list[tuple[str, float]]]:
         """Many queries, scanned together: one request, or several where the batch is over the
         server's limits on queries, terms or results per request."""
-        if len(queries) <= 1:
-            return await self._most_similar(queries)
         # Packed once: the columns size the chunks, and a batch that fits goes out as it is.
         packed = _packed(queries)
         parts = await self._batched(

@@ -27,6 +27,8 @@ _T = TypeVar("_T")
 # a second. The thread hop (~0.1 ms) would be most of a small request's time.
 _INLINE_ITEMS = 256
 _INLINE_RESULTS = 16384
+# gensim's default, for a one-message-per-query query without topn.
+_DEFAULT_TOPN = 10
 
 _METHODS = {
     word_vectors_pb2.SIMILARITY_METHOD_UNSPECIFIED: "add",
@@ -85,7 +87,7 @@ def _query(query: word_vectors_pb2.SimilarityQuery) -> SimilarityQuery:
     return SimilarityQuery(
         positive=tuple(_term(t) for t in query.positive),
         negative=tuple(_term(t) for t in query.negative),
-        topn=query.topn if query.HasField("topn") else 10,
+        topn=query.topn if query.HasField("topn") else _DEFAULT_TOPN,
         restrict_vocab=query.restrict_vocab if query.HasField("restrict_vocab") else None,
         method=method,  # type: ignore[arg-type]
     )
@@ -156,7 +158,8 @@ class WordVectorsServicer(word_vectors_pb2_grpc.WordVectorsServiceServicer):
             if len(restrict_vocab) != len(topn):  # none given, or a mismatch prepare() will name
                 restrict_vocab = np.zeros_like(topn)
         else:
-            topn = np.array([q.topn if q.HasField("topn") else 10 for q in request.queries], np.int64)
+            topns = [q.topn if q.HasField("topn") else _DEFAULT_TOPN for q in request.queries]
+            topn = np.array(topns, np.int64)
             restrict_vocab = np.array([q.restrict_vocab for q in request.queries], np.int64)
         results = _result_bound(topn, restrict_vocab, model.vocab_size)
         if results > self._config.max_results_per_request:
