@@ -27,8 +27,6 @@ _T = TypeVar("_T")
 # a second. The thread hop (~0.1 ms) would be most of a small request's time.
 _INLINE_ITEMS = 256
 _INLINE_RESULTS = 16384
-# gensim's default, for a one-message-per-query query without topn.
-_DEFAULT_TOPN = 10
 
 _METHODS = {
     word_vectors_pb2.SIMILARITY_METHOD_UNSPECIFIED: "add",
@@ -87,17 +85,21 @@ def _query(query: word_vectors_pb2.SimilarityQuery) -> SimilarityQuery:
     return SimilarityQuery(
         positive=tuple(_term(t) for t in query.positive),
         negative=tuple(_term(t) for t in query.negative),
-        topn=query.topn if query.HasField("topn") else _DEFAULT_TOPN,
+        topn=query.topn if query.HasField("topn") else 10,
         restrict_vocab=query.restrict_vocab if query.HasField("restrict_vocab") else None,
         method=method,  # type: ignore[arg-type]
     )
 
 
-def _result_bound(topn: npt.NDArray[np.int64], restrict_vocab: npt.NDArray[np.int64], vocab_size: int) -> int:
+def _result_bound(topn: npt.ArrayLike, restrict_vocab: npt.ArrayLike, vocab_size: int) -> int:
     """The most ranked results these queries can return: each one's topn, capped by the rows it
     may rank (restrict_vocab where given, i.e. > 0, and the vocabulary). Values prepare() will
-    refuse count as 0."""
-    rows = np.where(restrict_vocab > 0, np.minimum(restrict_vocab, vocab_size), vocab_size)
+    refuse (negative ones, a restrict_vocab per query that does not match) count as nothing."""
+    topn = np.asarray(topn, np.int64)
+    restrict = np.asarray(restrict_vocab, np.int64)
+    if restrict.shape != topn.shape:
+        restrict = np.zeros_like(topn)
+    rows = np.where(restrict > 0, np.minimum(restrict, vocab_size), vocab_size)
     return int(np.clip(np.minimum(topn, rows), 0, None).sum())
 
 
@@ -152,27 +154,20 @@ class WordVectorsServicer(word_vectors_pb2_grpc.WordVectorsServiceServicer):
                 f"{self._config.max_terms_per_request}"
             )
         model = self._slot.model
-        if packed:
-            topn = np.array(packed.topn, np.int64)
-            restrict_vocab = np.array(packed.restrict_vocab, np.int64)
-            if len(restrict_vocab) != len(topn):  # none given, or a mismatch prepare() will name
-                restrict_vocab = np.zeros_like(topn)
-        else:
-            topns = [q.topn if q.HasField("topn") else _DEFAULT_TOPN for q in request.queries]
-            topn = np.array(topns, np.int64)
-            restrict_vocab = np.array([q.restrict_vocab for q in request.queries], np.int64)
-        results = _result_bound(topn, restrict_vocab, model.vocab_size)
-        if results > self._config.max_results_per_request:
-            raise LimitExceeded(
-                f"up to {results} ranked results (the queries' topn, capped by the vocabulary each may "
-                f"rank) are over the server's --max-results-per-request "
-                f"{self._config.max_results_per_request}; ask for fewer queries or a smaller topn"
-            )
 
         def prepared() -> PreparedBatch:
             if packed:
-                return model.prepare(_packed_columns(packed))
-            return model.prepare(model.query_columns([_query(q) for q in request.queries]))
+                columns = _packed_columns(packed)
+            else:
+                columns = model.query_columns([_query(q) for q in request.queries])
+            results = _result_bound(columns.topn, columns.restrict_vocab, model.vocab_size)
+            if results > self._config.max_results_per_request:
+                raise LimitExceeded(
+                    f"up to {results} ranked results (the queries' topn, capped by the vocabulary each "
+                    f"may rank) are over the server's --max-results-per-request "
+                    f"{self._config.max_results_per_request}; ask for fewer queries or a smaller topn"
+                )
+            return model.prepare(columns)
 
         batch = await self._in_worker_if(terms > _INLINE_ITEMS, prepared)
         if self._batcher is None:

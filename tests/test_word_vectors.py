@@ -245,14 +245,15 @@ def test_threshold_scan_over_many_blocks_matches_gensim(
     model.candidate_scan = candidate_scan
     prefiltered = _count_prefiltered_blocks(monkeypatch)
     candidate_blocks, rescanned = _count_candidate_blocks(monkeypatch)
-    rows_first: list[int] = []  # float32 3CosAdd blocks scored [rows, queries] (16 queries or more)
-    add_rows_block = vectors_module._RunningTopK.add_rows_block
+    rows_first_blocks: list[int] = []  # float32 3CosAdd blocks scored [rows, queries] (16+ queries)
+    add_block = vectors_module._RunningTopK.add_block
 
-    def counted_rows_block(self: Any, *args: Any) -> None:
-        rows_first.append(1)
-        add_rows_block(self, *args)
+    def counted_rows_block(self: Any, scores: torch.Tensor, start: int, rows_first: bool = False) -> None:
+        if rows_first:
+            rows_first_blocks.append(1)
+        add_block(self, scores, start, rows_first)
 
-    monkeypatch.setattr(vectors_module._RunningTopK, "add_rows_block", counted_rows_block)
+    monkeypatch.setattr(vectors_module._RunningTopK, "add_block", counted_rows_block)
     specs = list(_random_queries(rng, kv, 120))
     queries = [_similarity_query(q) for q in specs]
     with np.errstate(invalid="ignore", divide="ignore"):  # gensim divides by the zero vector's norm
@@ -272,8 +273,8 @@ def test_threshold_scan_over_many_blocks_matches_gensim(
     assert (len(prefiltered) > 20) == (prefilter and not candidate_scan), len(prefiltered)
     assert (len(candidate_blocks) > 20) == candidate_scan, len(candidate_blocks)
     # (with the prefilter, the blocks before it pays are scored rows first in float32)
-    assert (len(rows_first) > 0) == (not candidate_scan), len(rows_first)
-    assert len(rows_first) > 20 or prefilter or candidate_scan, len(rows_first)
+    assert (len(rows_first_blocks) > 0) == (not candidate_scan), len(rows_first_blocks)
+    assert len(rows_first_blocks) > 20 or prefilter or candidate_scan, len(rows_first_blocks)
     if candidate_scan:  # on vectors without clusters of near-ties, almost every query is settled
         assert len(rescanned) <= len(specs) // 10 + len([q for q in specs if q["cosmul"]]), len(rescanned)
 
@@ -316,13 +317,14 @@ def test_rows_first_scan_answers_as_columns_first(monkeypatch: pytest.MonkeyPatc
         for _ in range(60)
     ]
     blocks: list[int] = []
-    add_rows_block = vectors_module._RunningTopK.add_rows_block
+    add_block = vectors_module._RunningTopK.add_block
 
-    def counted(self: Any, scores_t: torch.Tensor, start: int) -> None:
-        blocks.append(scores_t.shape[0])
-        add_rows_block(self, scores_t, start)
+    def counted(self: Any, scores: torch.Tensor, start: int, rows_first: bool = False) -> None:
+        if rows_first:
+            blocks.append(scores.shape[0])
+        add_block(self, scores, start, rows_first)
 
-    monkeypatch.setattr(vectors_module._RunningTopK, "add_rows_block", counted)
+    monkeypatch.setattr(vectors_module._RunningTopK, "add_block", counted)
     rows_first = model.most_similar(queries)
     assert blocks == [17_472, 3_008]
     monkeypatch.setattr(vectors_module, "_ROWS_FIRST_QUERIES", 10**9)

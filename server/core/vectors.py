@@ -826,7 +826,7 @@ class WordVectors:
                     self._unit[start:stop], queries_t, out=buffer[: len(group) * rows].view(rows, len(group))
                 )
                 mask(scores_t, start, stop, rows_first=True)
-                best.add_rows_block(scores_t, start)
+                best.add_block(scores_t, start, rows_first=True)
                 continue
             scores = score(self._unit[start:stop], buffer[: len(group) * rows].view(len(group), rows))
             mask(scores, start, stop)
@@ -1156,23 +1156,15 @@ class _RunningTopK:
         above = values > self._thresholds[query_index]
         self._add_pending(query_index[above], values[above], column[above] + start)
 
-    def add_block(self, scores: torch.Tensor, start: int) -> None:
-        if self._thresholds is not None and scores.shape[1] % _TOPK_GROUP == 0:
-            self._collect_above_thresholds(scores, start)
+    def add_block(self, scores: torch.Tensor, start: int, rows_first: bool = False) -> None:
+        """A block of float32 scores, [queries, rows], or [rows, queries] where rows_first (CPU)."""
+        rows = scores.shape[0] if rows_first else scores.shape[1]
+        if self._thresholds is not None and rows % _TOPK_GROUP == 0:
+            self._collect_above_thresholds(scores, start, rows_first)
             return
-        candidate_scores, candidate_columns = _block_candidates(scores, min(self.k, scores.shape[1]))
-        self._merge_candidates(candidate_scores, candidate_columns + start)
-
-    def add_rows_block(self, scores_t: torch.Tensor, start: int) -> None:
-        """A block scored rows first, [rows, queries] (on CPU)."""
-        if self._thresholds is not None and scores_t.shape[0] % _TOPK_GROUP == 0:
-            self._collect_rows_above_thresholds(scores_t, start)
-            return
-        candidate_scores, candidate_rows = _row_block_candidates(scores_t, min(self.k, scores_t.shape[0]))
-        self._merge_candidates(candidate_scores, candidate_rows + start)
-
-    def _merge_candidates(self, candidate_scores: torch.Tensor, candidate_rows: torch.Tensor) -> None:
-        self.merge(candidate_scores, candidate_rows)
+        candidates = _row_block_candidates if rows_first else _block_candidates
+        candidate_scores, candidate_rows = candidates(scores, min(self.k, rows))
+        self.merge(candidate_scores, candidate_rows + start)
         if self._collect and self.scores.shape[1] == self.k:
             kth = self.scores[:, -1]
             self._set_thresholds(kth.clone() if bool(kth.isfinite().all()) else None)
@@ -1188,31 +1180,23 @@ class _RunningTopK:
         self.scores, keep = torch.topk(merged_scores, min(self.k, merged_scores.shape[1]), dim=1)
         self.rows = torch.gather(merged_rows, 1, keep)
 
-    def _collect_above_thresholds(self, scores: torch.Tensor, start: int) -> None:
+    def _collect_above_thresholds(self, scores: torch.Tensor, start: int, rows_first: bool) -> None:
         assert self._thresholds is not None
-        queries, columns = scores.shape
-        grouped = scores.view(queries, columns // _TOPK_GROUP, _TOPK_GROUP)
-        query_index, group_index = (grouped.amax(dim=2) > self._thresholds[:, None]).nonzero(as_tuple=True)
-        self.hit_share = query_index.numel() / (queries * grouped.shape[1])
+        # (query, column group) pairs whose best score beats the query's k-th best so far; rows first,
+        # in group order, which _flush's sort by query makes the same order as the other's.
+        if rows_first:
+            grouped = scores.view(scores.shape[0] // _TOPK_GROUP, _TOPK_GROUP, scores.shape[1])
+            maxima = grouped.amax(dim=1)
+            group_index, query_index = (maxima > self._thresholds[None, :]).nonzero(as_tuple=True)
+        else:
+            grouped = scores.view(scores.shape[0], scores.shape[1] // _TOPK_GROUP, _TOPK_GROUP)
+            maxima = grouped.amax(dim=2)
+            query_index, group_index = (maxima > self._thresholds[:, None]).nonzero(as_tuple=True)
+        self.hit_share = query_index.numel() / maxima.numel()
         if query_index.numel() == 0:
             return
-        values = grouped[query_index, group_index]  # [hits, 64]
-        hit, offset = (values > self._thresholds[query_index, None]).nonzero(as_tuple=True)
-        self._add_pending(
-            query_index[hit], values[hit, offset], group_index[hit] * _TOPK_GROUP + offset + start
-        )
-
-    def _collect_rows_above_thresholds(self, scores_t: torch.Tensor, start: int) -> None:
-        """_collect_above_thresholds for a [rows, queries] block; the same entries in the same order
-        once _flush sorts them by query."""
-        assert self._thresholds is not None
-        rows, queries = scores_t.shape
-        grouped = scores_t.view(rows // _TOPK_GROUP, _TOPK_GROUP, queries)
-        group_index, query_index = (grouped.amax(dim=1) > self._thresholds[None, :]).nonzero(as_tuple=True)
-        self.hit_share = query_index.numel() / (queries * grouped.shape[0])
-        if query_index.numel() == 0:
-            return
-        values = grouped[group_index, :, query_index]  # [hits, 64]
+        # [hits, 64]
+        values = grouped[group_index, :, query_index] if rows_first else grouped[query_index, group_index]
         hit, offset = (values > self._thresholds[query_index, None]).nonzero(as_tuple=True)
         self._add_pending(
             query_index[hit], values[hit, offset], group_index[hit] * _TOPK_GROUP + offset + start
