@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import grpc
+from embedserve.status_details import LimitInfo, limit_from_trailers
 
 _T = TypeVar("_T")
 DROPPED_CALL_ATTEMPTS = 4
@@ -24,6 +25,15 @@ class EmbedServeError(Exception):
 
 class InvalidArgumentError(EmbedServeError):
     """The request is malformed or over a limit; retrying it will fail again."""
+
+
+class LimitExceededError(InvalidArgumentError):
+    """The request is over one of the server's limits; `.limit` says which (from the status
+    details, not the message): its name, flag, value and what was asked for."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, limit: LimitInfo) -> None:
+        super().__init__(code, details)
+        self.limit = limit
 
 
 class NotFoundError(EmbedServeError):
@@ -105,6 +115,11 @@ def error_from_rpc(error: grpc.RpcError) -> EmbedServeError:
     reason = _dropped(code, details)
     if reason is not None:
         return UnavailableError(grpc.StatusCode.UNAVAILABLE, reason)
+    if code is grpc.StatusCode.INVALID_ARGUMENT:
+        trailers = error.trailing_metadata() if callable(getattr(error, "trailing_metadata", None)) else None
+        limit = limit_from_trailers(trailers)
+        if limit is not None:
+            return LimitExceededError(code, details, limit)
     return _ERROR_BY_CODE.get(code, EmbedServeError)(code, details)
 
 

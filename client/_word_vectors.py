@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 from embedserve.v1 import word_vectors_pb2, word_vectors_pb2_grpc
 
-from ._errors import EmbedServeError, InvalidArgumentError, NotFoundError, call_idempotent
+from ._errors import EmbedServeError, LimitExceededError, NotFoundError, call_idempotent
 from .tensor import from_tensor_pb, to_tensor_pb
 
 _T = TypeVar("_T")
@@ -25,7 +25,6 @@ _Answer = TypeVar("_Answer")
 # all within one call's timeout (the time.monotonic() by which the batch must be answered).
 _CHUNKS_IN_FLIGHT = 4
 _BATCH_DEADLINE: ContextVar[float | None] = ContextVar("embedserve_batch_deadline", default=None)
-_OVER_A_LIMIT = "over the server's --max-"
 # A term as gensim takes it: a word, a raw vector, or (word or vector, weight).
 TermLike = str | npt.ArrayLike | tuple[str | npt.ArrayLike, float]
 Terms = TermLike | Sequence[TermLike] | None
@@ -252,8 +251,8 @@ class AsyncWordVectors:
                 limits = await self._limits()
                 try:
                     return await _in_order(send, split(items, limits))
-                except InvalidArgumentError as failure:
-                    if attempt or _OVER_A_LIMIT not in failure.details:
+                except LimitExceededError:
+                    if attempt:
                         raise
                     self._info = None
                     if await self._limits() == limits:  # the request itself is over a limit

@@ -7,10 +7,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn, TypeVar
 
 import grpc
+from embedserve.status_details import DETAILS_KEY, LimitInfo, limit_exceeded_status
 
 from .core import (
     EmbedServeCoreError,
     InvalidInput,
+    LimitExceeded,
     NotFound,
     NotReady,
     Overloaded,
@@ -43,6 +45,12 @@ async def _abort(context: Context, method: str, error: Exception) -> NoReturn:
     if code is grpc.StatusCode.INTERNAL:
         _LOGGER.exception("%s failed", method, exc_info=error)
         await context.abort(code, f"internal error in {method}; see the server log")
+    if isinstance(error, LimitExceeded):
+        # The limit travels as structured detail too: clients split on that, not on the text.
+        details = limit_exceeded_status(
+            code.value[0], str(error), LimitInfo(error.limit, error.allowed, error.requested)
+        )
+        await context.abort(code, str(error), trailing_metadata=((DETAILS_KEY, details),))
     await context.abort(code, str(error))
 
 

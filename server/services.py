@@ -82,7 +82,10 @@ def _check_reply_bytes(nbytes: int, config: ServerConfig, what: str) -> None:
     if nbytes + _REPLY_OVERHEAD_BYTES > config.max_message_bytes:
         raise LimitExceeded(
             f"{what} would be {nbytes} bytes, "
-            f"over the server's --max-message-bytes {config.max_message_bytes}"
+            f"over the server's --max-message-bytes {config.max_message_bytes}",
+            limit="max_message_bytes",
+            allowed=config.max_message_bytes,
+            requested=nbytes,
         )
 
 
@@ -95,7 +98,10 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         if count > self._config.max_texts_per_request:
             raise LimitExceeded(
                 f"{count} texts are over the server's --max-texts-per-request "
-                f"{self._config.max_texts_per_request}"
+                f"{self._config.max_texts_per_request}",
+                limit="max_texts_per_request",
+                allowed=self._config.max_texts_per_request,
+                requested=count,
             )
 
     @unary_errors
@@ -124,7 +130,10 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         if ids.size > self._config.max_tokens_per_request:
             raise LimitExceeded(
                 f"{ids.size} token IDs are over the server's --max-tokens-per-request "
-                f"{self._config.max_tokens_per_request}"
+                f"{self._config.max_tokens_per_request}",
+                limit="max_tokens_per_request",
+                allowed=self._config.max_tokens_per_request,
+                requested=int(ids.size),
             )
         lengths = list(request.lengths) or [ids.size]
         self._check_text_count(len(lengths))

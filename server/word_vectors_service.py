@@ -120,7 +120,10 @@ class WordVectorsServicer(word_vectors_pb2_grpc.WordVectorsServiceServicer):
         if count > self._config.max_queries_per_request:
             raise LimitExceeded(
                 f"{count} {what} are over the server's --max-queries-per-request "
-                f"{self._config.max_queries_per_request}"
+                f"{self._config.max_queries_per_request}",
+                limit="max_queries_per_request",
+                allowed=self._config.max_queries_per_request,
+                requested=count,
             )
 
     @unary_errors
@@ -151,7 +154,10 @@ class WordVectorsServicer(word_vectors_pb2_grpc.WordVectorsServiceServicer):
         if terms > self._config.max_terms_per_request:
             raise LimitExceeded(
                 f"{terms} terms are over the server's --max-terms-per-request "
-                f"{self._config.max_terms_per_request}"
+                f"{self._config.max_terms_per_request}",
+                limit="max_terms_per_request",
+                allowed=self._config.max_terms_per_request,
+                requested=terms,
             )
         model = self._slot.model
 
@@ -165,7 +171,10 @@ class WordVectorsServicer(word_vectors_pb2_grpc.WordVectorsServiceServicer):
                 raise LimitExceeded(
                     f"up to {results} ranked results (the queries' topn, capped by the vocabulary each "
                     f"may rank) are over the server's --max-results-per-request "
-                    f"{self._config.max_results_per_request}; ask for fewer queries or a smaller topn"
+                    f"{self._config.max_results_per_request}; ask for fewer queries or a smaller topn",
+                    limit="max_results_per_request",
+                    allowed=self._config.max_results_per_request,
+                    requested=results,
                 )
             return model.prepare(columns)
 

@@ -17,6 +17,7 @@ mkdir -p "$stage"
 ln -sfn ../../protos/embedserve/__init__.py "$stage/__init__.py"
 ln -sfn ../../protos/embedserve/py.typed "$stage/py.typed"
 ln -sfn ../../protos/embedserve/v1 "$stage/v1"
+ln -sfn ../../protos/embedserve/status_details.py "$stage/status_details.py"
 ln -sfn ../../server "$stage/server"
 ln -sfn ../../client "$stage/client"
 MYPYPATH=.typecheck "$bin/mypy" -p embedserve

@@ -225,7 +225,10 @@ class EmbeddingModel:
             raise InvalidInput(f"token IDs are empty (shape {list(token_ids.shape)})")
         if max_tokens is not None and token_ids.size > max_tokens:
             raise LimitExceeded(
-                f"{token_ids.size} token IDs are over the server's --max-tokens-per-request {max_tokens}"
+                f"{token_ids.size} token IDs are over the server's --max-tokens-per-request {max_tokens}",
+                limit="max_tokens_per_request",
+                allowed=max_tokens,
+                requested=int(token_ids.size),
             )
         if position_offset < 0:
             raise InvalidInput(f"position_offset must be >= 0, got {position_offset}")

@@ -12,7 +12,22 @@ class InvalidInput(EmbedServeCoreError):
 
 
 class LimitExceeded(InvalidInput):
-    """The request is larger than a configured limit; the message names the limit."""
+    """The request is larger than a configured limit.
+
+    limit is the ServerConfig field (its flag is --limit-with-dashes); allowed its value and
+    requested what the request asked for, when known. The transport sends them as structured
+    detail, so a client can split its request without reading the message.
+    """
+
+    def __init__(self, message: str, *, limit: str, allowed: int, requested: int | None = None) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.allowed = allowed
+        self.requested = requested
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.limit.replace("_", "-")
 
 
 class NotFound(EmbedServeCoreError):

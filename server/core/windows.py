@@ -106,7 +106,12 @@ def plan_windows(
         if value <= 0:
             raise InvalidInput(f"{name} must be positive, got {value}")
     if max_batch_size is not None and batch_size > max_batch_size:
-        raise LimitExceeded(f"batch_size {batch_size} is over the server's --max-batch-size {max_batch_size}")
+        raise LimitExceeded(
+            f"batch_size {batch_size} is over the server's --max-batch-size {max_batch_size}",
+            limit="max_batch_size",
+            allowed=max_batch_size,
+            requested=batch_size,
+        )
     if not 0 <= seed < 2**64:
         raise InvalidInput(f"seed must be in [0, 2**64), got {seed}")
     if world_size < 1 or not 0 <= rank < world_size:
