@@ -1,7 +1,7 @@
 """Benchmark: WordVectors.most_similar through a real server, against gensim and the bare GEMM.
 
     .venv/bin/python bench/word_vectors.py [--smoke] [--prefilter auto|on|off] [--json OUT]
-        [--results bench/RESULTS.md]
+        [--results bench/RESULTS.md] [--scanners columns-first,rows-first,prefilter,candidates]
 
 For each model (GloVe 6B 50d, 400k x 50, and random normal vectors, 1M x 300;
 100k x 300 with --smoke), on the same vectors and the same seeded random
@@ -11,7 +11,8 @@ vocabulary words, it measures
 2. server: AsyncClient.word_vectors.most_similar_batch over gRPC on 127.0.0.1, against a
    real in-process server (after a warm-up call), and the core's WordVectors.search alone,
    off the server, on the same queries (to tell the scan from the gRPC path), with the
-   bfloat16 prefilter (where the server uses it) and without;
+   scanner the server picked and with the float32 one it picks with the prefilter off (and,
+   with --scanners, with each scanner named there);
 3. the GEMM limit: a bare float32 torch.mm of [queries x dim] by [dim x vocab], blocked over
    the vocabulary (the fastest of 4096, 8192 and 32768 rows on CPU, the server's blocking on
    a GPU; each as that product and as its transpose, rows first), with no top-k; with the
@@ -53,25 +54,35 @@ from embedserve.server.cli import tune_openmp
 
 tune_openmp(os.environ)  # before torch loads, as `embedserve serve` does
 
-import grpc
 import numpy as np
 import torch
 from embedserve.client import AsyncClient, Query
 from embedserve.server import ServerConfig
-from embedserve.server.app import Components, build_server, load_components
-from embedserve.server.core.vectors import QueryColumns, WordVectors
+from embedserve.server.app import Components, EmbedServer, build_server, load_components
+from embedserve.server.core.word_vectors import (
+    SCANNER_NAMES,
+    Bfloat16PrefilterScan,
+    CandidateScan,
+    PrefilterSetting,
+    QueryColumns,
+    Scanner,
+    ScannerName,
+    WordVectors,
+    build_scanner,
+    choose_scanner,
+)
+from embedserve.server.core.word_vectors.columns_first import GPU_SCORE_BUFFER_ELEMENTS
 from gensim.models import KeyedVectors
 
 TOPN = 10
 GEMM_BLOCK_ROWS = (4096, 8192, 32768)  # the GEMM limit is the fastest of these blockings on CPU
 DEVICE = torch.device("cpu")  # set from --device
-PREFILTER = "auto"  # set from --prefilter
+PREFILTER: PrefilterSetting = "auto"  # set from --prefilter
 SCORE_TOLERANCE = 1e-5
 TIE_TOLERANCE = 1e-6
 TARGET_GEMM_FRACTION = 0.70
 TARGET_SPEEDUP = {"glove-6b-50d": 5.0, "synthetic": 10.0}
 TARGET_SPEEDUP_GPU = 500.0
-GPU_SCORE_BUFFER_ELEMENTS = 64 * 1024 * 1024  # the server's WordVectors block size on a GPU
 
 
 def gemm_block_rows(queries: int, count: int) -> tuple[int, ...]:
@@ -134,6 +145,8 @@ class Result:
     search_ms: float = math.nan  # WordVectors.search alone, in this process, no gRPC
     search_float32_ms: float = math.nan  # the same with the bfloat16 prefilter off
     prefilter: bool = False
+    scanner: str = ""  # the server's scanner (factory.choose_scanner)
+    search_by_scanner_ms: dict[str, float] = field(default_factory=dict)  # --scanners: search_ms each
     gemm_ms: float = math.nan
     gemm_bfloat16_ms: float = math.nan  # the bare product in bfloat16: the prefilter's first pass
     gemm_gflops: float = math.nan
@@ -159,12 +172,13 @@ class ServerThread:
         self._thread = threading.Thread(target=self._loop.run_forever, name="bench-server", daemon=True)
         self._thread.start()
 
-        async def start() -> tuple[grpc.aio.Server, int]:
-            server, port = build_server(config, components)
+        async def start() -> EmbedServer:
+            server = build_server(config, components)
             await server.start()
-            return server, port
+            return server
 
-        self.server, self.port = asyncio.run_coroutine_threadsafe(start(), self._loop).result(timeout=60)
+        self.server = asyncio.run_coroutine_threadsafe(start(), self._loop).result(timeout=60)
+        self.port = self.server.port
         self.target = f"127.0.0.1:{self.port}"
 
     def stop(self) -> None:
@@ -258,6 +272,27 @@ async def time_server(
         await asyncio.gather(*(caller() for _ in range(in_flight)))
         elapsed = time.perf_counter() - started
     return elapsed * 1000 / sum(len(b) for b in batches), [answer for reply in replies for answer in reply]
+
+
+def time_search_with(model: WordVectors, batches: list[list[str]], scanner: Scanner) -> float:
+    """time_search with this scanner in the model's place (the model's own again after)."""
+    chosen = model.scanner
+    model.scanner = scanner
+    try:
+        return time_search(model, batches)
+    finally:
+        model.scanner = chosen
+
+
+def time_scanners(model: WordVectors, batches: list[list[str]], names: list[ScannerName]) -> dict[str, float]:
+    """time_search with each named scanner in turn."""
+    chosen = model.scanner
+    # The bfloat16 scanners share the rows the server's one rounded already, where it has them.
+    rounded = chosen.unit_bfloat16 if isinstance(chosen, Bfloat16PrefilterScan | CandidateScan) else None
+    return {
+        name: time_search_with(model, batches, build_scanner(name, model.search_rows, unit_bfloat16=rounded))
+        for name in names
+    }
 
 
 def time_search(model: WordVectors, batches: list[list[str]]) -> float:
@@ -368,6 +403,7 @@ def bench_model(
     plan: Plan,
     rng: np.random.Generator,
     kv: KeyedVectors | None,
+    scanners: list[ScannerName] | None = None,
 ) -> Result:
     """Starts a server on `spec`, builds gensim's model from the server's arrays (unless given), measures."""
     started = time.perf_counter()
@@ -473,16 +509,17 @@ def bench_model(
         log(f"{label}: core search alone, same batches")
         result.search_ms = time_search(model, batches)
         result.prefilter = model.prefilter
+        result.scanner = model.scanner.name
         if model.prefilter:
-            log(f"{label}: core search alone, bfloat16 prefilter off")
-            model.prefilter = False
-            try:
-                result.search_float32_ms = time_search(model, batches)
-            finally:
-                model.prefilter = True
+            float32 = choose_scanner(model.search_rows, prefilter="off")  # what the server would pick
+            log(f"{label}: core search alone, bfloat16 prefilter off ({float32.name})")
+            result.search_float32_ms = time_search_with(model, batches, float32)
             result.gemm_bfloat16_ms, _ = time_gemm(vectors, unit, plan.gemm_repeats, torch.bfloat16)
         else:
             result.search_float32_ms = result.search_ms
+        if scanners:
+            log(f"{label}: core search alone by scanner: {', '.join(scanners)}")
+            result.search_by_scanner_ms = time_scanners(model, batches, scanners)
 
         flop_per_query = 2.0 * model.vocab_size * model.dim
         result.gemm_gflops = flop_per_query / (result.gemm_ms / 1000) / 1e9
@@ -670,6 +707,13 @@ def main(argv: list[str] | None = None) -> int:
         help="the server's --word-vector-prefilter",
     )
     parser.add_argument(
+        "--scanners",
+        default="",
+        metavar="NAMES",
+        help="also time the core search with each of these scanners, comma-separated "
+        f"({', '.join(SCANNER_NAMES)})",
+    )
+    parser.add_argument(
         "--client-process",
         action="store_true",
         help="also time the server with the client in another process (in this one, the client's "
@@ -677,6 +721,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--verbose", action="store_true", help="the server's INFO logs")
     args = parser.parse_args(argv)
+    known: dict[str, ScannerName] = {name: name for name in SCANNER_NAMES}
+    asked = [name for name in args.scanners.split(",") if name]
+    unknown = sorted(set(asked) - set(known))
+    if unknown:
+        parser.error(f"--scanners: no scanner {', '.join(unknown)}; there are {', '.join(SCANNER_NAMES)}")
+    scanners = [known[name] for name in asked]
 
     global DEVICE, PREFILTER
     DEVICE = torch.device(args.device)
@@ -704,13 +754,31 @@ def main(argv: list[str] | None = None) -> int:
         if args.word_vectors != "none":  # none: the synthetic model alone (e.g. where GloVe is not installed)
             results.append(
                 bench_model(
-                    label, first, args.word_vectors, cache_dir, plan, np.random.default_rng(args.seed), None
+                    label,
+                    first,
+                    args.word_vectors,
+                    cache_dir,
+                    plan,
+                    np.random.default_rng(args.seed),
+                    None,
+                    scanners,
                 )
             )
         rng = np.random.default_rng(args.seed + 1)
         for rows, dim in shapes:
             path, kv = synthetic_file(folder, rows, dim, rng)
-            results.append(bench_model("random normal", "synthetic", str(path), cache_dir, plan, rng, kv))
+            results.append(
+                bench_model(
+                    "random normal",
+                    "synthetic",
+                    str(path),
+                    cache_dir,
+                    plan,
+                    rng,
+                    kv,
+                    scanners,
+                )
+            )
             del kv
             path.unlink()
     elapsed = time.perf_counter() - started
@@ -730,6 +798,10 @@ def main(argv: list[str] | None = None) -> int:
             f">= {TARGET_SPEEDUP['glove-6b-50d']:.0f}x on GloVe"
             + (" (smoke: the synthetic model is 100k x 300)" if args.smoke else "")
         )
+    for r in results:
+        print(f"{r.label}: the server scans with {r.scanner}")
+        for name, ms in r.search_by_scanner_ms.items():
+            print(f"{r.label}: core search alone by {name}: {ms:.3f} ms/q")
     for r in results:
         print(f"{r.label}: {r.matched} of {r.compared} rankings equal gensim's")
         for problem in r.mismatches:

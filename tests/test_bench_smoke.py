@@ -21,6 +21,8 @@ def test_word_vectors_benchmark_smoke(tmp_path: Path) -> None:
             "--word-vectors",
             "none",
             "--client-process",
+            "--scanners",
+            "columns-first,rows-first,prefilter,candidates",
             "--json",
             str(out),
         ],
@@ -34,6 +36,15 @@ def test_word_vectors_benchmark_smoke(tmp_path: Path) -> None:
     assert synthetic["server_ms"] > 0
     assert synthetic["server_apart_ms"] > 0  # the same calls from a client in another process
     assert synthetic["search_float32_ms"] > 0
+    assert synthetic["scanner"] in ("rows-first", "prefilter")  # the server's choice on a CPU
+    # Every scanner, picked by name, times the same search.
+    assert set(synthetic["search_by_scanner_ms"]) == {
+        "columns-first",
+        "rows-first",
+        "prefilter",
+        "candidates",
+    }
+    assert all(ms > 0 for ms in synthetic["search_by_scanner_ms"].values())
 
 
 def test_serving_benchmark_smoke(tmp_path: Path) -> None:

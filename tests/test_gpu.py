@@ -10,7 +10,14 @@ import torch
 from embedserve.client import AsyncClient, InvalidArgumentError
 from embedserve.server import ServerConfig
 from embedserve.server.core import EmbeddingModel, EmbedJob, resolve_device, seeded_embedding_tables
-from embedserve.server.core.vectors import SimilarityQuery, Term, WordVectors
+from embedserve.server.core.word_vectors import (
+    CandidateScan,
+    ColumnsFirstScan,
+    ScanLog,
+    SimilarityQuery,
+    Term,
+    WordVectors,
+)
 
 from .conftest import start_server
 from .test_core_embedding import NOTEBOOK_ROWS_2_3_5_1
@@ -118,8 +125,10 @@ def test_word_vector_search_on_cuda_equals_cpu(prefilter: bool) -> None:
     gpu = WordVectors(
         words, vectors, name="r", source="r", device=resolve_device("cuda"), prefilter=prefilter
     )
-    assert gpu.prefilter == prefilter, "the bfloat16 kernels kept within the margin"
-    assert gpu.candidate_scan
+    # On a GPU the factory picks the candidate scan where the prefilter is on (the bfloat16
+    # kernels kept within the margin), else the float32 columns-first scan.
+    assert type(gpu.scanner) is (CandidateScan if prefilter else ColumnsFirstScan)
+    assert gpu.prefilter == prefilter
     queries = []
     for i in range(600):
         picked = [words[j] for j in rng.choice(count, size=3, replace=False)]
@@ -132,9 +141,11 @@ def test_word_vector_search_on_cuda_equals_cpu(prefilter: bool) -> None:
                 method="mul" if i % 7 == 0 else "add",
             )
         )
-    for want, got in zip(cpu.most_similar(queries), gpu.most_similar(queries), strict=True):
+    log = ScanLog()
+    for want, got in zip(cpu.most_similar(queries), gpu.most_similar(queries, log), strict=True):
         assert len(got) == len(want)
         for (want_word, want_score), (word, score) in zip(want, got, strict=True):
             assert abs(score - want_score) < 1e-5 * max(1.0, abs(want_score))
             if word != want_word:  # only among scores tied within float32 noise
                 assert abs(score - want_score) < 1e-6 * max(1.0, abs(want_score))
+    assert (log.count("candidates") > 0) == prefilter

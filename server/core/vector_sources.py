@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from .errors import Cancelled, StartupError
-from .vectors import FloatArray, WordVectors, unit_rows
+from .word_vectors import FloatArray, PrefilterSetting, WordVectors, unit_rows
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ def _write_cache(folder: Path, loaded: _Loaded, name: str, cancel: threading.Eve
         vectors = np.lib.format.open_memmap(staging / "vectors.npy", "w+", np.float32, (count, dim))
         norms = np.lib.format.open_memmap(staging / "norms.npy", "w+", np.float32, (count,))
         unit = np.lib.format.open_memmap(staging / "unit.npy", "w+", np.float32, (count, dim))
-        # numpy has no bfloat16: its bits as uint16, for the prefilter (see WordVectors).
+        # numpy has no bfloat16: its bits as uint16, for the bfloat16 scanners (see word_vectors.bfloat16).
         unit_bfloat16 = np.lib.format.open_memmap(
             staging / "unit_bfloat16.npy", "w+", np.uint16, (count, dim)
         )
@@ -207,12 +207,13 @@ def load_word_vectors(
     cache_dir: Path,
     device: torch.device,
     max_topn: int = 10000,
-    prefilter: bool | None = None,
+    prefilter: PrefilterSetting | bool | None = None,
     cancel: threading.Event | None = None,
 ) -> WordVectors | None:
     """The model `--word-vectors` names, converted into the cache on first use and memory-mapped after.
 
-    prefilter: WordVectors' bfloat16 prefilter (None: where this machine multiplies bfloat16 natively).
+    prefilter: WordVectors' bfloat16 prefilter ("auto" or None: where this machine multiplies bfloat16
+    natively).
 
     Setting `cancel` stops the work at the next step with Cancelled (a gensim read runs to its end).
     """
@@ -255,13 +256,14 @@ def load_word_vectors(
         prefilter=prefilter,
     )
     _LOGGER.info(
-        "word vectors %s: %d x %d from %s (cache %s, bfloat16 prefilter %s), ready in %.2f s",
+        "word vectors %s: %d x %d from %s (cache %s, bfloat16 prefilter %s, %s scan), ready in %.2f s",
         spec,
         model.vocab_size,
         model.dim,
         model.source,
         folder,
         "on" if model.prefilter else "off",
+        model.scanner.name,
         time.perf_counter() - started,
     )
     return model

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from .errors import Cancelled, NotReady
-from .vectors import WordVectors
+from .word_vectors import WordVectors
 
 _LOGGER = logging.getLogger(__name__)
 
