@@ -15,7 +15,7 @@ from collections.abc import (
     Iterable,
     Sequence,
 )
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, Unpack
 
 import grpc
 import numpy as np
@@ -31,6 +31,7 @@ from embedserve.v1 import (
 )
 
 from ._auth import api_key_interceptors
+from ._batch_spec import BatchSettings, BatchSpec, EmbeddingDtype
 from ._errors import call_idempotent, error_from_rpc
 from ._shared_memory import SharedMemoryRegion
 from ._values import Batch, EmbeddingInfo, RequestLimits
@@ -39,7 +40,6 @@ from .tensor import DTYPE_BY_NAME, NAME_BY_DTYPE, from_tensor_pb, tensor_field_d
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_MAX_MESSAGE_BYTES = 128 * 1024 * 1024
-EmbeddingDtype = Literal["float32", "float16", "bfloat16"]
 _T = TypeVar("_T")
 _EMBEDDING_SERVICE = embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
 _EMBED_METHOD = f"/{_EMBEDDING_SERVICE}/Embed"
@@ -112,6 +112,31 @@ def _auto_batches_per_message(batch_size: int, max_length: int, include_embeddin
     return max(1, min(64, PACKED_MESSAGE_BYTES // token_bytes))
 
 
+def _stream_request(spec: BatchSpec, cursor: bytes | None) -> batches_pb2.StreamBatchesRequest:
+    """The request for spec's stream, from cursor (None: its start), without its text or corpus."""
+    batches_per_message = spec.batches_per_message
+    if batches_per_message is None:
+        batches_per_message = _auto_batches_per_message(
+            spec.batch_size, spec.max_length, spec.include_embeddings
+        )
+    return batches_pb2.StreamBatchesRequest(
+        batch_size=spec.batch_size,
+        max_length=spec.max_length,
+        stride=spec.stride,
+        shuffle=spec.shuffle,
+        seed=spec.seed,
+        drop_last=spec.drop_last,
+        include_embeddings=spec.include_embeddings,
+        embeddings_dtype=DTYPE_BY_NAME[spec.embeddings_dtype],
+        epoch=spec.epoch,
+        epochs=spec.epochs,
+        rank=spec.rank,
+        world_size=spec.world_size,
+        cursor=cursor or b"",
+        batches_per_message=batches_per_message,
+    )
+
+
 def _split_scheme(target: str) -> tuple[str, bool]:
     """(gRPC target, whether TLS is asked for) of `https://host[:port]`, `http://host:port` or a
     plain gRPC target."""
@@ -164,9 +189,9 @@ class AsyncClient:
         client_certificate: bytes | None = None,
         client_key: bytes | None = None,
     ) -> None:
-        """`connections`: TCP connections that concurrent Embed calls are spread over. Large
-        replies multiplexed on one HTTP/2 connection stall one another in gRPC Python (four
-        2 MB calls in flight on one connection run at a quarter of the rate of four on four).
+        """`connections`: TCP connections that concurrent Embed calls are spread over, since large
+        replies multiplexed on one HTTP/2 connection stall one another in gRPC Python (measured
+        in docs/performance.md).
 
         `api_key` is sent as `authorization: Bearer KEY`. TLS is used when the target is
         `https://host[:port]` (port 443 by default; the system's CAs unless `root_certificates`),
@@ -292,62 +317,40 @@ class AsyncClient:
 
     # Batches
 
-    async def stream_batches(
+    def stream_batches(
         self,
         *,
         text: str | None = None,
         corpus: str | None = None,
-        batch_size: int = 4,
-        max_length: int = 256,
-        stride: int = 128,
-        shuffle: bool = True,
-        seed: int = 0,
-        drop_last: bool = True,
-        include_embeddings: bool = False,
-        embeddings_dtype: EmbeddingDtype = "float32",
-        epoch: int = 0,
-        epochs: int = 1,
-        rank: int = 0,
-        world_size: int = 1,
+        spec: BatchSpec | None = None,
         cursor: bytes | None = None,
         reconnect_attempts: int = 5,
-        batches_per_message: int | None = None,
+        **settings: Unpack[BatchSettings],
     ) -> AsyncGenerator[Batch, None]:
         """Sliding-window batches of `text` or of a corpus in the server's --data-dir.
 
-        Defaults follow the notebook's create_dataloader_v1; with shuffle, epoch 0's order is
-        that of a DataLoader whose generator is manual_seed(seed). `epochs` epochs stream one
-        after another from `epoch`. With `world_size` > 1 this rank gets its share of every
-        global batch (see the protocol). Each Batch carries a `cursor`: pass it back as
-        `cursor=` to continue right after that batch. When the server becomes UNAVAILABLE
-        mid-stream (a restart, a replica going away), the iterator reconnects and resumes from
-        its last cursor, up to `reconnect_attempts` times in a row, with growing pauses.
-        Closing the iterator early cancels the stream on the server. `batches_per_message` packs
-        that many batches into one message (None: up to 256 kB of small batches without
-        embeddings, one otherwise); batches still arrive one by one, each with its cursor.
+        `spec` (a BatchSpec) says how the windows are cut, shuffled and shared out; keywords
+        (`batch_size=8, shuffle=False`, any BatchSpec field) set its fields, or change those of
+        `spec` when both are given. Each Batch carries a `cursor`: pass it back as `cursor=` to
+        continue right after that batch. When the server becomes UNAVAILABLE mid-stream (a
+        restart, a replica going away), the iterator reconnects and resumes from its last cursor,
+        up to `reconnect_attempts` times in a row, with growing pauses. Closing the iterator early
+        cancels the stream on the server.
         """
+        spec = (spec or BatchSpec()).replace(**settings)
+        return self._stream_batches(text, corpus, spec, cursor, reconnect_attempts)
+
+    async def _stream_batches(
+        self,
+        text: str | None,
+        corpus: str | None,
+        spec: BatchSpec,
+        cursor: bytes | None,
+        reconnect_attempts: int,
+    ) -> AsyncGenerator[Batch, None]:
         if (text is None) == (corpus is None):
             raise ValueError("pass exactly one of text= or corpus=")
-        request = batches_pb2.StreamBatchesRequest(
-            batch_size=batch_size,
-            max_length=max_length,
-            stride=stride,
-            shuffle=shuffle,
-            seed=seed,
-            drop_last=drop_last,
-            include_embeddings=include_embeddings,
-            embeddings_dtype=DTYPE_BY_NAME[embeddings_dtype],
-            epoch=epoch,
-            epochs=epochs,
-            rank=rank,
-            world_size=world_size,
-            cursor=cursor or b"",
-            batches_per_message=(
-                _auto_batches_per_message(batch_size, max_length, include_embeddings)
-                if batches_per_message is None
-                else batches_per_message
-            ),
-        )
+        request = _stream_request(spec, cursor)
         if text is not None:
             request.text = text
         else:

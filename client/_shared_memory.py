@@ -17,6 +17,7 @@ import numpy.typing as npt
 from embedserve.v1 import embedding_pb2, embedding_pb2_grpc, tensor_pb2
 
 from ._errors import error_from_rpc
+from ._runner import Runner
 from .tensor import NUMPY_DTYPES
 
 SHM_DIR = Path("/dev/shm")
@@ -106,3 +107,49 @@ class SharedMemoryRegion:
         if described.dtype == tensor_pb2.DTYPE_BFLOAT16:
             return (raw.astype(np.uint32) << 16).view(np.float32)  # widened, as from_tensor_pb does
         return raw
+
+
+class SyncSharedMemoryRegion:
+    """SharedMemoryRegion for the synchronous Client: `with client.shared_memory(n) as region:`."""
+
+    def __init__(self, region: SharedMemoryRegion, run: Runner) -> None:
+        self._region = region  # Client.embed hands it to AsyncClient.embed
+        self._run = run
+        self._open = False
+
+    @property
+    def byte_size(self) -> int:
+        return self._region.byte_size
+
+    @property
+    def handle(self) -> str:
+        """The server's name for the region while the session is open ("" before)."""
+        return self._region.handle
+
+    @handle.setter
+    def handle(self, handle: str) -> None:
+        self._region.handle = handle
+
+    def __enter__(self) -> SyncSharedMemoryRegion:
+        self._run(self._region.__aenter__())
+        self._open = True
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: types.TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Ends the session (the server unmaps the region) and frees the memory; closing the Client
+        closes its regions, and closing a closed region does nothing."""
+        if self._open:
+            self._open = False
+            self._run(self._region.close())
+
+    def output(self, offset: int) -> embedding_pb2.SharedMemoryOutput:
+        return self._region.output(offset)
+
+    def array(self, described: tensor_pb2.Tensor, offset: int, nbytes: int) -> npt.NDArray[Any]:
+        """The result the server wrote at offset, as described by the reply's data-less tensor."""
+        return self._region.array(described, offset, nbytes)

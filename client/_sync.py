@@ -10,12 +10,22 @@ import asyncio
 import threading
 import types
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Generator, Iterable, Sequence
-from typing import Any, Literal, TypeVar
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Coroutine,
+    Generator,
+    Iterable,
+    Sequence,
+)
+from typing import Any, Literal, TypeVar, Unpack
 
 import numpy.typing as npt
 
-from ._async import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TARGET, AsyncClient, EmbeddingDtype
+from ._async import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TARGET, AsyncClient
+from ._batch_spec import BatchSettings, BatchSpec, EmbeddingDtype
+from ._shared_memory import SyncSharedMemoryRegion
 from ._values import Batch, EmbeddingInfo
 from ._word_vectors import SyncWordVectors
 
@@ -32,7 +42,13 @@ def _stop_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> Non
 
 
 class Client:
-    """The synchronous twin of AsyncClient; use as `with Client(target) as client:`."""
+    """The synchronous twin of AsyncClient; use as `with Client(target) as client:`.
+
+    Every public method and attribute of AsyncClient is here with the same parameters (a test
+    holds them together), run on the Client's own event-loop thread. What differs: streams are
+    plain iterators, `embed_stream` takes a plain iterable (pulled in a worker thread), and
+    `shared_memory()` gives a region used as `with client.shared_memory(n) as region:`.
+    """
 
     def __init__(
         self,
@@ -42,12 +58,14 @@ class Client:
         stream_timeout: float = 24 * 3600.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         options: Sequence[tuple[str, Any]] = (),
+        connections: int = 4,
         api_key: str | None = None,
         root_certificates: bytes | None = None,
         client_certificate: bytes | None = None,
         client_key: bytes | None = None,
     ) -> None:
-        """As AsyncClient: api_key, and TLS from root_certificates / client_certificate + client_key."""
+        """As AsyncClient: connections, api_key, and TLS from root_certificates / client_certificate
+        + client_key."""
         if timeout <= 0 or stream_timeout <= 0:
             raise ValueError("timeouts must be positive")
         self._loop = asyncio.new_event_loop()
@@ -63,13 +81,19 @@ class Client:
                 stream_timeout=stream_timeout,
                 max_message_bytes=max_message_bytes,
                 options=options,
+                connections=connections,
                 api_key=api_key,
                 root_certificates=root_certificates,
                 client_certificate=client_certificate,
                 client_key=client_key,
             )
 
-        self._async = self._run(make())
+        self._regions: weakref.WeakSet[SyncSharedMemoryRegion] = weakref.WeakSet()
+        try:
+            self._async = self._run(make())
+        except BaseException:
+            self._finalizer()  # a refused argument leaves no thread behind
+            raise
         self.word_vectors = SyncWordVectors(self._async.word_vectors, self._run)
         """gensim-style word-vector queries, as on AsyncClient.word_vectors but without await."""
 
@@ -77,10 +101,31 @@ class Client:
     def target(self) -> str:
         return self._async.target
 
+    @property
+    def timeout(self) -> float:
+        """Seconds that bound every unary call; setting it changes the calls made from then on."""
+        return self._async.timeout
+
+    @timeout.setter
+    def timeout(self, seconds: float) -> None:
+        self._async.timeout = seconds
+
+    @property
+    def stream_timeout(self) -> float:
+        """Seconds that bound every stream."""
+        return self._async.stream_timeout
+
+    @stream_timeout.setter
+    def stream_timeout(self, seconds: float) -> None:
+        self._async.stream_timeout = seconds
+
     def _run(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
         if threading.current_thread() is self._thread:
             coroutine.close()
             raise RuntimeError("a Client cannot be called from its own event-loop thread")
+        if self._loop.is_closed():
+            coroutine.close()
+            raise RuntimeError("the Client is closed")
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
     def _iterate(self, iterator: AsyncGenerator[_T, None]) -> Generator[_T, None, None]:
@@ -101,8 +146,11 @@ class Client:
                 self._run(iterator.aclose())
 
     def close(self) -> None:
+        """Closes the regions from `shared_memory()` still open, then the connections."""
         if self._loop.is_closed():
             return
+        for region in list(self._regions):
+            region.close()
         self._run(self._async.close())
         self._finalizer()
 
@@ -114,60 +162,44 @@ class Client:
     ) -> None:
         self.close()
 
-    def tokenize(self, text: str, *, allowed_special: Iterable[str] | Literal["all"] = ()) -> list[int]:
-        return self._run(self._async.tokenize(text, allowed_special=allowed_special))
+    # Tokenizer
 
     def tokenize_batch(
         self, texts: Sequence[str], *, allowed_special: Iterable[str] | Literal["all"] = ()
     ) -> list[list[int]]:
         return self._run(self._async.tokenize_batch(texts, allowed_special=allowed_special))
 
+    def tokenize(self, text: str, *, allowed_special: Iterable[str] | Literal["all"] = ()) -> list[int]:
+        return self._run(self._async.tokenize(text, allowed_special=allowed_special))
+
     def detokenize(self, token_ids: npt.ArrayLike) -> str:
         return self._run(self._async.detokenize(token_ids))
+
+    # Batches
 
     def stream_batches(
         self,
         *,
         text: str | None = None,
         corpus: str | None = None,
-        batch_size: int = 4,
-        max_length: int = 256,
-        stride: int = 128,
-        shuffle: bool = True,
-        seed: int = 0,
-        drop_last: bool = True,
-        include_embeddings: bool = False,
-        embeddings_dtype: EmbeddingDtype = "float32",
-        epoch: int = 0,
-        epochs: int = 1,
-        rank: int = 0,
-        world_size: int = 1,
+        spec: BatchSpec | None = None,
         cursor: bytes | None = None,
         reconnect_attempts: int = 5,
-        batches_per_message: int | None = None,
+        **settings: Unpack[BatchSettings],
     ) -> Generator[Batch, None, None]:
         """AsyncClient.stream_batches, as a plain iterator."""
         return self._iterate(
             self._async.stream_batches(
                 text=text,
                 corpus=corpus,
-                batch_size=batch_size,
-                max_length=max_length,
-                stride=stride,
-                shuffle=shuffle,
-                seed=seed,
-                drop_last=drop_last,
-                include_embeddings=include_embeddings,
-                embeddings_dtype=embeddings_dtype,
-                epoch=epoch,
-                epochs=epochs,
-                rank=rank,
-                world_size=world_size,
+                spec=spec,
                 cursor=cursor,
                 reconnect_attempts=reconnect_attempts,
-                batches_per_message=batches_per_message,
+                **settings,
             )
         )
+
+    # Embedding
 
     def embed(
         self,
@@ -176,12 +208,28 @@ class Client:
         include_positional: bool = True,
         position_offset: int = 0,
         dtype: EmbeddingDtype = "float32",
+        output: SyncSharedMemoryRegion | None = None,
+        output_offset: int = 0,
     ) -> npt.NDArray[Any]:
+        """As AsyncClient.embed; `output` is a region from this Client's `shared_memory()`."""
         return self._run(
             self._async.embed(
-                token_ids, include_positional=include_positional, position_offset=position_offset, dtype=dtype
+                token_ids,
+                include_positional=include_positional,
+                position_offset=position_offset,
+                dtype=dtype,
+                output=None if output is None else output._region,
+                output_offset=output_offset,
             )
         )
+
+    def shared_memory(self, byte_size: int) -> SyncSharedMemoryRegion:
+        """A shared-memory region of byte_size bytes for `embed(..., output=region)`; the server must
+        run on this host. Use as `with client.shared_memory(n) as region:`; leaving the block (or
+        losing the connection) releases it on both sides."""
+        region = SyncSharedMemoryRegion(self._async.shared_memory(byte_size), self._run)
+        self._regions.add(region)
+        return region
 
     def embed_stream(
         self,
@@ -191,7 +239,11 @@ class Client:
         position_offset: int = 0,
         dtype: EmbeddingDtype = "float32",
     ) -> Generator[npt.NDArray[Any], None, None]:
-        """Pulls `windows` in a worker thread, so a slow or blocking iterable stalls only this stream."""
+        """Embeddings of each window, in order, over one bidirectional stream. `windows` is pulled in
+        a worker thread, so a slow or blocking iterable stalls only this stream; an async iterable
+        is refused (a TypeError): it belongs to a caller's event loop, so use AsyncClient there."""
+        if isinstance(windows, AsyncIterable):
+            raise TypeError("Client.embed_stream takes a plain iterable; use AsyncClient for an async one")
         source = iter(windows)
 
         async def pulled() -> AsyncIterator[npt.ArrayLike]:

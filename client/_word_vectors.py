@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -16,6 +16,7 @@ import numpy.typing as npt
 from embedserve.v1 import word_vectors_pb2, word_vectors_pb2_grpc
 
 from ._errors import EmbedServeError, LimitExceededError, NotFoundError, call_idempotent
+from ._runner import Runner
 from .tensor import from_tensor_pb, to_tensor_pb
 
 _T = TypeVar("_T")
@@ -425,14 +426,10 @@ class AsyncWordVectors:
         )
 
 
-class _Runner(Protocol):
-    def __call__(self, coroutine: Coroutine[Any, Any, _T]) -> _T: ...
-
-
 class SyncWordVectors:
     """The same methods without await (for `Client.word_vectors`)."""
 
-    def __init__(self, inner: AsyncWordVectors, run: _Runner) -> None:
+    def __init__(self, inner: AsyncWordVectors, run: Runner) -> None:
         self._inner = inner
         self._run = run
 

@@ -16,16 +16,24 @@ once per epoch. Importing this module imports torch; `embedserve.client` itself 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Unpack
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from ._batch_spec import BatchSettings, BatchSpec
 from ._sync import Client
+
+# Eight windows a batch unless told otherwise; every other setting as in stream_batches.
+DEFAULT_SPEC = BatchSpec(batch_size=8)
 
 
 class StreamingDataset(IterableDataset[tuple[torch.Tensor, torch.Tensor]]):
-    """Yields (inputs, targets) int64 tensors [B, T] per batch, for `epochs` epochs from `epoch`."""
+    """Yields (inputs, targets) int64 tensors [B, T] per batch, for `epochs` epochs from `epoch`.
+
+    `spec` and keywords are as in stream_batches (default: DEFAULT_SPEC). Embeddings are not
+    asked for: a DataLoader here yields only token IDs.
+    """
 
     def __init__(
         self,
@@ -33,36 +41,27 @@ class StreamingDataset(IterableDataset[tuple[torch.Tensor, torch.Tensor]]):
         *,
         corpus: str | None = None,
         text: str | None = None,
-        batch_size: int = 8,
-        max_length: int = 256,
-        stride: int = 128,
-        shuffle: bool = True,
-        seed: int = 0,
-        drop_last: bool = True,
-        epoch: int = 0,
-        epochs: int = 1,
-        rank: int = 0,
-        world_size: int = 1,
+        spec: BatchSpec | None = None,
         timeout: float = 60.0,
+        **settings: Unpack[BatchSettings],
     ) -> None:
         if (text is None) == (corpus is None):
             raise ValueError("pass exactly one of text= or corpus=")
         self.target = target
         self._source: dict[str, Any] = {"corpus": corpus} if corpus is not None else {"text": text}
-        self._settings: dict[str, Any] = {
-            "batch_size": batch_size,
-            "max_length": max_length,
-            "stride": stride,
-            "shuffle": shuffle,
-            "seed": seed,
-            "drop_last": drop_last,
-            "epoch": epoch,
-            "epochs": epochs,
-        }
-        self.rank = rank
-        self.world_size = world_size
+        self.spec = (spec or DEFAULT_SPEC).replace(**settings)
+        if self.spec.include_embeddings:
+            raise ValueError("StreamingDataset yields token IDs only; use stream_batches for embeddings")
         self.timeout = timeout
         self._cursors: dict[int, bytes] = {}  # sub-rank -> cursor of the last batch yielded
+
+    @property
+    def rank(self) -> int:
+        return self.spec.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.spec.world_size
 
     def _sub_shard(self) -> tuple[int, int]:
         worker = get_worker_info()
@@ -75,9 +74,7 @@ class StreamingDataset(IterableDataset[tuple[torch.Tensor, torch.Tensor]]):
         with Client(self.target, timeout=self.timeout) as client:
             for batch in client.stream_batches(
                 **self._source,
-                **self._settings,
-                rank=rank,
-                world_size=world_size,
+                spec=self.spec.replace(rank=rank, world_size=world_size),
                 cursor=self._cursors.get(rank),
             ):
                 self._cursors[rank] = batch.cursor

@@ -13,7 +13,6 @@ import pytest
 from embedserve.client import AsyncClient, EmbedServeError, InternalError
 from embedserve.client.tensor import to_tensor_pb
 from embedserve.server import ServerConfig
-from embedserve.server.app import METRICS_BY_SERVER
 from embedserve.v1 import tokenizer_pb2
 
 from .conftest import start_server
@@ -176,7 +175,7 @@ async def test_idle_connections_are_pinged_so_a_vanished_server_is_noticed(pings
 
 
 async def test_round_robin_over_several_addresses_spreads_the_calls() -> None:
-    # The README's client-side balancing: one name resolving to every replica, round_robin.
+    # docs/operations.md's client-side balancing: one name resolving to every replica, round_robin.
     # Here the "name" lists two loopback replicas itself, as a headless Service's DNS would.
     config = ServerConfig(port=0, device="cpu", word_vectors="none", vocab_size=6, dim=3)
     replicas = [start_server(config), start_server(config)]
@@ -187,8 +186,7 @@ async def test_round_robin_over_several_addresses_spreads_the_calls() -> None:
             for _ in range(40):
                 assert await client.tokenize("hello world") == [31373, 995]
         served = [
-            METRICS_BY_SERVER[replica.server].finished_calls().get("Tokenize", {}).get("OK", 0)
-            for replica in replicas
+            replica.server.metrics.finished_calls().get("Tokenize", {}).get("OK", 0) for replica in replicas
         ]
         # pick_first (gRPC's default) would send all 40 to one replica.
         assert sum(served) == 40

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -13,7 +14,15 @@ from embedserve.client import AsyncClient, InvalidArgumentError, NotFoundError
 from embedserve.server.app import Components
 from embedserve.v1 import embedding_pb2, embedding_pb2_grpc
 
+from .client_twins import CLIENT_KINDS, open_client
 from .conftest import ServerThread
+
+
+@pytest.fixture(params=CLIENT_KINDS)
+async def client(request: pytest.FixtureRequest, server: ServerThread) -> AsyncIterator[AsyncClient]:
+    """AsyncClient, then the synchronous Client (whose regions are used as `with ... as region`)."""
+    async with open_client(request.param, server.target) as opened:
+        yield opened
 
 
 async def _released(components: Components) -> bool:
@@ -25,35 +34,36 @@ async def _released(components: Components) -> bool:
 
 
 async def test_results_land_in_the_region_equal_to_replies(
-    server: ServerThread, default_components: Components
+    client: AsyncClient, default_components: Components
 ) -> None:
     rng = np.random.default_rng(3)
     ids = rng.integers(0, 50257, size=(4, 32))
-    async with AsyncClient(server.target) as client:
-        expected = await client.embed(ids)
-        half = await client.embed(ids, dtype="float16")
-        brain = await client.embed(ids, dtype="bfloat16", position_offset=5)
-        async with client.shared_memory(1 << 20) as region:
-            assert len(default_components.shared_memory) == 1
-            got = await client.embed(ids, output=region)
-            np.testing.assert_array_equal(got, expected)
-            at_offset = await client.embed(ids, output=region, output_offset=expected.nbytes, dtype="float16")
-            np.testing.assert_array_equal(at_offset, half)
-            np.testing.assert_array_equal(got, expected)  # the first result is untouched
-            widened = await client.embed(ids, output=region, dtype="bfloat16", position_offset=5)
-            np.testing.assert_array_equal(widened, brain)
-            with pytest.raises(InvalidArgumentError, match="do not fit"):
-                await client.embed(ids, output=region, output_offset=(1 << 20) - 100)
-        # Large requests are looked up straight into the region, not copied there.
-        large = rng.integers(0, 50257, size=(4, 256))
-        async with client.shared_memory(4 << 20) as region:
-            for dtype in ("float32", "bfloat16"):
-                direct = await client.embed(large, output=region, output_offset=64, dtype=dtype)
-                np.testing.assert_array_equal(direct, await client.embed(large, dtype=dtype))
-        assert await _released(default_components)
+    expected = await client.embed(ids)
+    half = await client.embed(ids, dtype="float16")
+    brain = await client.embed(ids, dtype="bfloat16", position_offset=5)
+    async with client.shared_memory(1 << 20) as region:
+        assert len(default_components.shared_memory) == 1
+        got = await client.embed(ids, output=region)
+        np.testing.assert_array_equal(got, expected)
+        at_offset = await client.embed(ids, output=region, output_offset=expected.nbytes, dtype="float16")
+        np.testing.assert_array_equal(at_offset, half)
+        np.testing.assert_array_equal(got, expected)  # the first result is untouched
+        widened = await client.embed(ids, output=region, dtype="bfloat16", position_offset=5)
+        np.testing.assert_array_equal(widened, brain)
+        with pytest.raises(InvalidArgumentError, match="do not fit"):
+            await client.embed(ids, output=region, output_offset=(1 << 20) - 100)
+    # Large requests are looked up straight into the region, not copied there.
+    large = rng.integers(0, 50257, size=(4, 256))
+    async with client.shared_memory(4 << 20) as region:
+        for dtype in ("float32", "bfloat16"):
+            direct = await client.embed(large, output=region, output_offset=64, dtype=dtype)
+            np.testing.assert_array_equal(direct, await client.embed(large, dtype=dtype))
+    assert await _released(default_components)
 
 
-async def test_bad_regions_and_handles(server: ServerThread, default_components: Components) -> None:
+async def test_bad_regions_and_handles(
+    server: ServerThread, client: AsyncClient, default_components: Components
+) -> None:
     async with grpc.aio.insecure_channel(server.target) as channel:
         stub = embedding_pb2_grpc.EmbeddingServiceStub(channel)
         for name, error in (
@@ -66,7 +76,7 @@ async def test_bad_regions_and_handles(server: ServerThread, default_components:
             with pytest.raises(grpc.aio.AioRpcError) as raised:
                 await session.read()
             assert raised.value.code() is error
-    async with AsyncClient(server.target) as client, client.shared_memory(4096) as region:
+    async with client.shared_memory(4096) as region:
         region.handle = "forged"
         with pytest.raises(NotFoundError, match="handle"):
             await client.embed([1, 2, 3], output=region)
