@@ -33,6 +33,7 @@ from .config import (
     ServerConfig,
     add_server_arguments,
     config_from_namespace,
+    serve_flags,
 )
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -83,13 +84,10 @@ def _client_options(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-# With OpenMP's default wait policy, libgomp stops spinning once a process has more OpenMP
-# threads than cores, and a server has: every thread that runs torch operators (the embedding
-# model's, the word vectors') leads its own team. Each parallel region then wakes its threads
-# through the kernel, which on 2 cores made a word-vector scan's small operators twice as slow.
-# Active waiting for a bounded spin count and sleeping after keeps them quicker and costs nothing
-# at idle. (While threads outnumber cores, libgomp still caps the spin at 1,000 iterations under
-# ACTIVE, 100 by default: GOMP_SPINCOUNT applies only below that; see the README.)
+# libgomp stops spinning once OpenMP threads outnumber cores, as in a server where every thread
+# running torch operators leads its own team; each parallel region then wakes its threads through
+# the kernel, which slows a word-vector scan's small operators. Active waiting for a bounded spin,
+# then sleeping, keeps them quick at no idle cost (docs/performance.md has the measurements).
 OPENMP_WAITING = {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "300000"}
 
 
@@ -104,9 +102,7 @@ def tune_openmp(environ: MutableMapping[str, str]) -> bool:
 
 def _run_serve(args: argparse.Namespace) -> int:
     config = config_from_namespace(args)
-    logging.basicConfig(
-        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     tune_openmp(os.environ)
     if config.workers > 1:
         return _run_workers(config)
@@ -213,21 +209,11 @@ def _run_tokenize(args: argparse.Namespace) -> int:
 
 
 def _run_batches(args: argparse.Namespace) -> int:
-    from embedserve.client import Client
+    from embedserve.client import BatchSpec, Client
 
     text = Path(args.file).read_text(encoding="utf-8") if args.file else None
     with Client(args.target, **_client_options(args)) as client:
-        stream = client.stream_batches(
-            text=text,
-            corpus=args.corpus,
-            batch_size=args.batch_size,
-            max_length=args.max_length,
-            stride=args.stride,
-            shuffle=args.shuffle,
-            seed=args.seed,
-            drop_last=args.drop_last,
-            include_embeddings=args.embeddings,
-        )
+        stream = client.stream_batches(text=text, corpus=args.corpus, spec=BatchSpec.from_arguments(args))
         count = 0
         for batch in stream:
             if count == 0:
@@ -357,9 +343,13 @@ def _run_analogies(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def _run_prepare(args: argparse.Namespace) -> int:
     from .core import InvalidInput, NotFound, StartupError, load_gpt2_tokenizer
-    from .core.prepared import log_progress, prepare_corpus
+    from .core.prepared import prepare_corpus, progress_reporter
 
     if not args.data_dir:
         print("embedserve prepare: name the data folder (--data-dir or EMBEDSERVE_DATA_DIR)", file=sys.stderr)
@@ -373,7 +363,7 @@ def _run_prepare(args: argparse.Namespace) -> int:
             tokenizer,
             text_field=args.text_field,
             threads=args.threads,
-            progress=log_progress(f"prepare {args.out}"),
+            progress=progress_reporter(f"prepare {args.out}", _print_progress),
         )
     except (InvalidInput, NotFound, StartupError) as error:
         print(f"embedserve prepare: {error}", file=sys.stderr)
@@ -398,7 +388,19 @@ def _run_prepare_vectors(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_server_path(
+    parser: argparse.ArgumentParser, name: str, environ: Mapping[str, str], help_text: str
+) -> None:
+    """A folder flag another command shares with `serve`: its flag and variable ("" when unset)."""
+    (flag,) = (flag for flag in serve_flags() if flag.name == name)
+    parser.add_argument(
+        flag.flag, default=environ.get(flag.variable, ""), help=f"{help_text}; env {flag.variable}"
+    )
+
+
 def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
+    from embedserve.client import BatchSpec  # the `batches` command's flags are its fields
+
     parser = argparse.ArgumentParser(
         prog="embedserve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -420,13 +422,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     source = batches.add_mutually_exclusive_group(required=True)
     source.add_argument("--file", help="local text file, sent inline")
     source.add_argument("--corpus", help="corpus name in the server's --data-dir")
-    batches.add_argument("--batch-size", type=int, default=4)
-    batches.add_argument("--max-length", type=int, default=256)
-    batches.add_argument("--stride", type=int, default=128)
-    batches.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True)
-    batches.add_argument("--seed", type=int, default=0)
-    batches.add_argument("--drop-last", action=argparse.BooleanOptionalAction, default=True)
-    batches.add_argument("--embeddings", action="store_true", help="also receive input embeddings")
+    BatchSpec.add_arguments(batches)  # one flag per BatchSpec field
     handlers["batches"] = _run_batches
 
     embed = commands.add_parser("embed", help="print the input embeddings of token IDs")
@@ -469,10 +465,8 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "prepare-vectors", help="convert word vectors into the cache now (the server then starts fast)"
     )
     prepare.add_argument("spec", help="as --word-vectors: glove-6b-50d, a gensim-data name or a file")
-    prepare.add_argument(
-        "--cache-dir",
-        default=environ.get("EMBEDSERVE_CACHE_DIR", ""),
-        help="default: ~/.cache/embedserve; env EMBEDSERVE_CACHE_DIR",
+    _add_server_path(
+        prepare, "cache_dir", environ, "as the server's --cache-dir (default: ~/.cache/embedserve)"
     )
     handlers["prepare-vectors"] = _run_prepare_vectors
 
@@ -485,18 +479,12 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     corpus.add_argument("inputs", nargs="+", help="text, .jsonl (and .gz) files")
     corpus.add_argument("--out", required=True, help="the corpus name, as StreamBatches requests it")
-    corpus.add_argument(
-        "--data-dir",
-        default=environ.get("EMBEDSERVE_DATA_DIR", ""),
-        help="the server's data folder; env EMBEDSERVE_DATA_DIR",
-    )
+    _add_server_path(corpus, "data_dir", environ, "the server's data folder")
     corpus.add_argument(
         "--text-field", default="text", help="the text field of .jsonl records (default: text)"
     )
     corpus.add_argument("--threads", type=int, default=0, help="tokenizer threads (default: every core)")
-    corpus.add_argument(
-        "--bpe-dir", default=environ.get("EMBEDSERVE_BPE_DIR", ""), help="as the server's --bpe-dir"
-    )
+    _add_server_path(corpus, "bpe_dir", environ, "as the server's --bpe-dir")
     handlers["prepare"] = _run_prepare
 
     for name in ("tokenize", "batches", "embed", "info", "health", "similar", "similarity", "analogies"):

