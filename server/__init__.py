@@ -2,8 +2,9 @@
 
     from embedserve.server import ServerConfig, load_components, build_server
 
-`build_server(config)` returns a grpc.aio server with every
-service registered and its bound port; `serve(config)` runs one until a signal.
+`build_server(config)` returns an EmbedServer: the grpc.aio server with every
+service registered, its bound port, and the health, metrics and draining it owns;
+`serve(config)` runs one until a signal.
 The names load lazily so that the CLI's client commands start without torch.
 """
 
@@ -15,12 +16,20 @@ from typing import TYPE_CHECKING, Any
 from .config import ServerConfig, parse_server_config
 
 if TYPE_CHECKING:
-    from .app import Components, build_server, load_components, serve
+    from .app import Components, EmbedServer, build_server, load_components, serve
 
-__all__ = ["Components", "ServerConfig", "build_server", "load_components", "parse_server_config", "serve"]
+__all__ = [
+    "Components",
+    "EmbedServer",
+    "ServerConfig",
+    "build_server",
+    "load_components",
+    "parse_server_config",
+    "serve",
+]
 
 
 def __getattr__(name: str) -> Any:
-    if name in {"Components", "build_server", "load_components", "serve"}:
+    if name in {"Components", "EmbedServer", "build_server", "load_components", "serve"}:
         return getattr(importlib.import_module(".app", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

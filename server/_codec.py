@@ -1,4 +1,7 @@
-"""Request and reply tensors on the server side: proto <-> numpy / torch."""
+"""The server's side of the tensor codec: request tensors decoded into checked values (a
+malformed one is InvalidInput), torch results encoded, and replies encoded around the tensor
+a lookup writes in place. The wire format itself is `embedserve.tensor`, shared with the client.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +9,12 @@ import ctypes
 import math
 import platform
 from functools import cache
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 import torch
-from embedserve.client.tensor import TensorFormatError, dtype_name, from_tensor_pb
+from embedserve.tensor import TensorFormatError, dtype_name, from_tensor_pb, tensor_field_head
 from embedserve.v1 import tensor_pb2
 
 from .core import OUTPUT_DTYPES, InvalidInput
@@ -68,46 +71,46 @@ def tensor_pb_from_torch(tensor: torch.Tensor) -> tensor_pb2.Tensor:
     )
 
 
-def varint(value: int) -> bytes:
-    """Protobuf's base-128 encoding of a non-negative integer."""
-    out = bytearray()
-    while True:
-        low, value = value & 0x7F, value >> 7
-        if value:
-            out.append(low | 0x80)
-        else:
-            out.append(low)
-            return bytes(out)
+class ReplyMemory(Protocol):
+    """Where a reply encoded around its tensor is built: the message and a writable view of it."""
+
+    def allocate(self, size: int) -> tuple[bytes | bytearray, memoryview]: ...
 
 
-def encode_varint_field(field_number: int, value: int) -> bytes:
-    """The wire bytes of a non-negative integer field (what SerializeToString writes for it)."""
-    return varint(field_number << 3) + varint(value)
+class BytearrayReplies:
+    """Any Python: the reply is built in a bytearray and copied into bytes once at the end."""
+
+    def allocate(self, size: int) -> tuple[bytes | bytearray, memoryview]:
+        message = bytearray(size)
+        return message, memoryview(message)
 
 
-def _tensor_field_head(field_number: int, shape: tuple[int, ...], dtype: torch.dtype) -> bytes:
-    """The wire bytes of `Tensor` as field `field_number`, up to where its data begins."""
-    data_bytes = math.prod(shape) * dtype.itemsize
-    body = bytearray(b"\x08" + varint(wire_dtype(dtype)))
-    if shape:
-        packed = b"".join(varint(int(d)) for d in shape)
-        body += b"\x12" + varint(len(packed)) + packed
-    if data_bytes:
-        body += b"\x1a" + varint(data_bytes)
-    return varint(field_number << 3 | 2) + varint(len(body) + data_bytes) + bytes(body)
+class InPlaceBytesReplies:
+    """CPython: a new bytes object, which no one else holds yet, is written through ctypes before
+    anyone sees it; a result is then written once, by the lookup, and copied only by gRPC."""
+
+    @staticmethod
+    @cache
+    def supported() -> bool:
+        """Whether new bytes objects can be filled in place here (checked once on a sample)."""
+        if platform.python_implementation() != "CPython":
+            return False
+        try:
+            sample = _uninitialized_bytes(64)
+            _writable_view(sample)[:] = bytes(range(64))
+        except (AttributeError, OSError, TypeError, ValueError):
+            return False
+        return sample == bytes(range(64))
+
+    def allocate(self, size: int) -> tuple[bytes | bytearray, memoryview]:
+        message = _uninitialized_bytes(size)
+        return message, _writable_view(message)
 
 
 @cache
-def _bytes_written_in_place() -> bool:
-    """Whether new bytes objects can be filled in place (CPython; checked once on a sample)."""
-    if platform.python_implementation() != "CPython":
-        return False
-    try:
-        sample = _uninitialized_bytes(64)
-        _writable_view(sample)[:] = bytes(range(64))
-    except (AttributeError, OSError, TypeError, ValueError):
-        return False
-    return sample == bytes(range(64))
+def default_reply_memory() -> ReplyMemory:
+    """The one choice of reply memory: bytes filled in place where that works, else a bytearray."""
+    return InPlaceBytesReplies() if InPlaceBytesReplies.supported() else BytearrayReplies()
 
 
 @cache
@@ -136,29 +139,27 @@ class TensorReply:
 
     The bytes equal SerializeToString() of the parent with that field (and `trailer`, the
     encoded fields numbered after it) set. gRPC copies a reply once into its own buffers and
-    accepts only `bytes`, which are immutable in Python; on CPython a new, unshared bytes object
-    is written through ctypes before anyone sees it, so a result is written once, by the lookup,
-    and then copied only by gRPC. Elsewhere the reply is built in a bytearray and copied once
-    more at the end.
+    accepts only `bytes`; `memory` (default_reply_memory() unless given) says how the message
+    is built around the tensor.
     """
 
     def __init__(
-        self, field_number: int, shape: tuple[int, ...], dtype: torch.dtype, trailer: bytes = b""
+        self,
+        field_number: int,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        trailer: bytes = b"",
+        *,
+        memory: ReplyMemory | None = None,
     ) -> None:
-        head = _tensor_field_head(field_number, shape, dtype)
+        head = tensor_field_head(field_number, shape, wire_dtype(dtype))
         count = math.prod(shape)
         size = len(head) + count * dtype.itemsize + len(trailer)
-        self._message: bytes | bytearray
-        if _bytes_written_in_place():
-            self._message = _uninitialized_bytes(size)
-            memory = _writable_view(self._message)
-        else:
-            self._message = bytearray(size)
-            memory = memoryview(self._message)
-        memory[: len(head)] = head
-        memory[size - len(trailer) :] = trailer
+        self._message, view = (default_reply_memory() if memory is None else memory).allocate(size)
+        view[: len(head)] = head
+        view[size - len(trailer) :] = trailer
         self.tensor = (
-            torch.frombuffer(memory, dtype=dtype, offset=len(head), count=count).view(shape)
+            torch.frombuffer(view, dtype=dtype, offset=len(head), count=count).view(shape)
             if count
             else torch.empty(shape, dtype=dtype)
         )

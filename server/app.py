@@ -11,7 +11,6 @@ import logging
 import os
 import signal
 import time
-import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -22,7 +21,13 @@ from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from .config import DEFAULT_CONTEXT_LENGTH, DEFAULT_DIM, DEFAULT_VOCAB_SIZE, ServerConfig
+from .config import (
+    DEFAULT_CONTEXT_LENGTH,
+    DEFAULT_DIM,
+    DEFAULT_VOCAB_SIZE,
+    ConfigError,
+    ServerConfig,
+)
 from .core import (
     OUTPUT_DTYPES,
     CorpusStore,
@@ -35,6 +40,7 @@ from .core import (
     seeded_embedding_tables,
 )
 from .core.shared_memory import SharedMemoryRegistry
+from .core.stream_plan import BatchObserver
 from .core.vector_sources import default_cache_dir, load_word_vectors
 from .core.word_vector_slot import WordVectorSlot
 from .malformed import MalformedRequestInterceptor
@@ -73,28 +79,10 @@ class Components:
 
 def load_components(config: ServerConfig, environ: Mapping[str, str] | None = None) -> Components:
     """Loads the tokenizer and the embedding tables; StartupError says what is wrong."""
-    for name in (
-        "max_message_bytes",
-        "max_tokens_per_request",
-        "max_texts_per_request",
-        "max_batch_size",
-        "max_topn",
-        "max_queries_per_request",
-        "max_terms_per_request",
-        "max_results_per_request",
-        "max_queue",
-        "stream_window",
-        "workers",
-    ):
-        if getattr(config, name) <= 0:
-            raise StartupError(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
-    for name in ("port", "health_port", "metrics_port"):
-        if not 0 <= getattr(config, name) < 65536:
-            raise StartupError(
-                f"--{name.replace('_', '-')} must be in [0, 65535], got {getattr(config, name)}"
-            )
-    if config.health_port and config.health_port in (config.port, config.metrics_port):
-        raise StartupError(f"--health-port {config.health_port} is already --port or --metrics-port")
+    try:
+        config.validate()  # parsed flags are checked already; a config built in Python is checked here
+    except ConfigError as error:
+        raise StartupError(str(error)) from None
     started = time.perf_counter()
     tokenizer = load_gpt2_tokenizer(config.bpe_dir, os.environ if environ is None else environ)
     if config.weights is not None:
@@ -116,17 +104,8 @@ def load_components(config: ServerConfig, environ: Mapping[str, str] | None = No
     if config.data_dir is not None and not config.data_dir.is_dir():
         raise StartupError(f"--data-dir {config.data_dir} is not a folder")
     device = resolve_device(config.device)
-    if config.dtype not in OUTPUT_DTYPES:
-        raise StartupError(f"--dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {config.dtype!r}")
-    if config.max_batch_tokens < 0 or config.max_wait_us < 0:
-        raise StartupError("--max-batch-tokens and --max-wait-us must be >= 0")
     model = EmbeddingModel(tables, device, OUTPUT_DTYPES[config.dtype])
     cache_dir = config.cache_dir or default_cache_dir(os.environ if environ is None else environ)
-    prefilter_choices: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
-    if config.word_vector_prefilter not in prefilter_choices:
-        raise StartupError(
-            f"--word-vector-prefilter must be auto, on or off, got {config.word_vector_prefilter!r}"
-        )
     word_vectors = WordVectorSlot(
         config.word_vectors,
         lambda cancel: load_word_vectors(
@@ -134,7 +113,7 @@ def load_components(config: ServerConfig, environ: Mapping[str, str] | None = No
             cache_dir=cache_dir,
             device=device,
             max_topn=config.max_topn,
-            prefilter=prefilter_choices[config.word_vector_prefilter],
+            prefilter=config.word_vector_prefilter,
             cancel=cancel,
         ),
     )
@@ -184,37 +163,74 @@ TOKENIZER_SERVICE = "embedserve.v1.TokenizerService"
 BATCHES_SERVICE = "embedserve.v1.BatchesService"
 EMBEDDING_SERVICE = "embedserve.v1.EmbeddingService"
 WORD_VECTORS_SERVICE = "embedserve.v1.WordVectorsService"
-_HEALTH_UPDATES: set[asyncio.Task[None]] = set()
-METRICS_BY_SERVER: weakref.WeakKeyDictionary[grpc.aio.Server, Metrics] = weakref.WeakKeyDictionary()
-_HEALTH_BY_SERVER: weakref.WeakKeyDictionary[grpc.aio.Server, health_aio.HealthServicer] = (
-    weakref.WeakKeyDictionary()
-)
 
 
-_DRAINING_BY_SERVER: weakref.WeakKeyDictionary[grpc.aio.Server, asyncio.Event] = weakref.WeakKeyDictionary()
+@dataclass(eq=False)
+class EmbedServer:
+    """What build_server makes: the gRPC server on its bound port, and what it owns beside it
+    (the health statuses, the metrics, the draining signal streams watch), with the steps that
+    start and stop it."""
+
+    grpc_server: grpc.aio.Server
+    port: int
+    config: ServerConfig
+    health: health_aio.HealthServicer
+    metrics: Metrics
+    draining: asyncio.Event
+    # Health updates still being applied (the loop keeps only weak references to tasks).
+    health_updates: set[asyncio.Task[None]] = field(default_factory=set, repr=False)
+
+    async def start(self) -> None:
+        await self.grpc_server.start()
+
+    async def enter_shutdown(self) -> None:
+        """Every service NOT_SERVING (so balancers stop sending), and streams end at their next
+        reply boundary with UNAVAILABLE (so clients resume elsewhere), before the server stops."""
+        await self.health.enter_graceful_shutdown()
+        self.draining.set()
+
+    async def stop(self, grace: float | None) -> None:
+        """Stops the gRPC server, letting calls in flight finish for `grace` seconds (None: none)."""
+        await self.grpc_server.stop(grace)
+
+    def health_listener(self) -> grpc.aio.Server:
+        """A plaintext server beside this one answering its health statuses alone, with no key,
+        on --health-port; the caller starts and stops it.
+
+        Orchestrators' gRPC probes (Kubernetes', a container HEALTHCHECK) speak neither TLS nor
+        mutual TLS; this port gives them the statuses alone, never data or reflection."""
+        config = self.config
+        listener = grpc.aio.server(options=[("grpc.so_reuseport", 1 if config.workers > 1 else 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, listener)
+        _listen(listener, replace(config, port=config.health_port).address, None)
+        return listener
+
+    def serve_metrics(self) -> None:
+        """Serves the metrics over HTTP on --metrics-port; StartupError when that port is taken."""
+        try:
+            self.metrics.serve_http(self.config.metrics_port, self.config.host)
+        except OSError as error:
+            raise StartupError(
+                f"cannot serve metrics on {self.config.host}:{self.config.metrics_port}: {error.strerror}"
+            ) from None
 
 
-async def enter_shutdown(server: grpc.aio.Server) -> None:
-    """Every service NOT_SERVING (so balancers stop sending), and streams end at their next
-    reply boundary with UNAVAILABLE (so clients resume elsewhere), before the server stops."""
-    health = _HEALTH_BY_SERVER.get(server)
-    if health is not None:
-        await health.enter_graceful_shutdown()
-    draining = _DRAINING_BY_SERVER.get(server)
-    if draining is not None:
-        draining.set()
-
-
-def _track_health(health: health_aio.HealthServicer, served: list[str], word_vectors: WordVectorSlot) -> None:
-    """grpc.health.v1: every service SERVING, WordVectors NOT_SERVING until its model is loaded."""
+def _track_health(
+    health: health_aio.HealthServicer,
+    served: list[str],
+    word_vectors: WordVectorSlot,
+    updates: set[asyncio.Task[None]],
+) -> None:
+    """grpc.health.v1: every service SERVING, WordVectors NOT_SERVING until its model is loaded.
+    `updates` holds the update tasks until they are done."""
     loop = asyncio.get_running_loop()
     serving = health_pb2.HealthCheckResponse.SERVING
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
 
     def set_status(name: str, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
         task = loop.create_task(health.set(name, status))
-        _HEALTH_UPDATES.add(task)
-        task.add_done_callback(_HEALTH_UPDATES.discard)
+        updates.add(task)
+        task.add_done_callback(updates.discard)
 
     for name in ["", *served]:
         set_status(name, serving)
@@ -232,10 +248,16 @@ def _track_health(health: health_aio.HealthServicer, served: list[str], word_vec
     word_vectors.start()
 
 
-def build_server(config: ServerConfig, components: Components | None = None) -> tuple[grpc.aio.Server, int]:
+def build_server(
+    config: ServerConfig,
+    components: Components | None = None,
+    *,
+    on_stream_batch: BatchObserver | None = None,
+) -> EmbedServer:
     """Registers every servicer and binds the port; the caller starts the server.
 
-    Pass `components` to share loaded models between servers (tests do).
+    Pass `components` to share loaded models between servers (tests do). `on_stream_batch` is
+    told of every batch StreamBatches gathers (a seam for tests; see core.stream_plan).
     """
     if components is None:
         components = load_components(config)
@@ -247,7 +269,6 @@ def build_server(config: ServerConfig, components: Components | None = None) -> 
         interceptors.append(ApiKeyInterceptor(config.api_keys))
     interceptors.append(MalformedRequestInterceptor())  # innermost: it wraps the servicers' handlers
     server = grpc.aio.server(options=channel_options(config), interceptors=interceptors)
-    METRICS_BY_SERVER[server] = metrics
     for model, seconds in components.load_seconds.items():
         metrics.model_load_seconds.labels(model).set(seconds)
     components.word_vectors.add_done_callback(
@@ -259,10 +280,16 @@ def build_server(config: ServerConfig, components: Components | None = None) -> 
         TokenizerServicer(components.tokenizer, config), server
     )
     batcher = embed_batcher(components.model, config, metrics)  # one per server: it lives on its loop
-    draining = _DRAINING_BY_SERVER[server] = asyncio.Event()
+    draining = asyncio.Event()
     batches_pb2_grpc.add_BatchesServiceServicer_to_server(
         BatchesServicer(
-            components.tokenizer, components.corpora, components.model, config, batcher, draining
+            components.tokenizer,
+            components.corpora,
+            components.model,
+            config,
+            batcher,
+            draining,
+            on_batch=on_stream_batch,
         ),
         server,
     )
@@ -279,13 +306,14 @@ def build_server(config: ServerConfig, components: Components | None = None) -> 
         word_vectors_pb2_grpc.add_WordVectorsServiceServicer_to_server(
             WordVectorsServicer(components.word_vectors, config), server
         )
-    _track_health(health, served, components.word_vectors)
-    _HEALTH_BY_SERVER[server] = health
+    health_updates: set[asyncio.Task[None]] = set()
+    _track_health(health, served, components.word_vectors, health_updates)
     names = [*served, WORD_VECTORS_SERVICE] if components.word_vectors.enabled else served
     reflection.enable_server_reflection(
         [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
     )
-    return server, _listen(server, config.address, credentials)
+    port = _listen(server, config.address, credentials)
+    return EmbedServer(server, port, config, health, metrics, draining, health_updates)
 
 
 def _listen(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
@@ -301,24 +329,12 @@ def _listen(server: grpc.aio.Server, address: str, credentials: grpc.ServerCrede
     return port
 
 
-def health_listener(config: ServerConfig, server: grpc.aio.Server) -> grpc.aio.Server:
-    """A plaintext server beside `server` (from build_server) answering its health statuses
-    alone, with no key, on --health-port; the caller starts and stops it.
-
-    Orchestrators' gRPC probes (Kubernetes', a container HEALTHCHECK) speak neither TLS nor mutual
-    TLS; this port gives them the statuses alone, never data or reflection."""
-    listener = grpc.aio.server(options=[("grpc.so_reuseport", 1 if config.workers > 1 else 0)])
-    health_pb2_grpc.add_HealthServicer_to_server(_HEALTH_BY_SERVER[server], listener)
-    _listen(listener, replace(config, port=config.health_port).address, None)
-    return listener
-
-
 def tune_allocator() -> None:
     """Keeps glibc from returning every large buffer to the kernel.
 
     Each reply holds a few buffers of megabytes; by default glibc maps and unmaps each one, and
-    the page faults of touching fresh pages cost more than the lookup itself (an Embed of
-    [8, 256] x 256 float32 took 12 ms instead of 5 on a 2-core VM). No-op off glibc.
+    the page faults of touching fresh pages cost more than the lookup itself (docs/performance.md
+    has the measurement). No-op off glibc.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -346,23 +362,17 @@ async def serve(config: ServerConfig, *, grace_seconds: float | None = None) -> 
         _LOGGER.info("stopped while loading")
         return await asyncio.to_thread(components.close, config.grace)
     try:
-        server, port = build_server(config, components)
-        probes = health_listener(config, server) if config.health_port else None
+        server = build_server(config, components)
+        probes = server.health_listener() if config.health_port else None
         if config.metrics_port:  # before serving: a port in use stops the start, not a running server
-            try:
-                METRICS_BY_SERVER[server].serve_http(config.metrics_port, config.host)
-            except OSError as error:
-                raise StartupError(
-                    f"cannot serve metrics on {config.host}:{config.metrics_port}: {error.strerror}"
-                ) from None
+            server.serve_metrics()
             _LOGGER.info("metrics on http://%s:%d/metrics", config.host, config.metrics_port)
     except StartupError:
         await asyncio.to_thread(components.close, config.grace)
         raise
-    # Everything imported and loaded so far lives as long as the process (torch's, gRPC's and
-    # protobuf's objects: about 175k). Out of the collector's generations, a full collection no
-    # longer walks them: it took 88 ms, paused every call in flight, and set the p99 of Embed
-    # under 64 clients. (The word vectors freeze their vocabulary again once loaded.)
+    # Everything imported and loaded so far (torch's, gRPC's and protobuf's objects) lives as long
+    # as the process. Out of the collector's generations, a full collection no longer walks them
+    # and pauses every call in flight. (The word vectors freeze their vocabulary again once loaded.)
     gc.freeze()
     grace = config.grace if grace_seconds is None else grace_seconds
     stop_by = None
@@ -371,16 +381,14 @@ async def serve(config: ServerConfig, *, grace_seconds: float | None = None) -> 
         if probes is not None:
             await probes.start()
             _LOGGER.info("health checks (plaintext) on %s:%d", config.host, config.health_port)
-        _LOGGER.info("embedserve listening on %s:%d", config.host, port)
+        _LOGGER.info("embedserve listening on %s:%d", config.host, server.port)
         await stop.wait()
         _LOGGER.info("shutting down (grace %.1f s)", grace)
         stop_by = time.monotonic() + grace
-        await enter_shutdown(server)
+        await server.enter_shutdown()
         await server.stop(grace)
         # One line an operator (or the reliability suite) can check: nothing cut off at shutdown.
-        _LOGGER.info(
-            "calls finished: %s", json.dumps(METRICS_BY_SERVER[server].finished_calls(), sort_keys=True)
-        )
+        _LOGGER.info("calls finished: %s", json.dumps(server.metrics.finished_calls(), sort_keys=True))
     finally:
         await server.stop(0)  # no-op after the graceful stop; ends a failed start
         if probes is not None:  # last: probes see NOT_SERVING while calls drain

@@ -1,16 +1,17 @@
-"""The gRPC servicers: decode the request, call the core, encode the reply."""
+"""The gRPC servicers of Tokenizer, Batches and Embedding: decode the request, call the core,
+encode the reply."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
 import grpc
 import numpy as np
-from embedserve.client.tensor import to_tensor_pb
+import torch
+from embedserve.tensor import encode_varint_field, to_tensor_pb
 from embedserve.v1 import (
     batches_pb2,
     batches_pb2_grpc,
@@ -22,30 +23,19 @@ from embedserve.v1 import (
 
 from . import _codec
 from .config import ServerConfig
-from .core import (
-    CorpusStore,
-    EmbeddingModel,
-    EmbedJob,
-    InvalidInput,
-    LimitExceeded,
-    NotReady,
-    PreconditionFailed,
-    Tokenizer,
-    WindowPlan,
-    gather_windows,
-    iterate_batches,
-    plan_windows,
-)
+from .core import CorpusStore, EmbeddingModel, EmbedJob, InvalidInput, NotReady, Tokenizer
 from .core.corpus import tokens_sha256
-from .core.cursor import Position, StreamSettings, decode_cursor, encode_cursor
 from .core.embed_batcher import EmbedBatcher
+from .core.embed_jobs import OutputRegion, embed_job, result_shape
+from .core.limits import RequestLimits
 from .core.shared_memory import SharedMemoryRegistry
+from .core.stream_plan import BatchObserver, StreamPlan, StreamRequest, StreamSource, plan_stream
 from .core.tokenizer import ENDOFTEXT
+from .core.windows import PlannedBatch
 from .errors import Context, stream_errors, unary_errors
 from .metrics import Metrics, add_timings
 
 _FAILED_STREAM_DRAIN_SECONDS = 2.0
-MAX_BATCHES_PER_MESSAGE = 256
 SHUTTING_DOWN_MESSAGE = "the server is shutting down; resume from the last reply on another replica"
 _Item = TypeVar("_Item")
 
@@ -70,39 +60,10 @@ async def _next_or_drained(queue: asyncio.Queue[_Item], draining: asyncio.Event)
     raise NotReady(SHUTTING_DOWN_MESSAGE)
 
 
-# Room for a reply's fields besides its tensors' bytes.
-_REPLY_OVERHEAD_BYTES = 4096
-
-
-def _result_shape(job: EmbedJob, dim: int) -> tuple[int, ...]:
-    return (*job.token_ids.shape, dim)
-
-
-def _check_reply_bytes(nbytes: int, config: ServerConfig, what: str) -> None:
-    if nbytes + _REPLY_OVERHEAD_BYTES > config.max_message_bytes:
-        raise LimitExceeded(
-            f"{what} would be {nbytes} bytes, "
-            f"over the server's --max-message-bytes {config.max_message_bytes}",
-            limit="max_message_bytes",
-            allowed=config.max_message_bytes,
-            requested=nbytes,
-        )
-
-
 class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
     def __init__(self, tokenizer: Tokenizer, config: ServerConfig) -> None:
         self._tokenizer = tokenizer
-        self._config = config
-
-    def _check_text_count(self, count: int) -> None:
-        if count > self._config.max_texts_per_request:
-            raise LimitExceeded(
-                f"{count} texts are over the server's --max-texts-per-request "
-                f"{self._config.max_texts_per_request}",
-                limit="max_texts_per_request",
-                allowed=self._config.max_texts_per_request,
-                requested=count,
-            )
+        self._limits = RequestLimits.of(config)
 
     @unary_errors
     async def Tokenize(
@@ -111,15 +72,15 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         texts = list(request.texts)
         if not texts:
             raise InvalidInput("texts is empty")
-        self._check_text_count(len(texts))
+        self._limits.check_texts(len(texts))
         allowed = "all" if request.allow_all_special else frozenset(request.allowed_special)
         ids, lengths = await asyncio.to_thread(self._tokenizer.encode_batch, texts, allowed)
-        _check_reply_bytes(ids.nbytes + 10 * len(lengths), self._config, f"the {ids.size} token IDs")
+        self._limits.check_reply_bytes(ids.nbytes + 10 * len(lengths), f"the {ids.size} token IDs")
         return tokenizer_pb2.TokenizeResponse(token_ids=to_tensor_pb(ids, "int32"), lengths=lengths)
 
     def _decode_all(self, ids: np.ndarray[Any, Any], lengths: list[int]) -> list[str]:
         texts = self._tokenizer.decode_batch(ids, lengths)
-        _check_reply_bytes(sum(len(t) for t in texts) * 4, self._config, f"the text of {ids.size} token IDs")
+        self._limits.check_reply_bytes(sum(len(t) for t in texts) * 4, f"the text of {ids.size} token IDs")
         return texts
 
     @unary_errors
@@ -127,16 +88,9 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         self, request: tokenizer_pb2.DetokenizeRequest, context: Context
     ) -> tokenizer_pb2.DetokenizeResponse:
         ids = _codec.token_ids_from_pb(request.token_ids).reshape(-1)
-        if ids.size > self._config.max_tokens_per_request:
-            raise LimitExceeded(
-                f"{ids.size} token IDs are over the server's --max-tokens-per-request "
-                f"{self._config.max_tokens_per_request}",
-                limit="max_tokens_per_request",
-                allowed=self._config.max_tokens_per_request,
-                requested=int(ids.size),
-            )
+        self._limits.check_tokens(int(ids.size))
         lengths = list(request.lengths) or [ids.size]
-        self._check_text_count(len(lengths))
+        self._limits.check_texts(len(lengths))
         if any(n < 0 for n in lengths) or sum(lengths) != ids.size:
             raise InvalidInput(
                 f"lengths must be non-negative and add up to the {ids.size} token IDs; "
@@ -167,6 +121,24 @@ def embed_batcher(
     return batcher
 
 
+def _stream_request(request: batches_pb2.StreamBatchesRequest) -> StreamRequest:
+    return StreamRequest(
+        max_length=request.max_length,
+        stride=request.stride,
+        batch_size=request.batch_size,
+        shuffle=request.shuffle,
+        seed=request.seed,
+        drop_last=request.drop_last,
+        epoch=request.epoch,
+        epochs=request.epochs,
+        rank=request.rank,
+        world_size=request.world_size,
+        cursor=request.cursor,
+        batches_per_message=request.batches_per_message,
+        include_embeddings=request.include_embeddings,
+    )
+
+
 class BatchesServicer(batches_pb2_grpc.BatchesServiceServicer):
     def __init__(
         self,
@@ -176,122 +148,76 @@ class BatchesServicer(batches_pb2_grpc.BatchesServiceServicer):
         config: ServerConfig,
         batcher: EmbedBatcher,
         draining: asyncio.Event,
+        on_batch: BatchObserver | None = None,
     ) -> None:
+        """on_batch is told of every batch whose windows a stream gathers (see BatchObserver)."""
         self._tokenizer = tokenizer
         self._corpora = corpora
         self._model = model
-        self._config = config
+        self._limits = RequestLimits.of(config)
         self._batcher = batcher
         self._draining = draining
+        self._on_batch = on_batch
 
-    async def _source_tokens(
-        self, request: batches_pb2.StreamBatchesRequest
-    ) -> tuple[np.ndarray[Any, Any], str]:
+    async def _source(self, request: batches_pb2.StreamBatchesRequest) -> StreamSource:
         """The source's token IDs and their sha256 (which cursors carry)."""
         source = request.WhichOneof("source")
+        ids: np.ndarray[Any, np.dtype[np.integer]]
         if source == "text":
             ids = await asyncio.to_thread(self._tokenizer.encode, request.text, {ENDOFTEXT})
-            return ids, await asyncio.to_thread(tokens_sha256, ids)
-        if source == "corpus":
-            return await asyncio.to_thread(self._corpora.tokens_and_hash, request.corpus)
-        raise InvalidInput("the request names no source: set text or corpus")
+            sha256 = await asyncio.to_thread(tokens_sha256, ids)
+        elif source == "corpus":
+            ids, sha256 = await asyncio.to_thread(self._corpora.tokens_and_hash, request.corpus)
+        else:
+            raise InvalidInput("the request names no source: set text or corpus")
+        return StreamSource(ids, sha256, self._tokenizer.name, self._tokenizer.n_vocab)
 
     @stream_errors
     async def StreamBatches(
         self, request: batches_pb2.StreamBatchesRequest, context: Context
     ) -> AsyncIterator[batches_pb2.StreamBatchesResponse]:
         embeddings_dtype = _codec.output_dtype_from_pb(request.embeddings_dtype, "embeddings_dtype")
-        tokens, source_sha256 = await self._source_tokens(request)
-        world_size = request.world_size or 1
-
-        @functools.lru_cache(maxsize=2)
-        def plan_for(epoch: int) -> WindowPlan:
-            return plan_windows(
-                num_tokens=len(tokens),
-                max_length=request.max_length,
-                stride=request.stride,
-                batch_size=request.batch_size,
-                shuffle=request.shuffle,
-                seed=request.seed,
-                drop_last=request.drop_last,
-                max_batch_size=self._config.max_batch_size,
-                epoch=epoch,
-                rank=request.rank,
-                world_size=world_size,
-            )
-
-        plan = plan_for(request.epoch)  # checks every setting before anything streams
-        settings = StreamSettings(
-            source_sha256=source_sha256,
-            tokenizer=self._tokenizer.name,
-            max_length=plan.max_length,
-            stride=plan.stride,
-            batch_size=plan.batch_size,
-            drop_last=plan.drop_last,
-            seed=request.seed,
-            shuffle=request.shuffle,
-            rank=request.rank,
-            world_size=world_size,
+        plan = plan_stream(
+            _stream_request(request),
+            await self._source(request),
+            limits=self._limits,
+            model=self._model,
+            embeddings_itemsize=embeddings_dtype.itemsize,
         )
-        last_epoch = request.epoch + max(1, request.epochs) - 1
-        start = Position(request.epoch, 0)
-        if request.cursor:
-            start = decode_cursor(request.cursor, settings)
-            if start.epoch < request.epoch:
-                raise PreconditionFailed(
-                    f"the cursor is in epoch {start.epoch}, before this request's first epoch {request.epoch}"
-                )
-        tokens_per_batch = plan.batch_size * plan.max_length
-        reply_bytes = 2 * 4 * tokens_per_batch + 1024
-        if request.include_embeddings:
-            if plan.max_length > self._model.context_length:
-                raise InvalidInput(
-                    f"max_length {plan.max_length} exceeds the context length {self._model.context_length}, "
-                    "so the windows have no positional embedding"
-                )
-            reply_bytes += tokens_per_batch * self._model.dim * embeddings_dtype.itemsize
-            # A prepared corpus holds only its tokenizer's IDs: no need to scan a mapped file for them.
-            mapped_and_covered = (
-                isinstance(tokens, np.memmap) and self._tokenizer.n_vocab <= self._model.vocab_size
-            )
-            if not mapped_and_covered and int(tokens.max()) >= self._model.vocab_size:
-                raise InvalidInput(
-                    f"the source has token id {int(tokens.max())}, outside the embedding model's vocabulary "
-                    f"[0, {self._model.vocab_size}); stream it without include_embeddings"
-                )
-        _check_reply_bytes(reply_bytes, self._config, f"a batch of {plan.batch_size} x {plan.max_length}")
-
-        per_message = min(max(1, request.batches_per_message), MAX_BATCHES_PER_MESSAGE)
-        per_message = max(1, min(per_message, self._config.max_message_bytes // reply_bytes))
         pending: list[batches_pb2.StreamBatchesResponse] = []
-        for batch in iterate_batches(plan_for, epoch=start.epoch, index=start.batch, last_epoch=last_epoch):
+        for batch in plan.batches():
             if self._draining.is_set():  # at a batch boundary: the client has the cursor to resume from
                 if pending:
                     yield _packed(pending)
                 raise NotReady(SHUTTING_DOWN_MESSAGE)
-            inputs, targets = gather_windows(tokens, batch.starts, plan.max_length)
-            embeddings = None
-            if request.include_embeddings:
-                embedded = await self._batcher.embed(EmbedJob(inputs, output_dtype=embeddings_dtype))
-                embeddings = _codec.tensor_pb_from_torch(embedded)
-            pending.append(
-                batches_pb2.StreamBatchesResponse(
-                    index=batch.index,
-                    inputs=to_tensor_pb(inputs, "int32"),
-                    targets=to_tensor_pb(targets, "int32"),
-                    embeddings=embeddings,
-                    num_batches=batch.plan.num_batches,
-                    num_windows=batch.plan.num_windows,
-                    num_tokens=batch.plan.num_tokens,
-                    epoch=batch.epoch,
-                    cursor=encode_cursor(settings, Position(batch.next_epoch, batch.next_index)),
-                )
-            )
-            if len(pending) == per_message:
+            pending.append(await self._reply(plan, batch, embeddings_dtype))
+            if len(pending) == plan.batches_per_message:
                 yield _packed(pending)
                 pending = []
         if pending:
             yield _packed(pending)
+
+    async def _reply(
+        self, plan: StreamPlan, batch: PlannedBatch, embeddings_dtype: torch.dtype
+    ) -> batches_pb2.StreamBatchesResponse:
+        inputs, targets = plan.windows(batch)
+        if self._on_batch is not None:
+            self._on_batch(plan.settings, batch)
+        embeddings = None
+        if plan.include_embeddings:
+            embedded = await self._batcher.embed(EmbedJob(inputs, output_dtype=embeddings_dtype))
+            embeddings = _codec.tensor_pb_from_torch(embedded)
+        return batches_pb2.StreamBatchesResponse(
+            index=batch.index,
+            inputs=to_tensor_pb(inputs, "int32"),
+            targets=to_tensor_pb(targets, "int32"),
+            embeddings=embeddings,
+            num_batches=batch.plan.num_batches,
+            num_windows=batch.plan.num_windows,
+            num_tokens=batch.plan.num_tokens,
+            epoch=batch.epoch,
+            cursor=plan.cursor_after(batch),
+        )
 
 
 def _packed(batches: list[batches_pb2.StreamBatchesResponse]) -> batches_pb2.StreamBatchesResponse:
@@ -315,10 +241,26 @@ class EmbeddingServicer:
     ) -> None:
         self._model = model
         self._tokenizer = tokenizer
-        self._config = config
+        self._limits = RequestLimits.of(config)
+        self._stream_window = config.stream_window
         self._batcher = batcher
         self._shared_memory = shared_memory
         self._draining = draining
+
+    def _job(
+        self, token_ids: tensor_pb2.Tensor, options: embedding_pb2.EmbedOptions, region: OutputRegion | None
+    ) -> EmbedJob:
+        """The request decoded and checked, as a job for the batcher."""
+        return embed_job(
+            self._model,
+            _codec.token_ids_from_pb(token_ids),
+            position_offset=options.position_offset,
+            include_positional=options.include_positional if options.HasField("include_positional") else True,
+            output_dtype=_codec.output_dtype_from_pb(options.output_dtype),
+            region=region,
+            limits=self._limits,
+            shared_memory=self._shared_memory,
+        )
 
     async def _embed(
         self, token_ids: tensor_pb2.Tensor, options: embedding_pb2.EmbedOptions, sequence_id: int = 0
@@ -326,35 +268,11 @@ class EmbeddingServicer:
         """An encoded EmbedStreamResponse (see _codec.TensorReply)."""
         if options.HasField("output_region"):
             raise InvalidInput("output_region is for Embed, not EmbedStream")
-        trailer = _codec.encode_varint_field(2, sequence_id) if sequence_id else b""
-        job = self._job(token_ids, options)
-        reply = _codec.TensorReply(1, _result_shape(job, self._model.dim), job.output_dtype, trailer)
+        trailer = encode_varint_field(2, sequence_id) if sequence_id else b""
+        job = self._job(token_ids, options, None)
+        reply = _codec.TensorReply(1, result_shape(job, self._model.dim), job.output_dtype, trailer)
         await self._batcher.embed(dataclasses.replace(job, out=reply.tensor))
         return reply.message()
-
-    def _job(self, token_ids: tensor_pb2.Tensor, options: embedding_pb2.EmbedOptions) -> EmbedJob:
-        """The request checked, as a job for the batcher."""
-        ids = _codec.token_ids_from_pb(token_ids)
-        output_dtype = _codec.output_dtype_from_pb(options.output_dtype)
-        include_positional = options.include_positional if options.HasField("include_positional") else True
-        self._model.check(
-            ids,
-            position_offset=options.position_offset,
-            include_positional=include_positional,
-            max_tokens=self._config.max_tokens_per_request,
-        )
-        nbytes = ids.size * self._model.dim * output_dtype.itemsize
-        if options.HasField("output_region"):
-            region = options.output_region
-            self._shared_memory.check(region.handle, region.offset, nbytes)
-        else:
-            _check_reply_bytes(nbytes, self._config, f"the embeddings of {ids.size} tokens")
-        return EmbedJob(
-            ids,
-            position_offset=options.position_offset,
-            include_positional=include_positional,
-            output_dtype=output_dtype,
-        )
 
     @unary_errors
     async def Embed(
@@ -362,9 +280,10 @@ class EmbeddingServicer:
     ) -> embedding_pb2.EmbedResponse | bytes:
         """Returns the reply encoded (bytes) unless it went to shared memory; see add_embedding_service."""
         options = request.options
-        job = self._job(request.token_ids, options)
-        shape = _result_shape(job, self._model.dim)
-        region = options.output_region if options.HasField("output_region") else None
+        written_to = options.output_region if options.HasField("output_region") else None
+        region = None if written_to is None else OutputRegion(written_to.handle, written_to.offset)
+        job = self._job(request.token_ids, options, region)
+        shape = result_shape(job, self._model.dim)
         reply = None
         if region is None:
             reply = _codec.TensorReply(1, shape, job.output_dtype)
@@ -377,7 +296,7 @@ class EmbeddingServicer:
             return reply.message()  # an encoded EmbedResponse
         described = tensor_pb2.Tensor(dtype=_codec.wire_dtype(job.output_dtype), shape=list(shape))
         return embedding_pb2.EmbedResponse(
-            embeddings=described, written_to=region, written_bytes=out.numel() * out.element_size()
+            embeddings=described, written_to=written_to, written_bytes=out.numel() * out.element_size()
         )
 
     @stream_errors
@@ -398,9 +317,7 @@ class EmbeddingServicer:
         """Yields encoded EmbedStreamResponse messages; see add_embedding_service."""
         # Up to stream_window windows are read ahead and in the batcher at once (so one stream
         # can fill a batch); past that the reader waits, which is the stream's backpressure.
-        in_flight: asyncio.Queue[asyncio.Task[bytes] | None] = asyncio.Queue(
-            maxsize=self._config.stream_window
-        )
+        in_flight: asyncio.Queue[asyncio.Task[bytes] | None] = asyncio.Queue(maxsize=self._stream_window)
         finished = False  # the reader stops at its next read
         failed = False  # the reader discards what the client still sends
 
@@ -460,10 +377,10 @@ class EmbeddingServicer:
             tokenizer=self._tokenizer.name,
             weights_source=self._model.source,
             limits=embedding_pb2.RequestLimits(
-                max_message_bytes=self._config.max_message_bytes,
-                max_tokens_per_request=self._config.max_tokens_per_request,
-                max_texts_per_request=self._config.max_texts_per_request,
-                max_batch_size=self._config.max_batch_size,
+                max_message_bytes=self._limits.max_message_bytes,
+                max_tokens_per_request=self._limits.max_tokens_per_request,
+                max_texts_per_request=self._limits.max_texts_per_request,
+                max_batch_size=self._limits.max_batch_size,
             ),
         )
 

@@ -9,22 +9,23 @@ from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
-from embedserve.client.tensor import to_tensor_pb
+from embedserve.tensor import to_tensor_pb
 from embedserve.v1 import tensor_pb2, word_vectors_pb2, word_vectors_pb2_grpc
 
 from . import _codec
 from .config import ServerConfig
-from .core import InvalidInput, LimitExceeded
-from .core.batcher import MicroBatcher
-from .core.vectors import PreparedBatch, QueryColumns, RankedLists, SimilarityQuery, Term
+from .core import InvalidInput
+from .core.batcher import Batcher
+from .core.limits import RequestLimits
 from .core.word_vector_slot import WordVectorSlot
+from .core.word_vectors import PreparedBatch, QueryColumns, RankedLists, SimilarityQuery, Term
 from .errors import Context, unary_errors
 from .metrics import add_timings
 
 _T = TypeVar("_T")
 # Requests with more items than these (terms, pairs or words; ranked results) are decoded, computed
-# and answered in a worker thread: on the event loop, the largest held every other call for up to
-# a second. The thread hop (~0.1 ms) would be most of a small request's time.
+# and answered in a worker thread, so a large one cannot hold every other call on the event loop;
+# a small one stays on the loop, where the thread hop would cost more than its work.
 _INLINE_ITEMS = 256
 _INLINE_RESULTS = 16384
 
@@ -91,23 +92,11 @@ def _query(query: word_vectors_pb2.SimilarityQuery) -> SimilarityQuery:
     )
 
 
-def _result_bound(topn: npt.ArrayLike, restrict_vocab: npt.ArrayLike, vocab_size: int) -> int:
-    """The most ranked results these queries can return: each one's topn, capped by the rows it
-    may rank (restrict_vocab where given, i.e. > 0, and the vocabulary). Values prepare() will
-    refuse (negative ones, a restrict_vocab per query that does not match) count as nothing."""
-    topn = np.asarray(topn, np.int64)
-    restrict = np.asarray(restrict_vocab, np.int64)
-    if restrict.shape != topn.shape:
-        restrict = np.zeros_like(topn)
-    rows = np.where(restrict > 0, np.minimum(restrict, vocab_size), vocab_size)
-    return int(np.clip(np.minimum(topn, rows), 0, None).sum())
-
-
 class WordVectorsServicer(word_vectors_pb2_grpc.WordVectorsServiceServicer):
     def __init__(self, slot: WordVectorSlot, config: ServerConfig) -> None:
         self._slot = slot
-        self._config = config
-        self._batcher: MicroBatcher[PreparedBatch, RankedLists] | None = None
+        self._limits = RequestLimits.of(config)
+        self._batcher: Batcher[PreparedBatch, RankedLists] | None = None
 
     async def _in_worker_if(self, large: bool, work: Callable[[], _T]) -> _T:
         if not large:
@@ -117,14 +106,7 @@ class WordVectorsServicer(word_vectors_pb2_grpc.WordVectorsServiceServicer):
     def _check_count(self, count: int, what: str) -> None:
         if count == 0:
             raise InvalidInput(f"{what} is empty")
-        if count > self._config.max_queries_per_request:
-            raise LimitExceeded(
-                f"{count} {what} are over the server's --max-queries-per-request "
-                f"{self._config.max_queries_per_request}",
-                limit="max_queries_per_request",
-                allowed=self._config.max_queries_per_request,
-                requested=count,
-            )
+        self._limits.check_queries(count, what)
 
     @unary_errors
     async def GetVectors(
@@ -151,14 +133,7 @@ class WordVectorsServicer(word_vectors_pb2_grpc.WordVectorsServiceServicer):
         terms = (
             len(packed.words) if packed else sum(len(q.positive) + len(q.negative) for q in request.queries)
         )
-        if terms > self._config.max_terms_per_request:
-            raise LimitExceeded(
-                f"{terms} terms are over the server's --max-terms-per-request "
-                f"{self._config.max_terms_per_request}",
-                limit="max_terms_per_request",
-                allowed=self._config.max_terms_per_request,
-                requested=terms,
-            )
+        self._limits.check_terms(terms)
         model = self._slot.model
 
         def prepared() -> PreparedBatch:
@@ -166,22 +141,13 @@ class WordVectorsServicer(word_vectors_pb2_grpc.WordVectorsServiceServicer):
                 columns = _packed_columns(packed)
             else:
                 columns = model.query_columns([_query(q) for q in request.queries])
-            results = _result_bound(columns.topn, columns.restrict_vocab, model.vocab_size)
-            if results > self._config.max_results_per_request:
-                raise LimitExceeded(
-                    f"up to {results} ranked results (the queries' topn, capped by the vocabulary each "
-                    f"may rank) are over the server's --max-results-per-request "
-                    f"{self._config.max_results_per_request}; ask for fewer queries or a smaller topn",
-                    limit="max_results_per_request",
-                    allowed=self._config.max_results_per_request,
-                    requested=results,
-                )
+            self._limits.check_results(columns.topn, columns.restrict_vocab, model.vocab_size)
             return model.prepare(columns)
 
         batch = await self._in_worker_if(terms > _INLINE_ITEMS, prepared)
         if self._batcher is None:
-            self._batcher = MicroBatcher(
-                model.search_many, executor=self._slot.executor, max_items=1024, size=len
+            self._batcher = Batcher(
+                model.search_many, executor=self._slot.executor, max_batch=1024, size=len, unit="queries"
             )
         timed = await self._batcher.submit([batch])
         add_timings(context, queue=timed.queue_seconds, compute=timed.compute_seconds)
@@ -266,9 +232,9 @@ class WordVectorsServicer(word_vectors_pb2_grpc.WordVectorsServiceServicer):
             source=model.source,
             device=str(model.device),
             max_topn=model.max_topn,
-            max_queries_per_request=self._config.max_queries_per_request,
-            max_terms_per_request=self._config.max_terms_per_request,
-            max_results_per_request=self._config.max_results_per_request,
+            max_queries_per_request=self._limits.max_queries_per_request,
+            max_terms_per_request=self._limits.max_terms_per_request,
+            max_results_per_request=self._limits.max_results_per_request,
         )
 
 

@@ -15,15 +15,17 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import grpc
 import pytest
 import tiktoken
+from embedserve.client import EmbedServeError
 from embedserve.server import ServerConfig
-from embedserve.server.app import Components, build_server, enter_shutdown, load_components
+from embedserve.server.app import Components, EmbedServer, build_server, load_components
+from embedserve.server.core.stream_plan import BatchObserver
 from embedserve.server.core.tokenizer import GPT2_ENCODER_JSON_URL, GPT2_VOCAB_BPE_URL, find_gpt2_bpe_files
 
 # The default word vectors; the GPU machine lacks the package (CI installs it).
@@ -39,25 +41,33 @@ TINY_CONFIG = ServerConfig(
 class ServerThread:
     """A real grpc.aio server on 127.0.0.1:0, running on its own event loop in a thread."""
 
-    def __init__(self, config: ServerConfig, components: Components) -> None:
+    def __init__(
+        self, config: ServerConfig, components: Components, *, on_stream_batch: BatchObserver | None = None
+    ) -> None:
+        """on_stream_batch: told of every batch StreamBatches gathers (see build_server)."""
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="test-server", daemon=True)
         self._thread.start()
 
-        async def start() -> tuple[grpc.aio.Server, int]:
-            server, port = build_server(config, components)
+        async def start() -> EmbedServer:
+            server = build_server(config, components, on_stream_batch=on_stream_batch)
             await server.start()
-            return server, port
+            return server
 
-        self.server, self.port = asyncio.run_coroutine_threadsafe(start(), self._loop).result(timeout=30)
+        self.server: EmbedServer = asyncio.run_coroutine_threadsafe(start(), self._loop).result(timeout=30)
+        self.port = self.server.port
         self.target = f"127.0.0.1:{self.port}"
+
+    def enter_shutdown(self) -> concurrent.futures.Future[None]:
+        """The first step of a shutdown alone: health NOT_SERVING, streams draining."""
+        return asyncio.run_coroutine_threadsafe(self.server.enter_shutdown(), self._loop)
 
     def begin_shutdown(self, grace: float) -> concurrent.futures.Future[float]:
         """What `embedserve serve` does on SIGTERM; the future gives the seconds it took."""
 
         async def shut_down() -> float:
             started = time.monotonic()
-            await enter_shutdown(self.server)
+            await self.server.enter_shutdown()
             await self.server.stop(grace)
             return time.monotonic() - started
 
@@ -77,8 +87,26 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def start_server(config: ServerConfig, components: Components | None = None) -> ServerThread:
-    return ServerThread(config, components or load_components(config))
+def start_server(
+    config: ServerConfig,
+    components: Components | None = None,
+    *,
+    on_stream_batch: BatchObserver | None = None,
+) -> ServerThread:
+    return ServerThread(config, components or load_components(config), on_stream_batch=on_stream_batch)
+
+
+async def drain(stream: AsyncIterator[object]) -> None:
+    """Reads a stream to its end (or to its error)."""
+    async for _ in stream:
+        pass
+
+
+async def stream_status(stream: AsyncIterator[object]) -> grpc.StatusCode:
+    """The status code a stream fails with (it must fail)."""
+    with pytest.raises(EmbedServeError) as raised:
+        await drain(stream)
+    return raised.value.code
 
 
 @pytest.fixture(scope="session")

@@ -14,10 +14,9 @@ bin=.venv/bin
 # of links laid out as the installed package is.
 stage=.typecheck/embedserve
 mkdir -p "$stage"
-ln -sfn ../../protos/embedserve/__init__.py "$stage/__init__.py"
-ln -sfn ../../protos/embedserve/py.typed "$stage/py.typed"
-ln -sfn ../../protos/embedserve/v1 "$stage/v1"
-ln -sfn ../../protos/embedserve/status_details.py "$stage/status_details.py"
+for path in protos/embedserve/*; do  # the package root's modules, py.typed and v1
+  ln -sfn "../../$path" "$stage/$(basename "$path")"
+done
 ln -sfn ../../server "$stage/server"
 ln -sfn ../../client "$stage/client"
 MYPYPATH=.typecheck "$bin/mypy" -p embedserve

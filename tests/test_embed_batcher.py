@@ -111,7 +111,7 @@ async def test_cancelled_callers_leave_nothing_behind(model: EmbeddingModel) -> 
         assert isinstance(outcome, torch.Tensor)
         assert torch.equal(outcome, _alone(model, job))
     assert batcher.queued_tokens == 0
-    assert not batcher._enqueued  # no bookkeeping left for callers that went away
+    assert batcher.waiting_requests == 0  # no bookkeeping left for callers that went away
 
 
 async def test_a_cancelled_last_caller_frees_its_place_and_the_reported_queue(

@@ -29,7 +29,8 @@ async def test_a_raw_stub_reads_the_limit_from_the_status_details(small_limits_s
             await stub.Tokenize(tokenizer_pb2.TokenizeRequest(texts=["a", "b", "c", "d"]))
     error = raised.value
     assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
-    [blob] = [value for key, value in error.trailing_metadata() or () if key == DETAILS_KEY]
+    trailers: Any = error.trailing_metadata() or ()
+    [blob] = [value for key, value in trailers if key == DETAILS_KEY]
     assert isinstance(blob, bytes)
     status = status_pb2.Status.FromString(blob)
     assert status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]

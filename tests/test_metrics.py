@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 from embedserve.client import AsyncClient, Client, EmbedServeError
 from embedserve.server import ServerConfig
-from embedserve.server.app import METRICS_BY_SERVER, Components
+from embedserve.server.app import Components
 from embedserve.v1 import (
     batches_pb2,
     batches_pb2_grpc,
@@ -67,7 +67,7 @@ async def test_calls_batches_and_timings_are_measured(default_components: Compon
         assert float(trailing["embedserve-server-ms"]) >= compute_ms
         assert float(tokenize_trailing["embedserve-server-ms"]) > 0
         assert float(stream_trailing["embedserve-server-ms"]) > 0
-        text = generate_latest(METRICS_BY_SERVER[running.server].registry).decode()
+        text = generate_latest(running.server.metrics.registry).decode()
     finally:
         running.stop()
     assert "embedserve_embed_queue_seconds_count 4.0" in text

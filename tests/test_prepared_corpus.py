@@ -16,7 +16,7 @@ from embedserve.server import ServerConfig
 from embedserve.server.cli import main
 from embedserve.server.core import InvalidInput, load_gpt2_tokenizer
 from embedserve.server.core.corpus import CorpusStore
-from embedserve.server.core.prepared import prepare_corpus, split_for_encoding
+from embedserve.server.core.prepared import prepare_corpus, progress_reporter, split_for_encoding
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -157,3 +157,16 @@ def test_long_documents_split_where_the_encoding_cannot_change(
     special = {"<|endoftext|>"}
     joined = [i for piece in pieces for i in reference_encoding.encode(piece, allowed_special=special)]
     assert joined == reference_encoding.encode(text, allowed_special=special)
+
+
+def test_progress_goes_to_the_callers_writer_every_few_seconds_and_at_the_end() -> None:
+    """The core prints nothing: the reporter hands its lines to `write` (the CLI's stderr)."""
+    lines: list[str] = []
+    report = progress_reporter("prepare books", lines.append, every_seconds=3600)
+    report(1_000_000, 4_000_000, 250_000)  # the first round
+    report(2_000_000, 4_000_000, 500_000)  # within the hour: held back
+    report(4_000_000, 4_000_000, 1_000_000)  # the end is always told
+    assert len(lines) == 2
+    assert lines[0].startswith("prepare books:  25.0% of 4.0 MB, 250,000 tokens, ")
+    assert lines[1].startswith("prepare books: 100.0% of 4.0 MB, 1,000,000 tokens, ")
+    assert all(line.endswith(" MB/s") for line in lines)

@@ -12,7 +12,7 @@ import pytest
 from embedserve.client import AsyncClient, Client, EmbedServeError
 from embedserve.client._async import _split_scheme
 from embedserve.server import ServerConfig
-from embedserve.server.app import Components, enter_shutdown, load_components
+from embedserve.server.app import Components, load_components
 from embedserve.server.cli import main
 from embedserve.server.config import parse_server_config
 from embedserve.server.core import StartupError
@@ -222,14 +222,10 @@ async def test_health_turns_not_serving_when_shutdown_starts(default_components:
         async with grpc.aio.insecure_channel(running.target) as channel:
             watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
             assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
-            await asyncio.wrap_future(
-                asyncio.run_coroutine_threadsafe(enter_shutdown(running.server), running._loop)
-            )
+            await asyncio.wrap_future(running.enter_shutdown())
             assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
             watch.cancel()
-        await asyncio.wrap_future(
-            asyncio.run_coroutine_threadsafe(enter_shutdown(running.server), running._loop)
-        )
+        await asyncio.wrap_future(running.enter_shutdown())
         for service in (
             "",
             *(f"embedserve.v1.{name}Service" for name in ("Tokenizer", "Batches", "Embedding")),

@@ -11,25 +11,23 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 from embedserve.client import AsyncClient
-from embedserve.server import ServerConfig, services
+from embedserve.server import ServerConfig
+from embedserve.server.core.cursor import StreamSettings
+from embedserve.server.core.windows import PlannedBatch
 
 from .conftest import start_cli_server, start_server
 
 TEXT = " ".join(f"w{i % 211} {i}" for i in range(60000))
 
 
-async def test_a_slow_consumer_holds_back_only_its_own_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_slow_consumer_holds_back_only_its_own_stream() -> None:
     produced: dict[int, int] = {}
-    gather = services.gather_windows  # type: ignore[attr-defined]
 
-    def counting(tokens: np.ndarray, starts: np.ndarray, max_length: int) -> tuple[np.ndarray, np.ndarray]:
-        produced[max_length] = produced.get(max_length, 0) + 1
-        return gather(tokens, starts, max_length)
+    def counting(settings: StreamSettings, batch: PlannedBatch) -> None:
+        produced[settings.max_length] = produced.get(settings.max_length, 0) + 1
 
-    monkeypatch.setattr(services, "gather_windows", counting)
-    running = start_server(ServerConfig(port=0, device="cpu", word_vectors="none"))
+    running = start_server(ServerConfig(port=0, device="cpu", word_vectors="none"), on_stream_batch=counting)
     try:
         async with AsyncClient(running.target) as client:
             # 2 MB per batch (embeddings included): the slow stream uses max_length 256.

@@ -27,8 +27,8 @@ from embedserve.client._word_vectors import WordVectorsInfo, _packed, _query_chu
 from embedserve.client.tensor import to_tensor_pb
 from embedserve.server.app import Components
 from embedserve.server.cli import main
+from embedserve.server.core.limits import result_bound
 from embedserve.server.core.word_vector_slot import WordVectorSlot
-from embedserve.server.word_vectors_service import _result_bound
 from embedserve.v1 import word_vectors_pb2, word_vectors_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -435,7 +435,7 @@ def test_query_chunks_respect_each_limit_and_keep_the_order() -> None:
     # The server's own count: topn capped by restrict_vocab (> 0) and the vocabulary; what
     # prepare() refuses (negative values) counts as nothing.
     topn = np.array([5, 50, 50, 50, -3])
-    assert _result_bound(topn, np.array([0, 0, 20, 500, 0]), vocab_size=30) == 5 + 30 + 20 + 30
+    assert result_bound(topn, np.array([0, 0, 20, 500, 0]), vocab_size=30) == 5 + 30 + 20 + 30
 
 
 async def test_large_requests_are_computed_off_the_event_loop(

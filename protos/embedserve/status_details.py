@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
@@ -40,10 +41,10 @@ def limit_exceeded_status(code: int, message: str, info: LimitInfo) -> bytes:
         metadata["requested"] = str(info.requested)
     detail = any_pb2.Any()
     detail.Pack(error_details_pb2.ErrorInfo(reason=LIMIT_EXCEEDED, domain=DOMAIN, metadata=metadata))
-    return status_pb2.Status(code=code, message=message, details=[detail]).SerializeToString()
+    return bytes(status_pb2.Status(code=code, message=message, details=[detail]).SerializeToString())
 
 
-def limit_from_trailers(trailers: Iterable[tuple[str, str | bytes]] | None) -> LimitInfo | None:
+def limit_from_trailers(trailers: Iterable[Any] | None) -> LimitInfo | None:
     """The LimitInfo a refusal's trailing metadata carries, or None (another error, or no detail)."""
     for key, value in trailers or ():
         if key != DETAILS_KEY or not isinstance(value, bytes):

@@ -1,4 +1,5 @@
-"""The server's core: tokenizer, sliding windows, embedding model, corpora.
+"""The server's core: tokenizer, sliding windows and stream plans, request limits, batching,
+embedding model, corpora.
 
 Nothing here imports grpc; the transport layer decodes requests into these
 types and maps the errors in `errors` to status codes.

@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import re
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -250,10 +249,13 @@ def open_prepared(name: str, meta: dict[str, Any], tokens_path: Path, tokenizer:
     return PreparedCorpus(name, tokens, meta)
 
 
-def log_progress(label: str, every_seconds: float = 2.0) -> Callable[[int, int, int], None]:
-    """A progress callback printing one line every few seconds (and at the end) to stderr."""
+def progress_reporter(
+    label: str, write: Callable[[str], None], every_seconds: float = 2.0
+) -> Callable[[int, int, int], None]:
+    """A progress callback for prepare_corpus that hands `write` one line every few seconds (and
+    at the end); the caller decides where lines go (the CLI prints them to stderr)."""
     started = time.monotonic()
-    last = [0.0]
+    last = [float("-inf")]  # the first round is always told
 
     def report(done: int, total: int, tokens: int) -> None:
         now = time.monotonic()
@@ -262,11 +264,9 @@ def log_progress(label: str, every_seconds: float = 2.0) -> Callable[[int, int, 
         last[0] = now
         elapsed = max(now - started, 1e-9)
         percent = 100 * done / total if total else 100.0
-        print(
+        write(
             f"{label}: {percent:5.1f}% of {total / 1e6:.1f} MB, {tokens:,} tokens, "
-            f"{done / 1e6 / elapsed:.1f} MB/s",
-            file=sys.stderr,
-            flush=True,
+            f"{done / 1e6 / elapsed:.1f} MB/s"
         )
 
     return report

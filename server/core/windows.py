@@ -137,8 +137,8 @@ def plan_windows(
 
 
 def gather_windows(
-    tokens: npt.NDArray[np.int32], starts: WindowIndices, max_length: int
-) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int32]]:
+    tokens: npt.NDArray[np.integer], starts: WindowIndices, max_length: int
+) -> tuple[npt.NDArray[np.integer], npt.NDArray[np.integer]]:
     """Inputs and targets [len(starts), max_length] for the given window starts."""
     offsets = starts[:, None] + np.arange(max_length + 1, dtype=np.int64)[None, :]
     spans = tokens[offsets]

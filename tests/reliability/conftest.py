@@ -2,7 +2,7 @@
 
     EMBEDSERVE_RELIABILITY=full bash tests/run.sh tests/reliability -s
 
-The full run writes its figures to tests/reliability/last-full-run.json (the README quotes them).
+The full run writes its figures to tests/reliability/last-full-run.json (bench/RESULTS.md quotes them).
 """
 
 from __future__ import annotations

@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 import tiktoken
 from embedserve.client import AsyncClient, DeadlineExceededError, EmbedServeError, UnavailableError
-from embedserve.server.app import METRICS_BY_SERVER
 
 from ..conftest import TINY_CONFIG, ServerThread, free_port
 from ._server import ReferenceEmbeddings, start, wait_serving, windows
@@ -36,7 +35,7 @@ async def test_cancellations_and_deadlines_leave_nothing_behind(scale: Scale) ->
     from embedserve.server.app import load_components
 
     running = ServerThread(config, load_components(config))
-    metrics = METRICS_BY_SERVER[running.server]
+    metrics = running.server.metrics
     chooser = random.Random(7)
     rounds = 40 if scale.full else 10
     try:

@@ -11,8 +11,8 @@ from typing import Any
 
 import grpc
 import pytest
-from embedserve.server._codec import varint
 from embedserve.server.app import Components
+from embedserve.tensor import varint
 from embedserve.v1 import batches_pb2, embedding_pb2, tokenizer_pb2, word_vectors_pb2
 from google.protobuf import descriptor as pb_descriptor
 from google.protobuf import message_factory, text_format
