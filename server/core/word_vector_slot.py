@@ -52,8 +52,8 @@ class WordVectorSlot:
             self._model = self._load(self._cancel)
             self.load_seconds = time.perf_counter() - started
             # The vocabulary (a str per word and a dict) lives as long as the process. Moving it out
-            # of the collector's generations stops every full collection from walking it again:
-            # about 85 ms per collection on GloVe's 400k words, taken from whichever call triggers it.
+            # of the collector's generations stops every full collection from walking it again,
+            # a pause taken from whichever call triggers it (docs/performance.md has the figure).
             gc.freeze()
         except Cancelled:
             self._error = "the server is shutting down"
