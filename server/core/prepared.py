@@ -26,7 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .errors import InvalidInput, NotFound
-from .tokenizer import ENDOFTEXT, GPT2_BPE_SHA256, Tokenizer
+from .tokenizer import ENDOFTEXT, Tokenizer
 
 PREPARED_FORMAT = 1
 PREPARED_KIND = "embedserve-prepared-corpus"
@@ -196,7 +196,7 @@ def prepare_corpus(
             "kind": PREPARED_KIND,
             "format": PREPARED_FORMAT,
             "tokenizer": tokenizer.name,
-            "tokenizer_sha256": dict(GPT2_BPE_SHA256),
+            "tokenizer_sha256": tokenizer.vocabulary_sha256,
             "vocab_size": tokenizer.n_vocab,
             "dtype": "uint16" if wire.itemsize == 2 else "uint32",
             "token_count": token_count,

@@ -154,9 +154,13 @@ def mergeable_ranks_from_data_gym(files: BpeFiles) -> dict[bytes, int]:
 class Tokenizer:
     """GPT-2 BPE with numpy outputs and domain errors instead of ValueError."""
 
-    def __init__(self, encoding: tiktoken.Encoding, source: str) -> None:
+    def __init__(
+        self, encoding: tiktoken.Encoding, source: str, vocabulary_sha256: Mapping[str, str]
+    ) -> None:
+        """vocabulary_sha256: each vocabulary file's digest, which prepared corpora record."""
         self._encoding = encoding
         self.source = source
+        self.vocabulary_sha256 = dict(vocabulary_sha256)
 
     @property
     def name(self) -> str:
@@ -241,4 +245,4 @@ def load_gpt2_tokenizer(bpe_dir: Path | None = None, environ: Mapping[str, str] 
         special_tokens={ENDOFTEXT: GPT2_N_VOCAB - 1},
     )
     _LOGGER.info("GPT-2 tokenizer loaded from %s", files.source)
-    return Tokenizer(encoding, files.source)
+    return Tokenizer(encoding, files.source, GPT2_BPE_SHA256)
