@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import grpc
-from embedserve.status_details import LimitInfo, limit_from_trailers
+from embedserve.status_details import LimitInfo, limit_from_trailers, missing_words_from_trailers
 
 _T = TypeVar("_T")
 DROPPED_CALL_ATTEMPTS = 4
@@ -37,7 +37,12 @@ class LimitExceededError(InvalidArgumentError):
 
 
 class NotFoundError(EmbedServeError):
-    """A named corpus (or word) does not exist on the server."""
+    """A named corpus (or word) does not exist on the server. For words, `.missing_words` lists
+    every one the request named that the model lacks (from the status details, not the message)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, missing_words: Sequence[str] = ()) -> None:
+        super().__init__(code, details)
+        self.missing_words = list(missing_words)
 
 
 class ResourceExhaustedError(EmbedServeError):
@@ -120,6 +125,9 @@ def error_from_rpc(error: grpc.RpcError) -> EmbedServeError:
         limit = limit_from_trailers(trailers)
         if limit is not None:
             return LimitExceededError(code, details, limit)
+    if code is grpc.StatusCode.NOT_FOUND:
+        trailers = error.trailing_metadata() if callable(getattr(error, "trailing_metadata", None)) else None
+        return NotFoundError(code, details, missing_words_from_trailers(trailers) or ())
     return _ERROR_BY_CODE.get(code, EmbedServeError)(code, details)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -270,7 +271,7 @@ class AsyncWordVectors:
         try:
             return await call_idempotent(method, request, seconds)
         except NotFoundError as failure:
-            raise WordNotFoundError(failure.code, failure.details) from None
+            raise WordNotFoundError(failure.code, failure.details, failure.missing_words) from None
 
     async def get_vectors(self, words: Sequence[str]) -> tuple[npt.NDArray[np.float32], list[str]]:
         """[len(words), D] raw vectors (zero rows for unknown words) and the unknown words."""
@@ -288,7 +289,8 @@ class AsyncWordVectors:
         """model[word]; WordNotFoundError (a KeyError) when it is not in the vocabulary."""
         vectors, missing = await self.get_vectors([word])
         if missing:
-            raise WordNotFoundError(grpc.StatusCode.NOT_FOUND, f"not in the vocabulary: {word!r}")
+            message = f"not in the vocabulary: {json.dumps(word, ensure_ascii=False)}"
+            raise WordNotFoundError(grpc.StatusCode.NOT_FOUND, message, [word])
         vector: npt.NDArray[np.float32] = vectors[0]
         return vector
 

@@ -33,11 +33,23 @@ _WIRE_DTYPE_BY_TORCH = {
 def token_ids_from_pb(tensor: tensor_pb2.Tensor, field: str = "token_ids") -> npt.NDArray[np.integer]:
     """Decodes an integer tensor of token IDs; a malformed one is InvalidInput."""
     if tensor.dtype not in _INTEGER_DTYPES:
-        raise InvalidInput(f"{field} must be int32, int64 or uint16, got dtype {tensor.dtype}")
+        if tensor.dtype == tensor_pb2.DTYPE_UNSPECIFIED and not tensor.shape and not tensor.data:
+            # An unset message field reads as an empty Tensor: say so, not "dtype 0".
+            raise InvalidInput(f"{field} is missing: a Tensor of DTYPE_INT32, DTYPE_INT64 or DTYPE_UINT16")
+        raise InvalidInput(
+            f"{field} must be DTYPE_INT32, DTYPE_INT64 or DTYPE_UINT16, got {_dtype_label(tensor.dtype)}"
+        )
     try:
         return from_tensor_pb(tensor)  # type: ignore[return-value]
     except TensorFormatError as exc:
         raise InvalidInput(f"{field}: {exc}") from None
+
+
+def _dtype_label(dtype: int) -> str:
+    try:
+        return tensor_pb2.Dtype.Name(dtype)  # type: ignore[arg-type]
+    except ValueError:
+        return f"unknown dtype {dtype}"
 
 
 def array_from_pb(tensor: tensor_pb2.Tensor, field: str) -> npt.NDArray[np.generic]:

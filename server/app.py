@@ -17,9 +17,7 @@ from typing import Any
 
 import grpc
 from embedserve.v1 import batches_pb2_grpc, tokenizer_pb2_grpc, word_vectors_pb2_grpc
-from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from .config import (
     DEFAULT_CONTEXT_LENGTH,
@@ -43,8 +41,10 @@ from .core.shared_memory import SharedMemoryRegistry
 from .core.stream_plan import BatchObserver
 from .core.vector_sources import default_cache_dir, load_word_vectors
 from .core.word_vector_slot import WordVectorSlot
+from .health_service import HealthStatuses
 from .malformed import MalformedRequestInterceptor
 from .metrics import Metrics, MetricsInterceptor
+from .reflection import enable_reflection
 from .security import ApiKeyInterceptor, check_exposure, server_credentials
 from .services import (
     BatchesServicer,
@@ -53,7 +53,7 @@ from .services import (
     add_embedding_service,
     embed_batcher,
 )
-from .word_vectors_service import WordVectorsServicer
+from .word_vectors_service import WordVectorsServicer, disabled_word_vectors_handler
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ class EmbedServer:
     grpc_server: grpc.aio.Server
     port: int
     config: ServerConfig
-    health: health_aio.HealthServicer
+    health: HealthStatuses
     metrics: Metrics
     draining: asyncio.Event
     # Health updates still being applied (the loop keeps only weak references to tasks).
@@ -216,7 +216,7 @@ class EmbedServer:
 
 
 def _track_health(
-    health: health_aio.HealthServicer,
+    health: HealthStatuses,
     served: list[str],
     word_vectors: WordVectorSlot,
     updates: set[asyncio.Task[None]],
@@ -299,19 +299,19 @@ def build_server(
         ),
         server,
     )
-    health = health_aio.HealthServicer()
+    health = HealthStatuses()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     served = [TOKENIZER_SERVICE, BATCHES_SERVICE, EMBEDDING_SERVICE]
     if components.word_vectors.enabled:
         word_vectors_pb2_grpc.add_WordVectorsServiceServicer_to_server(
             WordVectorsServicer(components.word_vectors, config), server
         )
+    else:  # absent from health and reflection, but a call says why
+        server.add_generic_rpc_handlers((disabled_word_vectors_handler(WORD_VECTORS_SERVICE),))
     health_updates: set[asyncio.Task[None]] = set()
     _track_health(health, served, components.word_vectors, health_updates)
     names = [*served, WORD_VECTORS_SERVICE] if components.word_vectors.enabled else served
-    reflection.enable_server_reflection(
-        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
-    )
+    enable_reflection(server, [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name])
     port = _listen(server, config.address, credentials)
     return EmbedServer(server, port, config, health, metrics, draining, health_updates)
 

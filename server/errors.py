@@ -7,13 +7,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn, TypeVar
 
 import grpc
-from embedserve.status_details import DETAILS_KEY, LimitInfo, limit_exceeded_status
+from embedserve.status_details import DETAILS_KEY, LimitInfo, limit_exceeded_status, not_in_vocabulary_status
 
 from .core import (
     EmbedServeCoreError,
     InvalidInput,
     LimitExceeded,
     NotFound,
+    NotInVocabulary,
     NotReady,
     Overloaded,
     PreconditionFailed,
@@ -50,6 +51,9 @@ async def _abort(context: Context, method: str, error: Exception) -> NoReturn:
         details = limit_exceeded_status(
             code.value[0], str(error), LimitInfo(error.limit, error.allowed, error.requested)
         )
+        await context.abort(code, str(error), trailing_metadata=((DETAILS_KEY, details),))
+    if isinstance(error, NotInVocabulary):
+        details = not_in_vocabulary_status(code.value[0], str(error), error.words)
         await context.abort(code, str(error), trailing_metadata=((DETAILS_KEY, details),))
     await context.abort(code, str(error))
 

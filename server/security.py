@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from .config import ServerConfig
+from .config import ServerConfig, env_name
 from .core import StartupError
 
 # Health checks stay open: load balancers and orchestrators probe without keys.
@@ -36,9 +36,11 @@ def check_exposure(config: ServerConfig) -> None:
         raise StartupError("an API key is empty or has surrounding spaces")
     exposed = not _is_loopback(config.host)
     if exposed and config.tls_cert is None and not config.api_keys and not config.insecure:
+        # Containers are configured by environment, not flags: name both.
         raise StartupError(
-            f"--host {config.host} is reachable from other machines: give --tls-cert/--tls-key or "
-            "--api-key, or --insecure to serve it unprotected anyway"
+            f"--host {config.host} is reachable from other machines: give --tls-cert/--tls-key "
+            f"({env_name('tls_cert')}/{env_name('tls_key')}) or --api-key ({env_name('api_keys')}), "
+            f"or --insecure ({env_name('insecure')}=1) to serve it unprotected anyway"
         )
 
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from importlib import resources
 from typing import TypeVar
 
+import grpc
 import numpy as np
 import numpy.typing as npt
 from embedserve.tensor import to_tensor_pb
@@ -243,3 +244,19 @@ def _bundled_questions() -> str:
         return (resources.files("gensim") / "test" / "test_data" / "questions-words.txt").read_text()
     except (ModuleNotFoundError, FileNotFoundError):
         raise InvalidInput("no questions given, and gensim's questions-words.txt is not installed") from None
+
+
+DISABLED_MESSAGE = "WordVectorsService is disabled on this server (it was started with --word-vectors none)"
+
+
+def disabled_word_vectors_handler(service_name: str) -> grpc.GenericRpcHandler[bytes, None]:
+    """What answers WordVectors calls with --word-vectors none: UNIMPLEMENTED, as for any service a
+    server does not offer, but saying why rather than gRPC's bare "Method not found!"."""
+
+    async def refuse(request: bytes, context: Context) -> None:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, DISABLED_MESSAGE)
+
+    methods = word_vectors_pb2.DESCRIPTOR.services_by_name["WordVectorsService"].methods_by_name
+    return grpc.method_handlers_generic_handler(
+        service_name, {name: grpc.unary_unary_rpc_method_handler(refuse) for name in methods}
+    )

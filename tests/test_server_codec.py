@@ -63,8 +63,13 @@ def test_a_reply_filled_in_place_lives_as_long_as_its_tensor() -> None:
 
 def test_malformed_request_tensors_are_invalid_input() -> None:
     int32 = tensor_pb2.DTYPE_INT32
-    with pytest.raises(InvalidInput, match="token_ids must be int32, int64 or uint16"):
+    expected = "token_ids must be DTYPE_INT32, DTYPE_INT64 or DTYPE_UINT16, got DTYPE_FLOAT32"
+    with pytest.raises(InvalidInput, match=expected):
         _codec.token_ids_from_pb(tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_FLOAT32, shape=[1], data=b"\0" * 4))
+    with pytest.raises(InvalidInput, match="token_ids is missing"):
+        _codec.token_ids_from_pb(tensor_pb2.Tensor())  # what an unset field reads as
+    with pytest.raises(InvalidInput, match="got DTYPE_UNSPECIFIED"):
+        _codec.token_ids_from_pb(tensor_pb2.Tensor(shape=[1], data=b"\1\0\0\0"))
     with pytest.raises(InvalidInput, match="token_ids: tensor of shape"):
         _codec.token_ids_from_pb(tensor_pb2.Tensor(dtype=int32, shape=[2, 2], data=b"\0" * 12))
     with pytest.raises(InvalidInput, match="must be float32, float16 or bfloat16, got int32"):

@@ -117,11 +117,11 @@ def test_unknown_words_are_not_found(pair: tuple[WordVectors, KeyedVectors]) -> 
     """(The query errors, which most_similar raises from prepare, are test_word_vectors_query's.)"""
     model, kv = pair
     word = kv.index_to_key[0]
-    with pytest.raises(NotFound, match="'nope1', 'nope2'"):
+    with pytest.raises(NotFound, match='"nope1", "nope2"'):
         ours(model, [word, "nope1"], ["nope2", "nope1"], 10, None)
-    with pytest.raises(NotFound, match="'ghost'"):
+    with pytest.raises(NotFound, match='"ghost"'):
         model.similarity([(word, "ghost")])
-    with pytest.raises(NotFound, match="'ghost'"):
+    with pytest.raises(NotFound, match='"ghost"'):
         model.doesnt_match([word, "ghost"])
 
 

@@ -95,7 +95,7 @@ def test_weights_must_be_finite() -> None:
 
 def test_errors_are_clear(kv: KeyedVectors) -> None:
     word = kv.index_to_key[0]
-    with pytest.raises(NotFound, match="'nope1', 'nope2'"):
+    with pytest.raises(NotFound, match='"nope1", "nope2"'):
         prepared(kv, [query([word, "nope1"], ["nope2", "nope1"], 10, None)])
     with pytest.raises(InvalidInput, match="at least one positive or negative term"):
         prepared(kv, [query([], [], 10, None)])

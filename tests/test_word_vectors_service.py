@@ -98,11 +98,12 @@ async def test_batch_forms_and_concurrent_calls_agree(loaded: ServerThread) -> N
 async def test_errors_name_every_missing_word(loaded: ServerThread) -> None:
     async with AsyncClient(loaded.target) as client:
         wv = client.word_vectors
-        with pytest.raises(WordNotFoundError, match="'qwzx1', 'qwzx2'") as raised:
+        with pytest.raises(WordNotFoundError, match='"qwzx1", "qwzx2"') as raised:
             await wv.most_similar(positive=["king", "qwzx1"], negative=["qwzx2"])
         assert isinstance(raised.value, KeyError)
         assert isinstance(raised.value, NotFoundError)
         assert raised.value.code is grpc.StatusCode.NOT_FOUND
+        assert raised.value.missing_words == ["qwzx1", "qwzx2"]  # from the status details
         with pytest.raises(KeyError):
             await wv.get_vector("qwzx1")
         vectors, missing = await wv.get_vectors(["king", "qwzx1"])

@@ -1,14 +1,15 @@
 """The machine-readable detail of a refusal, shared by the server and the client.
 
 A refusal a client must act on carries a google.rpc.Status in the `grpc-status-details-bin`
-trailer, holding a google.rpc.ErrorInfo (the pattern of grpc's `examples/python/errors`). Today
-one reason is sent: LIMIT_EXCEEDED, with the limit's name, its value and what was asked for.
+trailer, holding a google.rpc.ErrorInfo (the pattern of grpc's `examples/python/errors`). Two
+reasons are sent: LIMIT_EXCEEDED, with the limit's name, its value and what was asked for, and
+NOT_IN_VOCABULARY, followed by a google.rpc.ResourceInfo per missing word.
 docs/protocol.md documents it for clients in other languages.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,7 @@ from google.rpc import error_details_pb2, status_pb2
 DETAILS_KEY = "grpc-status-details-bin"
 DOMAIN = "embedserve.v1"
 LIMIT_EXCEEDED = "LIMIT_EXCEEDED"
+NOT_IN_VOCABULARY = "NOT_IN_VOCABULARY"
 
 
 @dataclass(frozen=True)
@@ -34,14 +36,60 @@ class LimitInfo:
         return "--" + self.limit.replace("_", "-")
 
 
+def _status(code: int, message: str, details: Iterable[Any]) -> bytes:
+    packed = []
+    for detail in details:
+        wrapped = any_pb2.Any()
+        wrapped.Pack(detail)
+        packed.append(wrapped)
+    return bytes(status_pb2.Status(code=code, message=message, details=packed).SerializeToString())
+
+
 def limit_exceeded_status(code: int, message: str, info: LimitInfo) -> bytes:
     """The serialized google.rpc.Status for a LIMIT_EXCEEDED refusal (code: the numeric status)."""
     metadata = {"limit": info.limit, "flag": info.flag, "allowed": str(info.allowed)}
     if info.requested is not None:
         metadata["requested"] = str(info.requested)
-    detail = any_pb2.Any()
-    detail.Pack(error_details_pb2.ErrorInfo(reason=LIMIT_EXCEEDED, domain=DOMAIN, metadata=metadata))
-    return bytes(status_pb2.Status(code=code, message=message, details=[detail]).SerializeToString())
+    return _status(
+        code, message, [error_details_pb2.ErrorInfo(reason=LIMIT_EXCEEDED, domain=DOMAIN, metadata=metadata)]
+    )
+
+
+def not_in_vocabulary_status(code: int, message: str, words: Sequence[str]) -> bytes:
+    """NOT_IN_VOCABULARY: an ErrorInfo (metadata["count"]: how many words), then one
+    google.rpc.ResourceInfo per missing word (resource_type "word", resource_name the word)."""
+    info = error_details_pb2.ErrorInfo(
+        reason=NOT_IN_VOCABULARY, domain=DOMAIN, metadata={"count": str(len(words))}
+    )
+    resources = [error_details_pb2.ResourceInfo(resource_type="word", resource_name=word) for word in words]
+    return _status(code, message, [info, *resources])
+
+
+def missing_words_from_trailers(trailers: Iterable[Any] | None) -> list[str] | None:
+    """The words a NOT_IN_VOCABULARY refusal lists, or None (another error, or no detail)."""
+    for key, value in trailers or ():
+        if key != DETAILS_KEY or not isinstance(value, bytes):
+            continue
+        status = status_pb2.Status()
+        try:
+            status.ParseFromString(value)
+        except Exception:  # a damaged trailer is no detail, not a second failure
+            return None
+        infos = [info for info in map(_error_info, status.details) if info is not None]
+        if not any(info.domain == DOMAIN and info.reason == NOT_IN_VOCABULARY for info in infos):
+            return None
+        words = []
+        for detail in status.details:
+            resource = error_details_pb2.ResourceInfo()
+            if detail.Unpack(resource) and resource.resource_type == "word":
+                words.append(resource.resource_name)
+        return words
+    return None
+
+
+def _error_info(detail: any_pb2.Any) -> error_details_pb2.ErrorInfo | None:
+    info = error_details_pb2.ErrorInfo()
+    return info if detail.Unpack(info) else None
 
 
 def limit_from_trailers(trailers: Iterable[Any] | None) -> LimitInfo | None:

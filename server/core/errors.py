@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
+
 
 class EmbedServeCoreError(Exception):
     """Base of every error the core raises on purpose."""
@@ -32,6 +35,17 @@ class LimitExceeded(InvalidInput):
 
 class NotFound(EmbedServeCoreError):
     """A named thing (a corpus file, a word) does not exist."""
+
+
+class NotInVocabulary(NotFound):
+    """Words a request names that the model does not have; `words` lists every one, in order.
+    The transport sends them as structured detail, so a client need not parse the message."""
+
+    def __init__(self, words: Sequence[str]) -> None:
+        self.words = list(words)
+        # JSON's quoting: the same for every word, whatever quotes the word itself holds.
+        quoted = ", ".join(json.dumps(word, ensure_ascii=False) for word in self.words)
+        super().__init__(f"not in the vocabulary: {quoted}")
 
 
 class Overloaded(EmbedServeCoreError):

@@ -17,7 +17,7 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-from ..errors import InvalidInput, LimitExceeded, NotFound
+from ..errors import InvalidInput, LimitExceeded, NotInVocabulary
 
 FloatArray = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int64]
@@ -199,8 +199,8 @@ class QueryVocabulary:
         return int(self.vectors.shape[1])
 
 
-def not_in_vocabulary(missing: Sequence[str]) -> NotFound:
-    return NotFound(f"not in the vocabulary: {', '.join(repr(w) for w in missing)}")
+def not_in_vocabulary(missing: Sequence[str]) -> NotInVocabulary:
+    return NotInVocabulary(missing)
 
 
 def _checked_shape(vector: FloatArray, dim: int) -> FloatArray:
