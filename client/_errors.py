@@ -120,13 +120,12 @@ def error_from_rpc(error: grpc.RpcError) -> EmbedServeError:
     reason = _dropped(code, details)
     if reason is not None:
         return UnavailableError(grpc.StatusCode.UNAVAILABLE, reason)
+    trailers = error.trailing_metadata() if callable(getattr(error, "trailing_metadata", None)) else None
     if code is grpc.StatusCode.INVALID_ARGUMENT:
-        trailers = error.trailing_metadata() if callable(getattr(error, "trailing_metadata", None)) else None
         limit = limit_from_trailers(trailers)
         if limit is not None:
             return LimitExceededError(code, details, limit)
     if code is grpc.StatusCode.NOT_FOUND:
-        trailers = error.trailing_metadata() if callable(getattr(error, "trailing_metadata", None)) else None
         return NotFoundError(code, details, missing_words_from_trailers(trailers) or ())
     return _ERROR_BY_CODE.get(code, EmbedServeError)(code, details)
 

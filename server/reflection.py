@@ -46,17 +46,9 @@ def enable_reflection(server: grpc.aio.Server, service_names: Sequence[str]) -> 
     _register_v1_descriptor(descriptor_pool.Default())
     names = [*service_names, V1_SERVICE, V1ALPHA_SERVICE]
     servicer = reflection_aio.ReflectionServicer(names)
+    handler = {"ServerReflectionInfo": _stream_handler(servicer)}
     server.add_generic_rpc_handlers(
-        (
-            grpc.method_handlers_generic_handler(
-                V1ALPHA_SERVICE,
-                {"ServerReflectionInfo": _stream_handler(servicer)},
-            ),
-            grpc.method_handlers_generic_handler(
-                V1_SERVICE,
-                {"ServerReflectionInfo": _stream_handler(servicer)},
-            ),
-        )
+        tuple(grpc.method_handlers_generic_handler(name, handler) for name in (V1ALPHA_SERVICE, V1_SERVICE))
     )
 
 

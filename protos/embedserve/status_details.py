@@ -65,8 +65,8 @@ def not_in_vocabulary_status(code: int, message: str, words: Sequence[str]) -> b
     return _status(code, message, [info, *resources])
 
 
-def missing_words_from_trailers(trailers: Iterable[Any] | None) -> list[str] | None:
-    """The words a NOT_IN_VOCABULARY refusal lists, or None (another error, or no detail)."""
+def _details_status(trailers: Iterable[Any] | None) -> status_pb2.Status | None:
+    """The google.rpc.Status of a refusal's trailing metadata, or None (absent or damaged)."""
     for key, value in trailers or ():
         if key != DETAILS_KEY or not isinstance(value, bytes):
             continue
@@ -75,41 +75,41 @@ def missing_words_from_trailers(trailers: Iterable[Any] | None) -> list[str] | N
             status.ParseFromString(value)
         except Exception:  # a damaged trailer is no detail, not a second failure
             return None
-        infos = [info for info in map(_error_info, status.details) if info is not None]
-        if not any(info.domain == DOMAIN and info.reason == NOT_IN_VOCABULARY for info in infos):
-            return None
-        words = []
-        for detail in status.details:
-            resource = error_details_pb2.ResourceInfo()
-            if detail.Unpack(resource) and resource.resource_type == "word":
-                words.append(resource.resource_name)
-        return words
+        return status
     return None
 
 
-def _error_info(detail: any_pb2.Any) -> error_details_pb2.ErrorInfo | None:
-    info = error_details_pb2.ErrorInfo()
-    return info if detail.Unpack(info) else None
+def _our_error_info(status: status_pb2.Status, reason: str) -> error_details_pb2.ErrorInfo | None:
+    """The status's ErrorInfo of embedserve's domain with `reason`; others' details are skipped."""
+    for detail in status.details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info) and info.domain == DOMAIN and info.reason == reason:
+            return info
+    return None
+
+
+def missing_words_from_trailers(trailers: Iterable[Any] | None) -> list[str] | None:
+    """The words a NOT_IN_VOCABULARY refusal lists, or None (another error, or no detail)."""
+    status = _details_status(trailers)
+    if status is None or _our_error_info(status, NOT_IN_VOCABULARY) is None:
+        return None
+    words = []
+    for detail in status.details:
+        resource = error_details_pb2.ResourceInfo()
+        if detail.Unpack(resource) and resource.resource_type == "word":
+            words.append(resource.resource_name)
+    return words
 
 
 def limit_from_trailers(trailers: Iterable[Any] | None) -> LimitInfo | None:
     """The LimitInfo a refusal's trailing metadata carries, or None (another error, or no detail)."""
-    for key, value in trailers or ():
-        if key != DETAILS_KEY or not isinstance(value, bytes):
-            continue
-        status = status_pb2.Status()
-        try:
-            status.ParseFromString(value)
-        except Exception:  # a damaged trailer is no detail, not a second failure
-            return None
-        for detail in status.details:
-            info = error_details_pb2.ErrorInfo()
-            if not detail.Unpack(info) or info.domain != DOMAIN or info.reason != LIMIT_EXCEEDED:
-                continue
-            try:
-                allowed = int(info.metadata["allowed"])
-                requested = int(info.metadata["requested"]) if "requested" in info.metadata else None
-            except (KeyError, ValueError):
-                return None
-            return LimitInfo(info.metadata.get("limit", ""), allowed, requested)
-    return None
+    status = _details_status(trailers)
+    info = None if status is None else _our_error_info(status, LIMIT_EXCEEDED)
+    if info is None:
+        return None
+    try:
+        allowed = int(info.metadata["allowed"])
+        requested = int(info.metadata["requested"]) if "requested" in info.metadata else None
+    except (KeyError, ValueError):
+        return None
+    return LimitInfo(info.metadata.get("limit", ""), allowed, requested)

@@ -262,7 +262,7 @@ def check_case(case: Mapping[str, Any], connection: Connection, files: Mapping[s
         return
     if "status" in case:
         raise Mismatch(f"ended OK, expected {case['status']['code']}")
-    check_replies(case, [to_json(reply) for reply in replies], [reply for reply in replies])
+    check_replies(case, [to_json(reply) for reply in replies], replies)
 
 
 def check_status(case: Mapping[str, Any], error: grpc.RpcError) -> None:
