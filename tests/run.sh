@@ -23,6 +23,8 @@ MYPYPATH=.typecheck "$bin/mypy" -p embedserve
 MYPYPATH=.typecheck "$bin/mypy" tests protos/generate.py bench/word_vectors.py
 
 if [ "${CI:-}" = true ]; then
-  export EMBEDSERVE_REQUIRE_BUF=1 EMBEDSERVE_REQUIRE_NGINX=1
+  # In CI a missing tool fails its tests instead of skipping them.
+  export EMBEDSERVE_REQUIRE_BUF=1 EMBEDSERVE_REQUIRE_NGINX=1 EMBEDSERVE_REQUIRE_NODE=1 \
+    EMBEDSERVE_REQUIRE_GRPCURL=1 EMBEDSERVE_REQUIRE_CONTAINER=1
 fi
 "$bin/python" -m pytest "$@"
