@@ -164,3 +164,63 @@ def test_the_node_runner_can_fail(node: str, tiny_server: ServerThread, tmp_path
     path.write_text(json.dumps({"cases": wrong}))
     results = run_node(node, {"tiny": tiny_server.target}, cases_path=path)
     assert [result.outcome for result in results] == ["failed"] * len(wrong), results
+
+
+QUICK_START = "## Node.js quick start"
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "protocol.md"
+REPO = DOCS.parents[1]
+
+
+def quick_start_snippets() -> list[str]:
+    """The ```js blocks of docs/protocol.md's Node.js quick start, in order."""
+    lines = DOCS.read_text().splitlines()
+    start = lines.index(QUICK_START)
+    snippets: list[str] = []
+    block: list[str] | None = None
+    for line in lines[start + 1 :]:
+        if line.startswith("## "):
+            break
+        if block is None and line.strip() == "```js":
+            block = []
+        elif block is not None and line.strip() == "```":
+            snippets.append("\n".join(block))
+            block = None
+        elif block is not None:
+            block.append(line)
+    return snippets
+
+
+@requires_glove
+def test_the_quick_start_runs_as_written(node: str, server: ServerThread, tmp_path: Path) -> None:
+    """The docs' snippets, joined in one async function as they say, against a default server."""
+    snippets = quick_start_snippets()
+    assert len(snippets) >= 6, "the quick start lost its snippets"
+    body = "\n".join(snippets)
+    assert body.count("'127.0.0.1:50051'") == 1
+    body = body.replace("'127.0.0.1:50051'", json.dumps(server.target))  # the test's ephemeral port
+    # What the snippets computed, printed for the checks below.
+    report = (
+        "console.log('REPORT ' + JSON.stringify("
+        "{ tokens, shape: reply.embeddings.shape, count: vectors.length, status }));"
+    )
+    script = tmp_path / "quick-start.js"
+    script.write_text(
+        "(async () => {\n" + body + "\n" + report + "\n})().catch((error) => {\n"
+        "  console.error(error);\n  process.exit(1);\n});\n"
+    )
+    env = {**os.environ, "NODE_PATH": str(NODE_DIR / "node_modules")}
+    env.pop("EMBEDSERVE_API_KEY", None)
+    done = subprocess.run([node, str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (line,) = [line for line in done.stdout.splitlines() if line.startswith("REPORT ")]
+    report_values = json.loads(line.removeprefix("REPORT "))
+    assert report_values["tokens"] == {
+        "token_ids": {"dtype": "DTYPE_INT32", "shape": ["3"], "data": "iDwAAAsAAADjAwAA"},
+        "lengths": ["3"],
+    }
+    assert report_values["shape"] == ["1", "3", "256"]
+    assert report_values["count"] == 768
+    assert report_values["status"] == "SERVING"
+    # The stream's one reply, and the refusal with its ErrorInfo, as the comments say.
+    assert "7 [ '2', '256' ]" in done.stdout
+    assert "reason: 'LIMIT_EXCEEDED'" in done.stdout, done.stdout

@@ -23,7 +23,8 @@ const USAGE =
   'usage: runner.js --target NAME=HOST:PORT [--target NAME=HOST:PORT ...] [--verdict PATH]\n' +
   '                 [--api-key KEY] [--tls-ca PATH] [--cases PATH]';
 
-// ---- the protos: embedserve's from protos/, health and google.rpc vendored beside this file
+// ---- the protos: embedserve's from protos/, health and google.rpc from protos/third_party/,
+// and the decoding service for error details beside this file
 
 const PROTO_FILES = [
   'embedserve/v1/tokenizer.proto',
@@ -42,7 +43,11 @@ const LOADER_OPTIONS = {
   bytes: String,
   defaults: false,
   oneofs: false,
-  includeDirs: [path.join(REPO, 'protos'), path.join(__dirname, 'proto')],
+  includeDirs: [
+    path.join(REPO, 'protos'),
+    path.join(REPO, 'protos', 'third_party'),
+    path.join(__dirname, 'proto'),
+  ],
 };
 const definition = protoLoader.loadSync(PROTO_FILES, LOADER_OPTIONS);
 const loaded = grpc.loadPackageDefinition(definition);
