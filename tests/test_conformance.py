@@ -83,6 +83,12 @@ def test_a_wrong_expectation_fails(tiny_server: ServerThread, tmp_path: Path) ->
     digest = copy.deepcopy(CASES["embed-stream/in-order"])
     digest["stream_digest"] = {"field": "embeddings", "sha256": "0" * 64}
     wrong.append(digest)
+    unknown_field = copy.deepcopy(CASES["embed/tiny-positions"])
+    unknown_field["request"]["options"] = {"include_positionals": True}
+    wrong.append(unknown_field)
+    limit = copy.deepcopy(CASES["embed/over-context-length"])
+    limit["error_info"]["metadata"]["requested"] = "6"
+    wrong.append(limit)
     for index, case in enumerate(wrong):
         case["name"] = f"wrong-{index}"
     path = tmp_path / "cases.json"

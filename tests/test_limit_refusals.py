@@ -78,6 +78,24 @@ async def test_other_invalid_input_carries_no_limit(small_limits_server: ServerT
     assert not isinstance(raised.value, LimitExceededError)
 
 
+async def test_a_window_past_the_context_length_is_a_limit(server: ServerThread) -> None:
+    # The default model's 1,024 positions: 1,000 IDs from offset 100 reach position 1,099.
+    expected = LimitInfo("context_length", 1024, 1100)
+    async with AsyncClient(server.target) as client:
+        with pytest.raises(LimitExceededError) as unary:
+            await client.embed(np.zeros((1, 1000), dtype=np.int32), position_offset=100)
+        assert unary.value.limit == expected
+        assert "--context-length" in unary.value.details
+        with pytest.raises(LimitExceededError) as streamed:
+            await _drain(client.embed_stream([np.zeros(1000, dtype=np.int32)], position_offset=100))
+        assert streamed.value.limit == expected
+        # Without positions there is no such limit.
+        embedded = await client.embed(
+            np.zeros((1, 1000), dtype=np.int32), position_offset=100, include_positional=False
+        )
+        assert embedded.shape == (1, 1000, 256)
+
+
 def test_damaged_or_foreign_details_are_no_limit() -> None:
     assert limit_from_trailers(None) is None
     assert limit_from_trailers([(DETAILS_KEY, b"\xff\xff not a status")]) is None

@@ -234,9 +234,13 @@ class EmbeddingModel:
             raise InvalidInput(f"position_offset must be >= 0, got {position_offset}")
         length = token_ids.shape[-1]
         if include_positional and position_offset + length > self.context_length:
-            raise InvalidInput(
+            # A limit the client acts on (split the windows), so it carries LIMIT_EXCEEDED's detail.
+            raise LimitExceeded(
                 f"sequence length {length} + position_offset {position_offset} exceeds the context "
-                f"length {self.context_length}"
+                f"length {self.context_length} (--context-length)",
+                limit="context_length",
+                allowed=self.context_length,
+                requested=position_offset + length,
             )
         bad = np.flatnonzero((token_ids < 0) | (token_ids >= self.vocab_size))
         if bad.size:
@@ -299,13 +303,20 @@ class EmbeddingModel:
         return pieces
 
     def _check_positions(self, job: EmbedJob) -> None:
-        length = job.token_ids.shape[-1]
-        if job.include_positional and (
-            job.position_offset < 0 or job.position_offset + length > self.context_length
-        ):
+        if not job.include_positional:
+            return
+        first, end = job.position_offset, job.position_offset + job.token_ids.shape[-1]
+        if first < 0:
             raise InvalidInput(
-                f"positions {job.position_offset}..{job.position_offset + length - 1} are outside "
-                f"the context length {self.context_length}"
+                f"positions {first}..{end - 1} are outside the context length {self.context_length}"
+            )
+        if end > self.context_length:
+            raise LimitExceeded(
+                f"positions {first}..{end - 1} are outside the context length {self.context_length} "
+                "(--context-length)",
+                limit="context_length",
+                allowed=self.context_length,
+                requested=end,
             )
 
     def _checked_ids(self, jobs: list[EmbedJob], ids: npt.NDArray[np.int64]) -> None:

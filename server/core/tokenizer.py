@@ -196,7 +196,11 @@ class Tokenizer:
         try:
             ids = self._encoding.encode_to_numpy(text, allowed_special=allowed)
         except ValueError as exc:
-            raise InvalidInput(str(exc).split("\n", 1)[0]) from None
+            # tiktoken's advice names its Python arguments; say it in the request's terms.
+            raise InvalidInput(
+                f"{str(exc).split(chr(10), 1)[0]} To encode it as a special token, name it in "
+                "allowed_special (or set allow_all_special)."
+            ) from None
         return ids.view(np.int32) if ids.dtype == np.uint32 else ids.astype(np.int32)
 
     def encode_batch(

@@ -252,7 +252,10 @@ def error_infos(error: grpc.RpcError) -> list[dict[str, Any]]:
 def check_case(case: Mapping[str, Any], connection: Connection, files: Mapping[str, str]) -> None:
     request_type, _ = message_types(case["method"])
     raw = case["requests"] if case["kind"] == "bidi_stream" else [case["request"]]
-    requests = [json_format.ParseDict(substitute(item, files), request_type()) for item in raw]
+    try:
+        requests = [json_format.ParseDict(substitute(item, files), request_type()) for item in raw]
+    except json_format.ParseError as error:  # a field or enum name the protos lack: this case fails
+        raise Mismatch(f"the request does not fit the protos: {error}") from None
     try:
         replies = connection.call(case["method"], case["kind"], requests)
     except grpc.RpcError as error:
