@@ -285,7 +285,7 @@ def test_the_docs_grpcurl_commands_print_what_the_docs_say(
     default_components: Components,
     request: pytest.FixtureRequest,
 ) -> None:
-    key = secrets.token_urlsafe(16)
+    key = secrets.token_hex(16)  # never starts with "-", which argparse would take for a flag
     needs_files = any(token in CERTIFICATE_FILES for e in group.examples for token in e.argv) or any(
         flag in CERTIFICATE_FILES for flag in group.flags
     )
