@@ -13,6 +13,7 @@ import signal
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -30,6 +31,7 @@ from .core import (
     OUTPUT_DTYPES,
     CorpusStore,
     EmbeddingModel,
+    MappedOrders,
     StartupError,
     Tokenizer,
     load_embedding_tables,
@@ -131,10 +133,18 @@ def load_components(config: ServerConfig, environ: Mapping[str, str] | None = No
         config,
         tokenizer,
         model,
-        CorpusStore(config.data_dir, tokenizer),
+        CorpusStore(config.data_dir, tokenizer, window_orders=_window_orders(config.data_dir, cache_dir)),
         word_vectors,
         load_seconds={"embedding": time.perf_counter() - started},
     )
+
+
+def _window_orders(data_dir: Path | None, cache_dir: Path) -> MappedOrders:
+    """Beside the corpora when their folder is writable (every server on them shares the files),
+    else in the server's cache folder."""
+    if data_dir is not None and os.access(data_dir, os.W_OK):
+        return MappedOrders(data_dir / ".window-orders")
+    return MappedOrders(cache_dir / "window-orders")
 
 
 def channel_options(config: ServerConfig) -> list[tuple[str, int]]:

@@ -31,6 +31,7 @@ from .core.limits import RequestLimits
 from .core.shared_memory import SharedMemoryRegistry
 from .core.stream_plan import BatchObserver, StreamPlan, StreamRequest, StreamSource, plan_stream
 from .core.tokenizer import ENDOFTEXT
+from .core.window_orders import InMemoryOrders, OrderStore
 from .core.windows import PlannedBatch
 from .errors import Context, stream_errors, unary_errors
 from .metrics import Metrics, add_timings
@@ -163,21 +164,25 @@ class BatchesServicer(batches_pb2_grpc.BatchesServiceServicer):
         """The source's token IDs and their sha256 (which cursors carry)."""
         source = request.WhichOneof("source")
         ids: np.ndarray[Any, np.dtype[np.integer]]
-        if source == "text":
+        if source == "text":  # bounded by the request's size, so its orders stay in memory
             ids = await asyncio.to_thread(self._tokenizer.encode, request.text, {ENDOFTEXT})
             sha256 = await asyncio.to_thread(tokens_sha256, ids)
+            orders: OrderStore = InMemoryOrders()
         elif source == "corpus":
             ids, sha256 = await asyncio.to_thread(self._corpora.tokens_and_hash, request.corpus)
+            orders = self._corpora.window_orders
         else:
             raise InvalidInput("the request names no source: set text or corpus")
-        return StreamSource(ids, sha256, self._tokenizer.name, self._tokenizer.n_vocab)
+        return StreamSource(ids, sha256, self._tokenizer.name, self._tokenizer.n_vocab, orders)
 
     @stream_errors
     async def StreamBatches(
         self, request: batches_pb2.StreamBatchesRequest, context: Context
     ) -> AsyncIterator[batches_pb2.StreamBatchesResponse]:
         embeddings_dtype = _codec.output_dtype_from_pb(request.embeddings_dtype, "embeddings_dtype")
-        plan = plan_stream(
+        # Off the event loop: a large corpus's first shuffled epoch is computed here, once.
+        plan = await asyncio.to_thread(
+            plan_stream,
             _stream_request(request),
             await self._source(request),
             limits=self._limits,
@@ -186,6 +191,8 @@ class BatchesServicer(batches_pb2_grpc.BatchesServiceServicer):
         )
         pending: list[batches_pb2.StreamBatchesResponse] = []
         for batch in plan.batches():
+            if batch.next_epoch != batch.epoch and batch.next_epoch <= plan.last_epoch:
+                await asyncio.to_thread(plan.plan_for, batch.next_epoch)  # the next epoch's order, likewise
             if self._draining.is_set():  # at a batch boundary: the client has the cursor to resume from
                 if pending:
                     yield _packed(pending)

@@ -61,3 +61,30 @@ def test_serving_benchmark_smoke(tmp_path: Path) -> None:
     sections = {row["section"] for row in rows}
     assert {"a", "b", "d", "f"} <= sections
     assert all(row["value"] > 0 for row in rows)
+
+
+def test_window_plans_benchmark_smoke(tmp_path: Path) -> None:
+    script = Path(__file__).resolve().parents[1] / "bench" / "window_plans.py"
+    figures = []
+    for order in ([], ["--no-shuffle"]):
+        result = subprocess.run(
+            [
+                sys.executable,
+                str(script),
+                "--tokens",
+                "2000000",
+                "--batches",
+                "200",
+                "--folder",
+                str(tmp_path),
+                *order,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        figures.append(json.loads(result.stdout))
+    assert [f["code"] for f in figures] == ["mapped orders"] * 2
+    assert all(f["windows"] == 2_000_000 - 256 and f["batches_per_s"] > 0 for f in figures)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus-2000000.tokens"]  # the orders are removed

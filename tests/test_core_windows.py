@@ -123,4 +123,4 @@ def test_drop_last_counts_like_the_dataloader() -> None:
 def test_bad_settings(settings: dict[str, int], error: type[Exception], message: str) -> None:
     base = {"num_tokens": 100, "max_length": 4, "stride": 4, "batch_size": 2, "seed": 0}
     with pytest.raises(error, match=message):
-        plan_windows(**{**base, **settings}, shuffle=True, drop_last=True, max_batch_size=4096)
+        plan_windows(**{**base, **settings}, shuffle=True, drop_last=True, max_batch_size=4096)  # type: ignore[arg-type]

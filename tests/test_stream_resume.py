@@ -62,7 +62,7 @@ def test_ranks_cover_every_window_exactly_once(
         plans = _plans(num_tokens, max_length, stride, batch_size, world_size, drop_last, seed, epoch)
     except InvalidInput:
         return  # no window, or no full global batch under drop_last: refused, as documented
-    order = plans[0].order * stride
+    order = np.asarray(plans[0].order) * stride
     seen = [
         start for plan in plans for b in range(plan.num_batches) for start in plan.batch_starts(b).tolist()
     ]
@@ -95,7 +95,7 @@ def test_epochs_are_distinct_fixed_permutations() -> None:
             drop_last=True,
             epoch=epoch,
         )
-        return list(plan.order.tolist())
+        return list(np.asarray(plan.order).tolist())
 
     assert order(1) == order(1)
     assert len({tuple(order(e)) for e in range(4)}) == 4

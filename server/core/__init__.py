@@ -28,15 +28,8 @@ from .errors import (
     StartupError,
 )
 from .tokenizer import GPT2_BPE_SHA256, Tokenizer, load_gpt2_tokenizer
-from .windows import (
-    PlannedBatch,
-    WindowPlan,
-    count_windows,
-    gather_windows,
-    iterate_batches,
-    plan_windows,
-    shuffled_window_order,
-)
+from .window_orders import InMemoryOrders, MappedOrders, OrderStore, WindowOrder, shuffled_window_order
+from .windows import PlannedBatch, WindowPlan, count_windows, gather_windows, iterate_batches, plan_windows
 
 __all__ = [
     "GPT2_BPE_SHA256",
@@ -67,4 +60,8 @@ __all__ = [
     "resolve_device",
     "seeded_embedding_tables",
     "shuffled_window_order",
+    "InMemoryOrders",
+    "MappedOrders",
+    "OrderStore",
+    "WindowOrder",
 ]

@@ -13,6 +13,7 @@ import numpy.typing as npt
 from .errors import InvalidInput, NotFound
 from .prepared import open_prepared, read_sidecar
 from .tokenizer import ENDOFTEXT, Tokenizer
+from .window_orders import InMemoryOrders, OrderStore
 
 TokenIds = npt.NDArray[np.integer]
 
@@ -29,8 +30,17 @@ class CorpusStore:
     still lie inside the data folder, so nothing outside it is ever read.
     """
 
-    def __init__(self, data_dir: Path | None, tokenizer: Tokenizer, *, max_cached: int = 8) -> None:
+    def __init__(
+        self,
+        data_dir: Path | None,
+        tokenizer: Tokenizer,
+        *,
+        max_cached: int = 8,
+        window_orders: OrderStore | None = None,
+    ) -> None:
+        """window_orders keeps the corpora's shuffled window orders (in memory unless given)."""
         self._root = data_dir.resolve() if data_dir is not None else None
+        self.window_orders: OrderStore = window_orders or InMemoryOrders()
         self._tokenizer = tokenizer
         self._max_cached = max_cached
         self._cache: OrderedDict[tuple[Path, int, int], tuple[TokenIds, str]] = OrderedDict()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -20,6 +20,7 @@ import numpy.typing as npt
 from .cursor import Position, StreamSettings, decode_cursor, encode_cursor
 from .errors import InvalidInput, PreconditionFailed
 from .limits import RequestLimits
+from .window_orders import InMemoryOrders, OrderStore
 from .windows import PlannedBatch, WindowPlan, gather_windows, iterate_batches, plan_windows
 
 MAX_BATCHES_PER_MESSAGE = 256
@@ -54,13 +55,14 @@ class StreamRequest:
 
 @dataclass(frozen=True)
 class StreamSource:
-    """The token IDs a stream reads, their sha256 (which cursors carry), and the tokenizer that
-    made them (its name, and how many IDs it has)."""
+    """The token IDs a stream reads, their sha256 (which cursors carry), the tokenizer that
+    made them (its name, and how many IDs it has), and where its shuffled orders are kept."""
 
     tokens: TokenIds
     sha256: str
     tokenizer: str
     tokenizer_vocab: int
+    orders: OrderStore = field(default_factory=InMemoryOrders)
 
 
 class EmbeddingTableShape(Protocol):
@@ -131,6 +133,7 @@ def plan_stream(
             epoch=epoch,
             rank=request.rank,
             world_size=world_size,
+            orders=source.orders,
         )
 
     first = plan_for(request.epoch)  # checks every setting before anything streams

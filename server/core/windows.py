@@ -3,43 +3,23 @@
 The reference notebook's GPTDatasetV1 makes one window per start position in
 `range(0, len(ids) - max_length, stride)`; the input is ids[i : i + max_length]
 and the target the same window shifted by one token. Here a window is only its
-start position until a batch is gathered, so a plan costs O(windows) integers.
+index until a batch is gathered, and the order of an epoch's windows comes from a
+WindowOrder (window_orders.py): none stored unshuffled, a memory-mapped file for a large
+shuffled corpus.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
-import torch
 
 from .errors import InvalidInput, LimitExceeded, PreconditionFailed
+from .window_orders import InMemoryOrders, OrderStore, SequentialOrder, WindowIndices, WindowOrder
 
-WindowIndices = npt.NDArray[np.int64]
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    """The generator seed of an epoch: `seed` itself for epoch 0, else one derived from (seed, epoch)."""
-    if epoch == 0:
-        return seed
-    return int.from_bytes(hashlib.sha256(f"embedserve-epoch:{seed}:{epoch}".encode()).digest()[:8], "little")
-
-
-def shuffled_window_order(num_windows: int, seed: int, epoch: int = 0) -> WindowIndices:
-    """The order in which DataLoader(shuffle=True, generator=Generator().manual_seed(seed)) reads.
-
-    Creating a DataLoader iterator draws one int64 base seed from the loader's
-    generator before RandomSampler calls torch.randperm with that same
-    generator, so the permutation comes after one draw, not from a fresh seed.
-    Epoch e > 0 does the same from a generator seeded by epoch_seed(seed, e), so
-    any epoch's order costs one permutation, whatever came before.
-    """
-    generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
-    torch.empty((), dtype=torch.int64).random_(generator=generator)
-    return torch.randperm(num_windows, generator=generator).numpy()
+_IN_MEMORY = InMemoryOrders()
 
 
 @dataclass(frozen=True)
@@ -58,7 +38,7 @@ class WindowPlan:
     stride: int
     batch_size: int
     drop_last: bool
-    order: WindowIndices
+    order: WindowOrder
     rank: int = 0
     world_size: int = 1
 
@@ -101,7 +81,9 @@ def plan_windows(
     epoch: int = 0,
     rank: int = 0,
     world_size: int = 1,
+    orders: OrderStore = _IN_MEMORY,
 ) -> WindowPlan:
+    """The checked plan of one epoch; `orders` makes its shuffled order (in memory unless given)."""
     for name, value in (("batch_size", batch_size), ("max_length", max_length), ("stride", stride)):
         if value <= 0:
             raise InvalidInput(f"{name} must be positive, got {value}")
@@ -130,9 +112,7 @@ def plan_windows(
             + (f" for each of {world_size} ranks" if world_size > 1 else "")
             + " with drop_last; lower batch_size or set drop_last false"
         )
-    order = (
-        shuffled_window_order(num_windows, seed, epoch) if shuffle else np.arange(num_windows, dtype=np.int64)
-    )
+    order = orders.shuffled(num_windows, seed, epoch) if shuffle else SequentialOrder(num_windows)
     return WindowPlan(num_tokens, max_length, stride, batch_size, drop_last, order, rank, world_size)
 
 
