@@ -39,6 +39,7 @@ from .core import (
     resolve_device,
     seeded_embedding_tables,
 )
+from .core.corpus import WINDOW_ORDERS_FOLDER
 from .core.shared_memory import SharedMemoryRegistry
 from .core.stream_plan import BatchObserver
 from .core.vector_sources import default_cache_dir, load_word_vectors
@@ -143,7 +144,7 @@ def _window_orders(data_dir: Path | None, cache_dir: Path) -> MappedOrders:
     """Beside the corpora when their folder is writable (every server on them shares the files),
     else in the server's cache folder."""
     if data_dir is not None and os.access(data_dir, os.W_OK):
-        return MappedOrders(data_dir / ".window-orders")
+        return MappedOrders(data_dir / WINDOW_ORDERS_FOLDER)
     return MappedOrders(cache_dir / "window-orders")
 
 

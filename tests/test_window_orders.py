@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from embedserve.client import Client
+from embedserve.client import Client, NotFoundError
 from embedserve.server.config import ServerConfig
 from embedserve.server.core import (
     InMemoryOrders,
@@ -168,6 +168,15 @@ def test_the_server_maps_a_large_corpuss_order_beside_it(tmp_path: Path) -> None
                 corpus="words", batch_size=4, max_length=8, stride=1, shuffle=True, seed=5, drop_last=True
             )
             first = next(iter(batches))
+            order_file = next((data_dir / ".window-orders").iterdir()).name
+            with pytest.raises(NotFoundError):  # the server's own files are not corpora
+                next(
+                    iter(
+                        client.stream_batches(
+                            corpus=f".window-orders/{order_file}", batch_size=1, max_length=2
+                        )
+                    )
+                )
     finally:
         running.stop()
     orders = sorted((data_dir / ".window-orders").iterdir())

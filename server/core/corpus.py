@@ -16,6 +16,8 @@ from .tokenizer import ENDOFTEXT, Tokenizer
 from .window_orders import InMemoryOrders, OrderStore
 
 TokenIds = npt.NDArray[np.integer]
+# Where the server keeps the shuffled window orders of the corpora it serves (see window_orders.py).
+WINDOW_ORDERS_FOLDER = ".window-orders"
 
 
 def tokens_sha256(ids: TokenIds) -> str:
@@ -88,7 +90,8 @@ class CorpusStore:
             inside = resolved.is_relative_to(self._root) and resolved.is_file()
         except (OSError, RuntimeError):  # missing, unreadable, name too long, symlink loop
             inside = False
-        if not inside:
+        # The server's own files there (window orders, staging) are not corpora.
+        if not inside or resolved.relative_to(self._root).parts[0] == WINDOW_ORDERS_FOLDER:
             raise NotFound(f"corpus {name!r} not found in the data folder")
         return resolved
 
