@@ -18,7 +18,7 @@ from embedserve.server.config import parse_server_config
 from embedserve.server.core import StartupError
 from embedserve.server.security import check_exposure
 from embedserve.v1 import batches_pb2, embedding_pb2, tokenizer_pb2, word_vectors_pb2
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf import descriptor_pb2, descriptor_pool, json_format, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -203,7 +203,7 @@ async def test_reflection_lists_every_service(server: ServerThread) -> None:
             request_serializer=lambda message: message.SerializeToString(),
             response_deserializer=reply_type.FromString,
         )
-        answer = await tokenize(request_type(texts=["Hello, world"]))
+        answer = await tokenize(json_format.ParseDict({"texts": ["Hello, world"]}, request_type()))
         assert list(answer.lengths) == [3]
 
 
