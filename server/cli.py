@@ -361,7 +361,7 @@ def _run_prepare(args: argparse.Namespace) -> int:
             args.out,
             Path(args.data_dir),
             tokenizer,
-            text_field=args.text_field,
+            text_column=args.text_column,
             threads=args.threads,
             progress=progress_reporter(f"prepare {args.out}", _print_progress),
         )
@@ -472,16 +472,29 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
 
     corpus = commands.add_parser(
         "prepare",
-        help="tokenize text files into a prepared corpus that StreamBatches serves memory-mapped",
+        help="tokenize text, JSON lines, Parquet or Arrow files into a prepared corpus that "
+        "StreamBatches serves memory-mapped",
         description="Each plain-text file is one document, each line of a .jsonl file one (its text "
-        "field); .gz is read too. Documents are joined with <|endoftext|>. Writes NAME.tokens "
-        "(uint16 token IDs) and NAME.json into the data folder, using every core.",
+        "column), each non-null row of a .parquet, .arrow/.feather (Arrow IPC file or stream) file "
+        "or datasets save_to_disk folder one (its text column); .gz of text or .jsonl is read too, "
+        "and a quoted glob ('shards/*.parquet') names its matches in sorted order. Documents are "
+        "joined with <|endoftext|>. Writes NAME.tokens (uint16 token IDs) and NAME.json into the "
+        "data folder, using every core.",
     )
-    corpus.add_argument("inputs", nargs="+", help="text, .jsonl (and .gz) files")
+    corpus.add_argument(
+        "inputs",
+        nargs="+",
+        help="text, .jsonl (and .gz), .parquet, .arrow/.feather files, globs, save_to_disk folders",
+    )
     corpus.add_argument("--out", required=True, help="the corpus name, as StreamBatches requests it")
     _add_server_path(corpus, "data_dir", environ, "the server's data folder")
     corpus.add_argument(
-        "--text-field", default="text", help="the text field of .jsonl records (default: text)"
+        "--text-column",
+        "--text-field",
+        dest="text_column",
+        default="text",
+        help="the text column of Parquet and Arrow files, and the text field of .jsonl records "
+        "(default: text; --text-field is the same flag)",
     )
     corpus.add_argument("--threads", type=int, default=0, help="tokenizer threads (default: every core)")
     _add_server_path(corpus, "bpe_dir", environ, "as the server's --bpe-dir")

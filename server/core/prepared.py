@@ -1,31 +1,32 @@
 """Prepared corpora: text tokenized once into a flat token file and a JSON sidecar.
 
-`embedserve prepare a.txt b.jsonl.gz --out books` writes `books.tokens` (GPT-2 token IDs,
-uint16 little-endian, since the vocabulary fits) and `books.json` (what produced them) into
-the data folder. Documents are joined with <|endoftext|> between them: each plain-text file is
-one document, each line of a `.jsonl` file is one (its text field). The server memory-maps the
-token file, so a corpus larger than RAM streams, and several processes share one copy.
+`embedserve prepare a.txt b.jsonl.gz shards/*.parquet --out books` writes `books.tokens` (GPT-2
+token IDs, uint16 little-endian, since the vocabulary fits) and `books.json` (what produced them)
+into the data folder. Documents are joined with <|endoftext|> between them; where they come from
+(a whole text file, a line of a `.jsonl`, a row of a Parquet or Arrow file) is
+`document_sources`. The server memory-maps the token file, so a corpus larger than RAM streams,
+and several processes share one copy.
 """
 
 from __future__ import annotations
 
 import datetime
-import gzip
 import hashlib
 import json
 import os
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from .errors import InvalidInput, NotFound
+from .document_sources import DEFAULT_BATCH_ROWS, DEFAULT_TEXT_COLUMN, open_sources
+from .errors import InvalidInput
 from .tokenizer import ENDOFTEXT, Tokenizer
 
 PREPARED_FORMAT = 1
@@ -33,6 +34,7 @@ PREPARED_KIND = "embedserve-prepared-corpus"
 SEPARATOR_POLICY = "endoftext-between-documents"
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
 _BATCH_BYTES = 4 << 20  # text encoded per round across the threads
+_TASK_CHARS = 64 << 10  # text one thread encodes at a time (short documents grouped)
 
 
 @dataclass(frozen=True)
@@ -40,37 +42,6 @@ class PreparedCorpus:
     name: str
     tokens: npt.NDArray[np.unsignedinteger]  # memory-mapped, read-only
     meta: dict[str, Any]
-
-
-def _open_text(path: Path) -> IO[str]:
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return path.open(encoding="utf-8")
-
-
-def _documents(path: Path, text_field: str) -> Iterator[str]:
-    """The documents of one input: a whole text file, or the text field of each JSON line."""
-    base = path.name[:-3] if path.suffix == ".gz" else path.name
-    try:
-        with _open_text(path) as handle:
-            if not base.endswith(".jsonl"):
-                yield handle.read()
-                return
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise InvalidInput(f"{path}:{number}: not JSON ({error.msg})") from None
-                text = record.get(text_field) if isinstance(record, dict) else None
-                if not isinstance(text, str):
-                    raise InvalidInput(f"{path}:{number}: no string field {text_field!r}")
-                yield text
-    except UnicodeDecodeError as error:
-        raise InvalidInput(f"{path}: not UTF-8 text ({error.reason})") from None
-    except (OSError, EOFError) as error:
-        raise InvalidInput(f"{path}: cannot be read ({error})") from None
 
 
 def _safe_cut(text: str, newline: int) -> bool:
@@ -118,31 +89,34 @@ def prepare_corpus(
     data_dir: Path,
     tokenizer: Tokenizer,
     *,
-    text_field: str = "text",
+    text_column: str = DEFAULT_TEXT_COLUMN,
     threads: int | None = None,
     progress: Callable[[int, int, int], None] | None = None,
+    batch_rows: int = DEFAULT_BATCH_ROWS,
 ) -> dict[str, Any]:
     """Tokenizes the inputs into `<data_dir>/<name>.tokens` + `<name>.json`; returns the sidecar.
 
-    `progress(input_bytes_done, input_bytes_total, tokens)` is called after each round. The
+    `inputs` are files, globs or saved datasets (`document_sources.open_sources`); `text_column`
+    is the text field of JSON lines and the text column of Parquet and Arrow files, read
+    `batch_rows` rows at a time. `progress(input_bytes_done, input_bytes_total, tokens)` is called
+    after each round (bytes of a Parquet or Arrow file are counted as its rows are read). The
     files appear only when complete (written under temporary names, then renamed).
     """
     if not _NAME.match(name) or name.endswith((".json", ".tokens")):
         raise InvalidInput(f"--out {name!r}: use letters, digits, '_', '.', '-' (no extension)")
     if not inputs:
         raise InvalidInput("nothing to prepare: name at least one input file")
-    for path in inputs:
-        if not path.is_file():
-            raise NotFound(f"{path}: no such file")
+    sources = open_sources(inputs, text_column=text_column, batch_rows=batch_rows)
+    sizes = [source.path.stat().st_size for source in sources]
     wire = np.dtype("<u2") if tokenizer.n_vocab <= 1 << 16 else np.dtype("<u4")
     data_dir.mkdir(parents=True, exist_ok=True)
     tokens_path = data_dir / f"{name}.tokens"
     sidecar_path = data_dir / f"{name}.json"
     staging = data_dir / f".{name}.tokens.partial"
-    total_bytes = sum(path.stat().st_size for path in inputs)
+    total_bytes = sum(sizes)
     separator = np.array([tokenizer.encode(ENDOFTEXT, allowed_special={ENDOFTEXT})[0]], dtype=wire).tobytes()
     digest = hashlib.sha256()
-    sources: list[dict[str, Any]] = []
+    read: list[dict[str, Any]] = []
     token_count = documents = 0
     done_bytes = 0
     threads = threads or os.cpu_count() or 1
@@ -155,43 +129,56 @@ def prepare_corpus(
 
             def flush(batch: list[str]) -> None:
                 nonlocal token_count, documents
-                pieces = [
-                    (number, piece) for number, text in enumerate(batch) for piece in split_for_encoding(text)
-                ]
-                current = -1
-                # tiktoken releases the GIL: every core encodes a piece at a time.
-                for (number, _), data in zip(pieces, pool.map(encode, [p for _, p in pieces]), strict=True):
-                    if number != current:
-                        if documents:
-                            out.write(separator)
-                            digest.update(separator)
-                            token_count += 1
-                        documents += 1
-                        current = number
-                    out.write(data)
-                    digest.update(data)
-                    token_count += len(data) // wire.itemsize
+                # Tasks of about _TASK_CHARS characters: a piece of a long document, or many short
+                # documents joined by <|endoftext|>, which encodes as the documents one by one with
+                # the separator between them do (the encoder splits at special tokens first), and
+                # costs one call instead of one a document.
+                tasks: list[tuple[bool, list[str]]] = []  # (starts a document, texts to join)
+                chars = _TASK_CHARS
+                for text in batch:
+                    for number, piece in enumerate(split_for_encoding(text)):
+                        if chars >= _TASK_CHARS:
+                            tasks.append((number == 0, []))
+                            chars = 0
+                        elif number == 0:
+                            tasks[-1][1].append(ENDOFTEXT)
+                        tasks[-1][1].append(piece)
+                        chars += len(piece)
+                parts: list[bytes] = []
+                # tiktoken releases the GIL: every core encodes a task at a time.
+                for (starts_document, _), data in zip(
+                    tasks, pool.map(encode, ["".join(texts) for _, texts in tasks]), strict=True
+                ):
+                    if starts_document and (documents or parts):
+                        parts.append(separator)
+                    parts.append(data)
+                documents += len(batch)
+                written = b"".join(parts)
+                out.write(written)
+                digest.update(written)
+                token_count += len(written) // wire.itemsize
 
-            for path in inputs:
+            for source, size in zip(sources, sizes, strict=True):
                 batch: list[str] = []
                 batch_bytes = 0
                 count = 0
-                for text in _documents(path, text_field):
-                    batch.append(text)
-                    batch_bytes += len(text)
-                    count += 1
-                    if batch_bytes >= _BATCH_BYTES:
-                        flush(batch)
-                        batch, batch_bytes = [], 0
-                        if progress is not None:
-                            progress(done_bytes, total_bytes, token_count)
+                for documents_read in source.batches():
+                    for text in documents_read.texts:
+                        batch.append(text)
+                        batch_bytes += len(text)
+                        count += 1
+                        if batch_bytes >= _BATCH_BYTES:
+                            flush(batch)
+                            batch, batch_bytes = [], 0
+                            if progress is not None:
+                                progress(
+                                    done_bytes + min(documents_read.position, size), total_bytes, token_count
+                                )
                 flush(batch)
-                done_bytes += path.stat().st_size
+                done_bytes += size
                 if progress is not None:
                     progress(done_bytes, total_bytes, token_count)
-                sources.append(
-                    {"path": str(path.resolve()), "bytes": path.stat().st_size, "documents": count}
-                )
+                read.append({"path": str(source.path.resolve()), "bytes": size, "documents": count})
         meta = {
             "kind": PREPARED_KIND,
             "format": PREPARED_FORMAT,
@@ -202,7 +189,7 @@ def prepare_corpus(
             "token_count": token_count,
             "documents": documents,
             "separator": {"policy": SEPARATOR_POLICY, "token_id": int(np.frombuffer(separator, wire)[0])},
-            "sources": sources,
+            "sources": read,
             "tokens_file": tokens_path.name,
             "tokens_sha256": digest.hexdigest(),
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
