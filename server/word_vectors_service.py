@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable
 from importlib import resources
 from typing import TypeVar
@@ -197,18 +198,23 @@ class WordVectorsServicer(word_vectors_pb2_grpc.WordVectorsServiceServicer):
     async def EvaluateAnalogies(
         self, request: word_vectors_pb2.EvaluateAnalogiesRequest, context: Context
     ) -> word_vectors_pb2.EvaluateAnalogiesResponse:
-        model = self._slot.model
+        analogies = self._slot.analogies
         questions = request.questions or _bundled_questions()
         restrict = request.restrict_vocab if request.HasField("restrict_vocab") else 300000
         if restrict <= 0:
             raise InvalidInput(f"restrict_vocab must be positive, got {restrict}")
         case_insensitive = request.case_insensitive if request.HasField("case_insensitive") else True
-        report = await asyncio.get_running_loop().run_in_executor(
-            self._slot.executor,
-            lambda: model.evaluate_analogies(
-                questions, restrict_vocab=restrict, case_insensitive=case_insensitive
-            ),
-        )
+        # Set when the call ends, however it ends: a client gone (deadline, cancel) stops the work.
+        call_ended = threading.Event()
+        try:
+            report = await asyncio.get_running_loop().run_in_executor(
+                self._slot.request_executor,
+                lambda: analogies.evaluate(
+                    questions, restrict_vocab=restrict, case_insensitive=case_insensitive, cancel=call_ended
+                ),
+            )
+        finally:
+            call_ended.set()
         return word_vectors_pb2.EvaluateAnalogiesResponse(
             accuracy=report.accuracy,
             sections=[

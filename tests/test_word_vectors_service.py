@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import re
+import secrets
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,7 @@ from embedserve.v1 import word_vectors_pb2, word_vectors_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from .conftest import ServerThread, requires_glove
+from .word_vector_cases import TEST_DATA
 
 pytestmark = requires_glove
 
@@ -486,6 +490,26 @@ async def test_large_requests_are_computed_off_the_event_loop(
         ("doesnt_match", True),
         ("doesnt_match", False),
     ]
+
+
+def test_an_analogy_evaluation_stops_when_its_call_ends(
+    loaded: ServerThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A full evaluation takes seconds; a client that gives up must not leave it running."""
+    questions = (TEST_DATA / "questions-words.txt").read_text() + f"\n{secrets.token_hex(8)}\n"  # uncached
+    with (
+        caplog.at_level(logging.INFO, logger="embedserve.server.core.word_vectors.analogies"),
+        grpc.insecure_channel(loaded.target) as channel,
+    ):
+        stub = word_vectors_pb2_grpc.WordVectorsServiceStub(channel)
+        request = word_vectors_pb2.EvaluateAnalogiesRequest(questions=questions)
+        with pytest.raises(grpc.RpcError) as ended:
+            stub.EvaluateAnalogies(request, timeout=0.5)
+        assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        deadline = time.monotonic() + 10
+        while "analogy evaluation stopped" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert "analogy evaluation stopped: its call ended first" in caplog.text
 
 
 def test_sync_client_and_cli(

@@ -57,7 +57,7 @@ class NotReady(EmbedServeCoreError):
 
 
 class Cancelled(NotReady):
-    """Work stopped part-way because the server is shutting down."""
+    """Work stopped part-way: the server is shutting down, or the call it was for has ended."""
 
 
 class PreconditionFailed(EmbedServeCoreError):

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from .errors import Cancelled, NotReady
-from .word_vectors import WordVectors
+from .word_vectors import AnalogyEvaluator, WordVectors
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -29,6 +29,7 @@ class WordVectorSlot:
         self._thread: threading.Thread | None = None
         self.load_seconds = 0.0
         self._model: WordVectors | None = None
+        self._analogies: AnalogyEvaluator | None = None
         self._error: str | None = None
         self._done = threading.Event()
         self._lock = threading.Lock()
@@ -49,7 +50,10 @@ class WordVectorSlot:
     def load_now(self) -> None:
         started = time.perf_counter()
         try:
-            self._model = self._load(self._cancel)
+            model = self._load(self._cancel)
+            if model is not None:
+                self._analogies = AnalogyEvaluator(model, self.executor)
+            self._model = model
             self.load_seconds = time.perf_counter() - started
             # The vocabulary (a str per word and a dict) lives as long as the process. Moving it out
             # of the collector's generations stops every full collection from walking it again,
@@ -99,6 +103,14 @@ class WordVectorSlot:
         if self._error is not None:
             raise NotReady(f"word vectors {self.spec!r} failed to load: {self._error}")
         raise NotReady(f"word vectors {self.spec!r} are still loading")
+
+    @property
+    def analogies(self) -> AnalogyEvaluator:
+        """Analogy evaluations on the model (NotReady as `model` is)."""
+        if self._analogies is None:
+            self.model  # noqa: B018 (raises NotReady, saying why)
+            raise NotReady(f"word vectors {self.spec!r} are not loaded")
+        return self._analogies
 
     @property
     def loading(self) -> bool:

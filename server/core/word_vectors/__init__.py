@@ -8,7 +8,7 @@ The parts (docs/word-vectors.md tells the whole story):
 - model: WordVectors, which ties them together; analogies: gensim's analogy evaluation.
 """
 
-from .analogies import AnalogyReport, AnalogySection, evaluate_analogies
+from .analogies import AnalogyEvaluator, AnalogyReport, AnalogySection, evaluate_analogies
 from .bfloat16 import bfloat16_prefilter_available, bfloat16_rows, prefilter_margin, within_margin
 from .candidates import CandidateScan
 from .columns_first import COSMUL_EPSILON, ColumnsFirstScan
@@ -37,6 +37,7 @@ from .topk import RunningTopK
 __all__ = [
     "COSMUL_EPSILON",
     "SCANNER_NAMES",
+    "AnalogyEvaluator",
     "AnalogyReport",
     "AnalogySection",
     "Bfloat16PrefilterScan",
