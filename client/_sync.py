@@ -33,6 +33,20 @@ _T = TypeVar("_T")
 _END = object()
 
 
+# How long close() lets the calls it cancelled hear back from gRPC before it stops their loop.
+_SETTLE_SECONDS = 2.0
+
+
+async def _settle() -> None:
+    """Waits (bounded) for the loop's other tasks: a cancelled call's status task is still pending
+    until gRPC reports the cancellation, and a loop closed before then logs "Task was destroyed
+    but it is pending!" (or "Event loop is closed" from the next Client's loop)."""
+    current = asyncio.current_task()
+    pending = [task for task in asyncio.all_tasks() if task is not current]
+    if pending:
+        await asyncio.wait(pending, timeout=_SETTLE_SECONDS)
+
+
 def _stop_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
     if loop.is_closed():
         return
@@ -152,6 +166,7 @@ class Client:
         for region in list(self._regions):
             region.close()
         self._run(self._async.close())
+        self._run(_settle())
         self._finalizer()
 
     def __enter__(self) -> Client:
