@@ -470,4 +470,6 @@ class AsyncClient:
                 max_texts_per_request=limits.max_texts_per_request,
                 max_batch_size=limits.max_batch_size,
             ),
+            tokenizer_vocab_size=reply.tokenizer_vocab_size,
+            tokenizer_identity=reply.tokenizer_identity,
         )

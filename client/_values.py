@@ -60,3 +60,7 @@ class EmbeddingInfo:
     tokenizer: str
     weights_source: str
     limits: RequestLimits
+    # The encoding's vocabulary (0 from a server older than these fields) and what cursors record
+    # of it: the name, or "name@digest" for an encoding from a file.
+    tokenizer_vocab_size: int = 0
+    tokenizer_identity: str = ""

@@ -23,7 +23,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from .config import (
     DEFAULT_CONTEXT_LENGTH,
     DEFAULT_DIM,
-    DEFAULT_VOCAB_SIZE,
     ConfigError,
     ServerConfig,
 )
@@ -35,7 +34,7 @@ from .core import (
     StartupError,
     Tokenizer,
     load_embedding_tables,
-    load_gpt2_tokenizer,
+    load_tokenizer,
     resolve_device,
     seeded_embedding_tables,
 )
@@ -87,7 +86,7 @@ def load_components(config: ServerConfig, environ: Mapping[str, str] | None = No
     except ConfigError as error:
         raise StartupError(str(error)) from None
     started = time.perf_counter()
-    tokenizer = load_gpt2_tokenizer(config.bpe_dir, os.environ if environ is None else environ)
+    tokenizer = load_tokenizer(config.tokenizer, config.bpe_dir, os.environ if environ is None else environ)
     if config.weights is not None:
         tables = load_embedding_tables(
             config.weights,
@@ -99,7 +98,7 @@ def load_components(config: ServerConfig, environ: Mapping[str, str] | None = No
         )
     else:
         tables = seeded_embedding_tables(
-            config.vocab_size or DEFAULT_VOCAB_SIZE,
+            config.vocab_size or tokenizer.n_vocab,
             config.dim or DEFAULT_DIM,
             config.context_length or DEFAULT_CONTEXT_LENGTH,
             config.seed,

@@ -348,14 +348,15 @@ def _print_progress(line: str) -> None:
 
 
 def _run_prepare(args: argparse.Namespace) -> int:
-    from .core import InvalidInput, NotFound, StartupError, load_gpt2_tokenizer
+    from .core import InvalidInput, NotFound, StartupError, load_tokenizer
     from .core.prepared import prepare_corpus, progress_reporter
 
     if not args.data_dir:
         print("embedserve prepare: name the data folder (--data-dir or EMBEDSERVE_DATA_DIR)", file=sys.stderr)
         return 2
     try:
-        tokenizer = load_gpt2_tokenizer(Path(args.bpe_dir) if args.bpe_dir else None, os.environ)
+        bpe_dir = Path(args.bpe_dir) if args.bpe_dir else None
+        tokenizer = load_tokenizer(args.tokenizer, bpe_dir, os.environ)
         meta = prepare_corpus(
             [Path(p) for p in args.inputs],
             args.out,
@@ -478,7 +479,8 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "column), each non-null row of a .parquet, .arrow/.feather (Arrow IPC file or stream) file "
         "or datasets save_to_disk folder one (its text column); .gz of text or .jsonl is read too, "
         "and a quoted glob ('shards/*.parquet') names its matches in sorted order. Documents are "
-        "joined with <|endoftext|>. Writes NAME.tokens (uint16 token IDs) and NAME.json into the "
+        "joined with <|endoftext|>. Writes NAME.tokens (uint16 token IDs, uint32 for a vocabulary past "
+        "65,536) and NAME.json into the "
         "data folder, using every core.",
     )
     corpus.add_argument(
@@ -497,6 +499,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "(default: text; --text-field is the same flag)",
     )
     corpus.add_argument("--threads", type=int, default=0, help="tokenizer threads (default: every core)")
+    _add_server_path(corpus, "tokenizer", environ, "the encoding, as the server's --tokenizer (default gpt2)")
     _add_server_path(corpus, "bpe_dir", environ, "as the server's --bpe-dir")
     handlers["prepare"] = _run_prepare
 

@@ -84,7 +84,10 @@ class ServerConfig:
     # None: the weights file's size, else the default constant above.
     vocab_size: int | None = field(
         default=None,
-        metadata=option("token embedding rows", default_text=f"{DEFAULT_VOCAB_SIZE}, or the weights file's"),
+        metadata=option(
+            "token embedding rows",
+            default_text=f"the tokenizer's vocabulary ({DEFAULT_VOCAB_SIZE} for gpt2), or the weights file's",
+        ),
     )
     dim: int | None = field(
         default=None, metadata=option("embedding width", default_text=f"{DEFAULT_DIM}, or the weights file's")
@@ -142,6 +145,15 @@ class ServerConfig:
         metadata=option(
             "folder whose files StreamBatches serves as corpora by relative name; names never resolve "
             "outside it, symlinks included",
+        ),
+    )
+    tokenizer: str = field(
+        default="gpt2",
+        metadata=option(
+            "the tiktoken encoding: gpt2, the path of a .tiktoken file with its <stem>.json or .toml "
+            "sidecar (pat_str, special_tokens), or one of tiktoken's encodings already in its cache "
+            "(cl100k_base, o200k_base...); never downloaded",
+            metavar="NAME|FILE",
         ),
     )
     bpe_dir: Path | None = field(

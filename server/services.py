@@ -30,7 +30,6 @@ from .core.embed_jobs import OutputRegion, embed_job, result_shape
 from .core.limits import RequestLimits
 from .core.shared_memory import SharedMemoryRegistry
 from .core.stream_plan import BatchObserver, StreamPlan, StreamRequest, StreamSource, plan_stream
-from .core.tokenizer import ENDOFTEXT
 from .core.window_orders import InMemoryOrders, OrderStore
 from .core.windows import PlannedBatch
 from .errors import Context, stream_errors, unary_errors
@@ -165,7 +164,7 @@ class BatchesServicer(batches_pb2_grpc.BatchesServiceServicer):
         source = request.WhichOneof("source")
         ids: np.ndarray[Any, np.dtype[np.integer]]
         if source == "text":  # bounded by the request's size, so its orders stay in memory
-            ids = await asyncio.to_thread(self._tokenizer.encode, request.text, {ENDOFTEXT})
+            ids = await asyncio.to_thread(self._tokenizer.encode, request.text, self._tokenizer.separator)
             sha256 = await asyncio.to_thread(tokens_sha256, ids)
             orders: OrderStore = InMemoryOrders()
         elif source == "corpus":
@@ -173,7 +172,7 @@ class BatchesServicer(batches_pb2_grpc.BatchesServiceServicer):
             orders = self._corpora.window_orders
         else:
             raise InvalidInput("the request names no source: set text or corpus")
-        return StreamSource(ids, sha256, self._tokenizer.name, self._tokenizer.n_vocab, orders)
+        return StreamSource(ids, sha256, self._tokenizer.identity, self._tokenizer.n_vocab, orders)
 
     @stream_errors
     async def StreamBatches(
@@ -382,6 +381,8 @@ class EmbeddingServicer:
             dtype=_codec.wire_dtype(self._model.dtype),
             device=str(self._model.device),
             tokenizer=self._tokenizer.name,
+            tokenizer_vocab_size=self._tokenizer.n_vocab,
+            tokenizer_identity=self._tokenizer.identity,
             weights_source=self._model.source,
             limits=embedding_pb2.RequestLimits(
                 max_message_bytes=self._limits.max_message_bytes,

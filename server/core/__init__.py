@@ -28,10 +28,12 @@ from .errors import (
     StartupError,
 )
 from .tokenizer import GPT2_BPE_SHA256, Tokenizer, load_gpt2_tokenizer
+from .tokenizer_sources import DEFAULT_TOKENIZER, load_tokenizer
 from .window_orders import InMemoryOrders, MappedOrders, OrderStore, WindowOrder, shuffled_window_order
 from .windows import PlannedBatch, WindowPlan, count_windows, gather_windows, iterate_batches, plan_windows
 
 __all__ = [
+    "DEFAULT_TOKENIZER",
     "GPT2_BPE_SHA256",
     "OUTPUT_DTYPES",
     "Cancelled",
@@ -56,6 +58,7 @@ __all__ = [
     "gather_windows",
     "load_embedding_tables",
     "load_gpt2_tokenizer",
+    "load_tokenizer",
     "plan_windows",
     "resolve_device",
     "seeded_embedding_tables",

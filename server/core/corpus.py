@@ -12,7 +12,7 @@ import numpy.typing as npt
 
 from .errors import InvalidInput, NotFound
 from .prepared import open_prepared, read_sidecar
-from .tokenizer import ENDOFTEXT, Tokenizer
+from .tokenizer import Tokenizer
 from .window_orders import InMemoryOrders, OrderStore
 
 TokenIds = npt.NDArray[np.integer]
@@ -123,7 +123,7 @@ class CorpusStore:
             raise InvalidInput(f"corpus {name!r} is not UTF-8 text: {exc}") from None
         except OSError as exc:
             raise NotFound(f"corpus {name!r} cannot be read: {exc.strerror}") from None
-        ids = self._tokenizer.encode(text, allowed_special={ENDOFTEXT})
+        ids = self._tokenizer.encode(text, allowed_special=self._tokenizer.separator)
         ids.setflags(write=False)
         entry = (ids, tokens_sha256(ids))
         with self._lock:

@@ -1,8 +1,9 @@
 """Prepared corpora: text tokenized once into a flat token file and a JSON sidecar.
 
-`embedserve prepare a.txt b.jsonl.gz shards/*.parquet --out books` writes `books.tokens` (GPT-2
-token IDs, uint16 little-endian, since the vocabulary fits) and `books.json` (what produced them)
-into the data folder. Documents are joined with <|endoftext|> between them; where they come from
+`embedserve prepare a.txt b.jsonl.gz shards/*.parquet --out books` writes `books.tokens` (the
+token IDs, little-endian uint16 when the vocabulary fits, as GPT-2's does, else uint32) and
+`books.json` (what produced them: the encoding's name and files' sha256 included) into the data
+folder. Documents are joined with <|endoftext|> between them; where they come from
 (a whole text file, a line of a `.jsonl`, a row of a Parquet or Arrow file) is
 `document_sources`. The server memory-maps the token file, so a corpus larger than RAM streams,
 and several processes share one copy.
@@ -106,6 +107,8 @@ def prepare_corpus(
         raise InvalidInput(f"--out {name!r}: use letters, digits, '_', '.', '-' (no extension)")
     if not inputs:
         raise InvalidInput("nothing to prepare: name at least one input file")
+    if not tokenizer.separator:
+        raise InvalidInput(f"the {tokenizer.name} encoding has no {ENDOFTEXT} to join documents with")
     sources = open_sources(inputs, text_column=text_column, batch_rows=batch_rows)
     sizes = [source.path.stat().st_size for source in sources]
     wire = np.dtype("<u2") if tokenizer.n_vocab <= 1 << 16 else np.dtype("<u4")
@@ -136,7 +139,9 @@ def prepare_corpus(
                 tasks: list[tuple[bool, list[str]]] = []  # (starts a document, texts to join)
                 chars = _TASK_CHARS
                 for text in batch:
-                    for number, piece in enumerate(split_for_encoding(text)):
+                    # A cut that cannot change the tokens is known for GPT-2's pattern only.
+                    pieces = split_for_encoding(text) if tokenizer.gpt2_pattern else [text]
+                    for number, piece in enumerate(pieces):
                         if chars >= _TASK_CHARS:
                             tasks.append((number == 0, []))
                             chars = 0
@@ -183,6 +188,7 @@ def prepare_corpus(
             "kind": PREPARED_KIND,
             "format": PREPARED_FORMAT,
             "tokenizer": tokenizer.name,
+            "tokenizer_identity": tokenizer.identity,
             "tokenizer_sha256": tokenizer.vocabulary_sha256,
             "vocab_size": tokenizer.n_vocab,
             "dtype": "uint16" if wire.itemsize == 2 else "uint32",
@@ -225,6 +231,11 @@ def open_prepared(name: str, meta: dict[str, Any], tokens_path: Path, tokenizer:
         raise InvalidInput(
             f"corpus {name!r} was prepared with {meta.get('tokenizer')} ({meta.get('vocab_size')} tokens), "
             f"this server tokenizes with {tokenizer.name} ({tokenizer.n_vocab})"
+        )
+    if meta.get("tokenizer_sha256") != tokenizer.vocabulary_sha256:
+        raise InvalidInput(
+            f"corpus {name!r} was prepared with other {tokenizer.name} files (sha256 "
+            f"{meta.get('tokenizer_sha256')}) than this server's ({tokenizer.vocabulary_sha256})"
         )
     dtype = {"uint16": "<u2", "uint32": "<u4"}.get(str(meta.get("dtype")))
     if dtype is None:

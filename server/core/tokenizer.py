@@ -152,15 +152,26 @@ def mergeable_ranks_from_data_gym(files: BpeFiles) -> dict[bytes, int]:
 
 
 class Tokenizer:
-    """GPT-2 BPE with numpy outputs and domain errors instead of ValueError."""
+    """A tiktoken encoding (GPT-2's unless --tokenizer says otherwise) with numpy outputs and domain
+    errors instead of ValueError."""
 
     def __init__(
-        self, encoding: tiktoken.Encoding, source: str, vocabulary_sha256: Mapping[str, str]
+        self,
+        encoding: tiktoken.Encoding,
+        source: str,
+        vocabulary_sha256: Mapping[str, str],
+        identity: str | None = None,
+        gpt2_pattern: bool = False,
     ) -> None:
-        """vocabulary_sha256: each vocabulary file's digest, which prepared corpora record."""
+        """vocabulary_sha256: each vocabulary file's digest, which prepared corpora record;
+        identity: what cursors record (the name unless the name alone does not pin the files);
+        gpt2_pattern: whether the encoding splits text with GPT2_PAT_STR, for which cutting a long
+        text at certain newlines cannot change its tokens (prepared.split_for_encoding)."""
         self._encoding = encoding
         self.source = source
         self.vocabulary_sha256 = dict(vocabulary_sha256)
+        self.identity = identity or str(encoding.name)
+        self.gpt2_pattern = gpt2_pattern
 
     @property
     def name(self) -> str:
@@ -168,8 +179,13 @@ class Tokenizer:
 
     @property
     def encoding(self) -> tiktoken.Encoding:
-        """The tiktoken encoding itself (GPT-2's, built offline)."""
+        """The tiktoken encoding itself."""
         return self._encoding
+
+    @property
+    def separator(self) -> frozenset[str]:
+        """{"<|endoftext|>"} when the encoding has it (what joins documents), else empty."""
+        return frozenset({ENDOFTEXT}) & self.special_tokens
 
     @property
     def n_vocab(self) -> int:
@@ -249,4 +265,4 @@ def load_gpt2_tokenizer(bpe_dir: Path | None = None, environ: Mapping[str, str] 
         special_tokens={ENDOFTEXT: GPT2_N_VOCAB - 1},
     )
     _LOGGER.info("GPT-2 tokenizer loaded from %s", files.source)
-    return Tokenizer(encoding, files.source, GPT2_BPE_SHA256)
+    return Tokenizer(encoding, files.source, GPT2_BPE_SHA256, gpt2_pattern=True)

@@ -290,6 +290,8 @@ class EmbeddingServiceInfoResponse(_message.Message):
     TOKENIZER_FIELD_NUMBER: _builtins.int
     WEIGHTS_SOURCE_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
+    TOKENIZER_VOCAB_SIZE_FIELD_NUMBER: _builtins.int
+    TOKENIZER_IDENTITY_FIELD_NUMBER: _builtins.int
     vocab_size: _builtins.int
     dim: _builtins.int
     context_length: _builtins.int
@@ -298,9 +300,17 @@ class EmbeddingServiceInfoResponse(_message.Message):
     device: _builtins.str
     """torch device, e.g. "cpu" or "cuda:0"."""
     tokenizer: _builtins.str
-    """Tokenizer name, "gpt2"."""
+    """Tokenizer (encoding) name: "gpt2" unless the server runs with --tokenizer."""
     weights_source: _builtins.str
     """Where the tables came from: "seed:123" or the weights file."""
+    tokenizer_vocab_size: _builtins.int
+    """The encoding's vocabulary size (largest token ID + 1), 50257 for gpt2. It can differ from
+    vocab_size, the embedding table's rows.
+    """
+    tokenizer_identity: _builtins.str
+    """What stream cursors record of the encoding: its name for gpt2 and tiktoken's own encodings,
+    "name@digest" (of the .tiktoken file and its sidecar) for an encoding from a file.
+    """
     @_builtins.property
     def limits(self) -> Global___RequestLimits: ...
     def __init__(
@@ -314,10 +324,12 @@ class EmbeddingServiceInfoResponse(_message.Message):
         tokenizer: _builtins.str = ...,
         weights_source: _builtins.str = ...,
         limits: Global___RequestLimits | None = ...,
+        tokenizer_vocab_size: _builtins.int = ...,
+        tokenizer_identity: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_length", b"context_length", "device", b"device", "dim", b"dim", "dtype", b"dtype", "limits", b"limits", "tokenizer", b"tokenizer", "vocab_size", b"vocab_size", "weights_source", b"weights_source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_length", b"context_length", "device", b"device", "dim", b"dim", "dtype", b"dtype", "limits", b"limits", "tokenizer", b"tokenizer", "tokenizer_identity", b"tokenizer_identity", "tokenizer_vocab_size", b"tokenizer_vocab_size", "vocab_size", b"vocab_size", "weights_source", b"weights_source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
