@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pyarrow
+import pyarrow.parquet
 import pytest
 import tiktoken
 from embedserve.client import Client, FailedPreconditionError, InvalidArgumentError
@@ -82,7 +84,15 @@ def team_data(team: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     inputs = tmp_path_factory.mktemp("team-inputs")
     (inputs / "a.txt").write_text(STORY)
     (inputs / "b.jsonl").write_text(json.dumps({"text": OTHER}) + "\n" + json.dumps({"text": STORY}) + "\n")
-    args = ["prepare", str(inputs / "a.txt"), str(inputs / "b.jsonl"), "--out", "books"]
+    pyarrow.parquet.write_table(pyarrow.table({"text": [OTHER, None, STORY]}), inputs / "c.parquet")
+    args = [
+        "prepare",
+        str(inputs / "a.txt"),
+        str(inputs / "b.jsonl"),
+        str(inputs / "c.parquet"),
+        "--out",
+        "books",
+    ]
     assert main([*args, "--data-dir", str(data_dir), "--tokenizer", str(team), "--threads", "1"]) == 0
     return data_dir
 
@@ -130,8 +140,11 @@ def test_the_server_tokenizes_streams_and_reports_the_encoding(team_server: Serv
         inputs = [row for batch in batches for row in batch.inputs.tolist()]
         assert inputs == [story[i : i + 8] for i in starts][: len(inputs)]
         assert len(inputs) == len(starts) // 2 * 2
-        # The prepared corpus: uint32 token IDs, documents joined with the encoding's <|endoftext|>.
-        joined = [*story, ENDOFTEXT_ID, *reference.encode(OTHER), ENDOFTEXT_ID, *story]
+        # The prepared corpus: uint32 token IDs, documents joined with the encoding's <|endoftext|>,
+        # from text, JSON lines and Parquet.
+        other = reference.encode(OTHER)
+        documents = [story, other, story, other, story]  # a.txt, b.jsonl, c.parquet (null skipped)
+        joined = [token for ids in documents for token in [*ids, ENDOFTEXT_ID]][:-1]
         books = list(
             client.stream_batches(corpus="books", batch_size=4, max_length=16, stride=16, shuffle=False)
         )
