@@ -47,6 +47,20 @@ async def _settle() -> None:
         await asyncio.wait(pending, timeout=_SETTLE_SECONDS)
 
 
+class _Closed:
+    """Stands in for a closed Client's AsyncClient, so that the channels can be freed (a process
+    forked later must not inherit a live gRPC channel) and any use says the Client is closed."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise RuntimeError("the Client is closed")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise RuntimeError("the Client is closed")
+
+
+_CLOSED: Any = _Closed()
+
+
 def _stop_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
     if loop.is_closed():
         return
@@ -108,12 +122,13 @@ class Client:
         except BaseException:
             self._finalizer()  # a refused argument leaves no thread behind
             raise
+        self._target = self._async.target
         self.word_vectors = SyncWordVectors(self._async.word_vectors, self._run)
         """gensim-style word-vector queries, as on AsyncClient.word_vectors but without await."""
 
     @property
     def target(self) -> str:
-        return self._async.target
+        return self._target
 
     @property
     def timeout(self) -> float:
@@ -168,6 +183,10 @@ class Client:
         self._run(self._async.close())
         self._run(_settle())
         self._finalizer()
+        # Nothing of this Client refers to its channels any more: once collected, gRPC's poller
+        # thread stops, and a DataLoader may fork workers with the Client still in a variable.
+        self._async = _CLOSED
+        self.word_vectors = SyncWordVectors(_CLOSED, self._run)
 
     def __enter__(self) -> Client:
         return self

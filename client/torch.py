@@ -43,10 +43,11 @@ DEFAULT_SPEC = BatchSpec(batch_size=8)
 
 # What a worker forked with gRPC alive in its parent says instead of crashing.
 _FORKED_WITH_GRPC = (
-    "this process was forked while its parent held a gRPC channel (an embedserve Client, even a "
-    "closed one that a variable still refers to, or a gRPC server), and gRPC cannot be used after "
-    "such a fork. Before the loader starts its workers, close the parent's Clients and drop them "
-    "(`del client`), or create the DataLoader with multiprocessing_context='forkserver' (or 'spawn')"
+    "this process was forked while its parent held a gRPC channel (an open embedserve Client, a "
+    "closed AsyncClient that a variable still refers to, or a gRPC server), and gRPC cannot be used "
+    "after such a fork. Before the loader starts its workers, close the parent's Clients (drop a "
+    "closed AsyncClient: `del client`), or create the DataLoader with "
+    "multiprocessing_context='forkserver' (or 'spawn')"
 )
 
 

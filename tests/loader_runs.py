@@ -82,12 +82,23 @@ def _fork_after_grpc(job: dict[str, Any]) -> dict[str, Any]:
         Client(job["target"]).info()
     elif use == "pass":
         _rows(DataLoader(_dataset(job), batch_size=None))
+    kept = None
+    if use == "closed":  # closed, but still referred to while the workers fork
+        kept = Client(job["target"])
+        kept.info()
+        kept.close()
     client = Client(job["target"]) if use == "open" else None
     if client is not None:
         client.info()
     loader = DataLoader(_dataset(job), batch_size=None, num_workers=job["num_workers"])
     try:
-        return {"batches": _rows(loader)}
+        reply: dict[str, Any] = {"batches": _rows(loader)}
+        if kept is not None:
+            try:
+                kept.info()
+            except RuntimeError as error:
+                reply["after_close"] = str(error)
+        return reply
     except RuntimeError as error:
         return {"error": str(error)}
     finally:

@@ -62,6 +62,7 @@ STEPS: list[dict[str, Any]] = [
     # First, before anything else used gRPC here: one call of a Client, then forked workers.
     {"scenario": "fork_after_grpc", "use": "info", "num_workers": 2, "settings": {"drop_last": False}},
     {"scenario": "fork_after_grpc", "use": "pass", "num_workers": 2, "settings": {"drop_last": False}},
+    {"scenario": "fork_after_grpc", "use": "closed", "num_workers": 2, "settings": {"drop_last": False}},
     *(
         {"scenario": "resume", "num_workers": num_workers, "settings": {"drop_last": drop_last}}
         for num_workers in (0, 2)
@@ -141,13 +142,14 @@ def test_passes_repeat_and_set_epoch_moves_on_with_and_without_workers(
 def test_workers_forked_after_grpc_use_in_the_parent_work_or_say_why(
     replies: list[dict[str, Any]], stream: TokenStream
 ) -> None:
-    """The default start method (fork) after a Client's call, or a pass at num_workers=0, in the
-    parent: the workers read every window once. With a Client still open there they refuse with a
-    message naming the fix instead of crashing."""
-    for use in ("info", "pass"):
+    """The default start method (fork) after a Client's call, a pass at num_workers=0, or a closed
+    Client still in a variable, in the parent: the workers read every window once. With a Client
+    still open there they refuse with a message naming the fix instead of crashing."""
+    for use in ("info", "pass", "closed"):
         reply = _reply(replies, scenario="fork_after_grpc", use=use)
         assert "error" not in reply, (use, reply)
         assert Counter(stream.offsets(reply["batches"])) == Counter(stream.starts), use
+    assert _reply(replies, scenario="fork_after_grpc", use="closed")["after_close"] == "the Client is closed"
     error = _reply(replies, scenario="fork_after_grpc", use="open")["error"]
     assert "forked while its parent held a gRPC channel" in error
     assert "multiprocessing_context='forkserver'" in error
