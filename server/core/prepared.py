@@ -232,7 +232,8 @@ def open_prepared(name: str, meta: dict[str, Any], tokens_path: Path, tokenizer:
             f"corpus {name!r} was prepared with {meta.get('tokenizer')} ({meta.get('vocab_size')} tokens), "
             f"this server tokenizes with {tokenizer.name} ({tokenizer.n_vocab})"
         )
-    if meta.get("tokenizer_sha256") != tokenizer.vocabulary_sha256:
+    # A sidecar written by hand may leave the digests out: the name and size are then all it pins.
+    if meta.get("tokenizer_sha256", tokenizer.vocabulary_sha256) != tokenizer.vocabulary_sha256:
         raise InvalidInput(
             f"corpus {name!r} was prepared with other {tokenizer.name} files (sha256 "
             f"{meta.get('tokenizer_sha256')}) than this server's ({tokenizer.vocabulary_sha256})"
