@@ -266,7 +266,7 @@ async def bench_embed_transport(seconds: float, rounds: int) -> list[Row]:
         for in_flight in (1, 4):
             options = [("grpc.max_receive_message_length", 1 << 30), ("grpc.use_local_subchannel_pool", 1)]
             channels = [grpc.aio.insecure_channel(ceiling.target, options=options) for _ in range(in_flight)]
-            raw_call = RoundRobin([c.unary_unary("/ceiling.Ceiling/Get") for c in channels])
+            raw_call = RoundRobin([c.unary_unary("/ceiling.Ceiling/Get", None, None) for c in channels])
             measured: dict[str, list[float]] = {"embed": [], "ceiling": [], "raw": []}
             latencies: list[float] = []
             async with (
@@ -282,7 +282,7 @@ async def bench_embed_transport(seconds: float, rounds: int) -> list[Row]:
                     measured["embed"].append(embed_rate)
                     latencies += embed_latencies
             for channel in channels:
-                await channel.close()
+                await channel.close(grace=None)
             embed_rate, ceiling_rate, raw_rate = (
                 statistics.median(measured[k]) for k in ("embed", "ceiling", "raw")
             )
@@ -731,10 +731,10 @@ def machine() -> dict[str, Any]:
 
 def draw_chart(curve: dict[str, Any], path: Path) -> bool:
     try:
-        import matplotlib
+        import matplotlib  # type: ignore[import-not-found,unused-ignore]
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
         log("chart: matplotlib is not installed (pip install embedserve[bench])")
         return False

@@ -39,6 +39,7 @@ from .core import (
     seeded_embedding_tables,
 )
 from .core.corpus import WINDOW_ORDERS_FOLDER
+from .core.device_thread import DeviceThread
 from .core.shared_memory import SharedMemoryRegistry
 from .core.stream_plan import BatchObserver
 from .core.vector_sources import default_cache_dir, load_word_vectors
@@ -69,6 +70,9 @@ class Components:
     model: EmbeddingModel
     corpora: CorpusStore
     word_vectors: WordVectorSlot
+    # The lease on the process's thread for the device, on which the model and the slot take theirs:
+    # all torch work runs there (core/device_thread.py). Closed last.
+    device_thread: DeviceThread
     shared_memory: SharedMemoryRegistry = field(default_factory=SharedMemoryRegistry)
     load_seconds: dict[str, float] = field(default_factory=dict)
 
@@ -76,7 +80,11 @@ class Components:
         """False when a word-vector load is still running after `timeout` seconds."""
         self.shared_memory.close()
         self.model.close()
-        return self.word_vectors.close(timeout)
+        stopped = self.word_vectors.close(timeout)
+        # Last: nothing here submits to it any more (a load that is still running stops at its next
+        # step there). The thread itself stops once no Components or model of the process holds it.
+        self.device_thread.close()
+        return stopped
 
 
 def load_components(config: ServerConfig, environ: Mapping[str, str] | None = None) -> Components:
@@ -106,7 +114,8 @@ def load_components(config: ServerConfig, environ: Mapping[str, str] | None = No
     if config.data_dir is not None and not config.data_dir.is_dir():
         raise StartupError(f"--data-dir {config.data_dir} is not a folder")
     device = resolve_device(config.device)
-    model = EmbeddingModel(tables, device, OUTPUT_DTYPES[config.dtype])
+    device_thread = DeviceThread.shared(device)  # all torch work of this process on the device runs there
+    model = EmbeddingModel(tables, device, OUTPUT_DTYPES[config.dtype], device_thread=device_thread)
     cache_dir = config.cache_dir or default_cache_dir(os.environ if environ is None else environ)
     word_vectors = WordVectorSlot(
         config.word_vectors,
@@ -117,7 +126,9 @@ def load_components(config: ServerConfig, environ: Mapping[str, str] | None = No
             max_topn=config.max_topn,
             prefilter=config.word_vector_prefilter,
             cancel=cancel,
+            device_thread=device_thread,
         ),
+        device_thread=device_thread,
     )
     _LOGGER.info(
         "embedding %d x %d + positional %d x %d from %s on %s, loaded in %.2f s",
@@ -135,6 +146,7 @@ def load_components(config: ServerConfig, environ: Mapping[str, str] | None = No
         model,
         CorpusStore(config.data_dir, tokenizer, window_orders=_window_orders(config.data_dir, cache_dir)),
         word_vectors,
+        device_thread,
         load_seconds={"embedding": time.perf_counter() - started},
     )
 

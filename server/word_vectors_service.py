@@ -149,7 +149,7 @@ class WordVectorsServicer(word_vectors_pb2_grpc.WordVectorsServiceServicer):
         batch = await self._in_worker_if(terms > _INLINE_ITEMS, prepared)
         if self._batcher is None:
             self._batcher = Batcher(
-                model.search_many, executor=self._slot.executor, max_batch=1024, size=len, unit="queries"
+                model.search_many, executor=self._slot.device_thread, max_batch=1024, size=len, unit="queries"
             )
         timed = await self._batcher.submit([batch])
         add_timings(context, queue=timed.queue_seconds, compute=timed.compute_seconds)

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .conftest import requires_glove
+
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "word_vectors.py"
 SERVING = Path(__file__).resolve().parents[1] / "bench" / "serving.py"
 
@@ -88,3 +90,14 @@ def test_window_plans_benchmark_smoke(tmp_path: Path) -> None:
     assert [f["code"] for f in figures] == ["mapped orders"] * 2
     assert all(f["windows"] == 2_000_000 - 256 and f["batches_per_s"] > 0 for f in figures)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus-2000000.tokens"]  # the orders are removed
+
+
+@requires_glove
+def test_device_thread_benchmark_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "device-thread.json"
+    command = [sys.executable, str(SERVING.parent / "device_thread.py"), "--tree", "this=", "--smoke"]
+    result = subprocess.run([*command, "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    figures = json.loads(out.read_text())["figures"]
+    assert figures["mix_most_similar_queries_s"]["medians"]["this"] > 0
+    assert figures["embed_4_tokens_s"]["medians"]["this"] > 0

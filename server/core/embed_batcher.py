@@ -48,7 +48,7 @@ class EmbedBatcher:
         self._model = model
         self._batcher: Batcher[EmbedJob, torch.Tensor] = Batcher(
             self._embed_many,
-            executor=model.executor,
+            executor=model.device_thread,
             max_batch=max_batch_tokens,
             max_queue=max_queue_tokens,
             size=_tokens,

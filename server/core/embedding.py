@@ -6,9 +6,9 @@ the reference notebook computes with two nn.Embedding layers.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +17,7 @@ import numpy.typing as npt
 import torch
 import torch.nn.functional as F  # noqa: N812
 
+from .device_thread import DeviceThread
 from .errors import InvalidInput, LimitExceeded, StartupError
 
 _LOGGER = logging.getLogger(__name__)
@@ -179,22 +180,61 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def _placed(
+    tables: EmbeddingTables, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The token table, the positional table, and the positional table with one zero row past the
+    end (the position of tokens embedded without positions, so requests with and without them
+    share one batched lookup), on the device."""
+    token = tables.token.to(device=device, dtype=dtype).contiguous()
+    position = tables.position.to(device=device, dtype=dtype).contiguous()
+    return token, position, torch.cat([position, position.new_zeros((1, position.shape[1]))])
+
+
+@contextlib.contextmanager
+def _one_intra_op_thread() -> Iterator[None]:
+    """Runs the block with one OpenMP thread. A CPU lookup is a memory gather: a second thread
+    makes one lookup alone faster, but then spins on the core the event loop needs to send the
+    reply, and a server under load serves fewer (docs/performance.md, "one device thread")."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 class EmbeddingModel:
-    """The two tables resident on one device; lookups run in one worker thread."""
+    """The two tables resident on one device; lookups run on the process's thread for that device."""
 
     def __init__(
-        self, tables: EmbeddingTables, device: torch.device, dtype: torch.dtype = torch.float32
+        self,
+        tables: EmbeddingTables,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+        *,
+        device_thread: DeviceThread | None = None,
     ) -> None:
+        """device_thread: a lease on the device's thread to share (the model takes its own lease
+        on that thread and closes it in close()); None: the process's thread for `device`."""
+        if device_thread is not None and device_thread.device != device:
+            raise ValueError(f"a model on {device} given the device thread of {device_thread.device}")
         self.device = device
         self.dtype = dtype
         self.source = tables.source
-        self._token = tables.token.to(device=device, dtype=dtype).contiguous()
-        self._position = tables.position.to(device=device, dtype=dtype).contiguous()
-        # One zero row past the end: the position of tokens embedded without positions, so
-        # requests with and without them share one batched lookup.
-        self._position_or_zero = torch.cat([self._position, self._position.new_zeros((1, self.dim))])
+        # The batchers run embed_many() here; the tables move to the device here too.
+        self.device_thread = DeviceThread.shared(device) if device_thread is None else device_thread.share()
+        try:
+            self._token, self._position, self._position_or_zero = self.device_thread.call(
+                _placed, tables, device, dtype
+            )
+        except BaseException:
+            self.device_thread.close()
+            raise
         self._pin = device.type == "cuda"
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedserve-embed")
 
     @property
     def vocab_size(self) -> int:
@@ -283,7 +323,10 @@ class EmbeddingModel:
             ):
                 raise ValueError(f"out is {job.out.dtype}{list(job.out.shape)}, not the job's result")
         on_cpu = self.device.type == "cpu"
+        with _one_intra_op_thread() if on_cpu else contextlib.nullcontext():
+            return self._embed_checked(jobs, on_cpu)
 
+    def _embed_checked(self, jobs: list[EmbedJob], on_cpu: bool) -> list[torch.Tensor]:
         def looked_up_directly(job: EmbedJob) -> bool:
             return on_cpu and job.out is not None and job.tokens >= DIRECT_LOOKUP_TOKENS
 
@@ -378,4 +421,5 @@ class EmbeddingModel:
         return pieces
 
     def close(self) -> None:
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        """Gives back the model's lease on the device thread, cancelling its queued lookups."""
+        self.device_thread.close()

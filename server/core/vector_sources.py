@@ -30,8 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
+from .device_thread import DeviceThread
 from .errors import Cancelled, StartupError
 from .word_vectors import FloatArray, PrefilterSetting, WordVectors, unit_rows
 
@@ -154,7 +156,19 @@ def _check(cancel: threading.Event | None) -> None:
         raise Cancelled("loading stopped: the server is shutting down")
 
 
-def _write_cache(folder: Path, loaded: _Loaded, name: str, cancel: threading.Event | None = None) -> None:
+def _rounded_to_bfloat16(unit: FloatArray) -> npt.NDArray[np.uint16]:
+    """float32 rows rounded to bfloat16, as the bits' uint16 (numpy has no bfloat16)."""
+    return torch.from_numpy(unit).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+
+
+def _write_cache(
+    folder: Path,
+    loaded: _Loaded,
+    name: str,
+    cancel: threading.Event | None = None,
+    device_thread: DeviceThread | None = None,
+) -> None:
+    """device_thread: where the rounding to bfloat16 (torch's) runs, a block at a time; None: here."""
     started = time.perf_counter()
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
@@ -176,12 +190,11 @@ def _write_cache(folder: Path, loaded: _Loaded, name: str, cancel: threading.Eve
             vectors[start : start + step] = block
             norms[start : start + step] = np.linalg.norm(block, axis=1)
             unit_rows(block, norms[start : start + step], out=unit[start : start + step])
+            block_unit = unit[start : start + step]
             unit_bfloat16[start : start + step] = (
-                torch.from_numpy(unit[start : start + step])
-                .to(torch.bfloat16)
-                .view(torch.int16)
-                .numpy()
-                .view(np.uint16)
+                _rounded_to_bfloat16(block_unit)
+                if device_thread is None
+                else device_thread.call(_rounded_to_bfloat16, block_unit)
             )
             if time.monotonic() - last_log > 2:
                 _LOGGER.info("converting %s: %d of %d vectors", name, min(start + step, count), count)
@@ -209,11 +222,14 @@ def load_word_vectors(
     max_topn: int = 10000,
     prefilter: PrefilterSetting | bool | None = None,
     cancel: threading.Event | None = None,
+    device_thread: DeviceThread | None = None,
 ) -> WordVectors | None:
     """The model `--word-vectors` names, converted into the cache on first use and memory-mapped after.
 
     prefilter: WordVectors' bfloat16 prefilter ("auto" or None: where this machine multiplies bfloat16
-    natively).
+    natively). device_thread: where the torch steps run (the first use's rounding to bfloat16, a
+    block at a time; the rows onto the device and the scanner's choice); None: the calling thread.
+    Reading, converting and mapping the files stay on the calling thread.
 
     Setting `cancel` stops the work at the next step with Cancelled (a gensim read runs to its end).
     """
@@ -227,7 +243,7 @@ def load_word_vectors(
             loaded = _read_glove_package() if spec == DEFAULT_WORD_VECTORS else _read_with_gensim(spec)
         _check(cancel)
         try:
-            _write_cache(folder, loaded, spec, cancel)
+            _write_cache(folder, loaded, spec, cancel, device_thread)
         except OSError as exc:
             if not folder.is_dir():
                 _LOGGER.warning("cannot write the vector cache %s (%s); serving from memory", folder, exc)
@@ -239,6 +255,7 @@ def load_word_vectors(
                     device=device,
                     max_topn=max_topn,
                     prefilter=prefilter,
+                    device_thread=device_thread,
                 )
     _check(cancel)
     meta = json.loads((folder / "meta.json").read_text())
@@ -254,6 +271,7 @@ def load_word_vectors(
         device=device,
         max_topn=max_topn,
         prefilter=prefilter,
+        device_thread=device_thread,
     )
     _LOGGER.info(
         "word vectors %s: %d x %d from %s (cache %s, bfloat16 prefilter %s, %s scan), ready in %.2f s",

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+from .device_thread import DeviceThread
 from .errors import Cancelled, NotReady
 from .word_vectors import AnalogyEvaluator, WordVectors
 
@@ -22,7 +23,15 @@ class WordVectorSlot:
     that `close()` can stop a long first-time conversion instead of exiting under a busy thread.
     """
 
-    def __init__(self, spec: str, load: Callable[[threading.Event], WordVectors | None]) -> None:
+    def __init__(
+        self,
+        spec: str,
+        load: Callable[[threading.Event], WordVectors | None],
+        *,
+        device_thread: DeviceThread | None = None,
+    ) -> None:
+        """device_thread: a lease on the thread of the device the model loads on (the slot takes its
+        own lease on that thread and closes it in close()); None: the process's CPU thread."""
         self.spec = spec
         self._load = load
         self._cancel = threading.Event()
@@ -35,8 +44,9 @@ class WordVectorSlot:
         self._lock = threading.Lock()
         self._started = False
         self._callbacks: list[Callable[[bool], None]] = []
-        # The one thread that runs vector scans; batchers of every server share it.
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedserve-vectors")
+        # Where vector scans run, the batchers' of every server and the analogy evaluations': the
+        # process's one thread for the device, which the embedding lookups share.
+        self.device_thread = DeviceThread.shared("cpu") if device_thread is None else device_thread.share()
         # Large requests' decoding, preparation and replies, off the event loop: two at a time, so
         # many large calls at once queue here rather than all holding their term vectors together.
         self.request_executor = ThreadPoolExecutor(
@@ -52,7 +62,7 @@ class WordVectorSlot:
         try:
             model = self._load(self._cancel)
             if model is not None:
-                self._analogies = AnalogyEvaluator(model, self.executor)
+                self._analogies = AnalogyEvaluator(model, self.device_thread)
             self._model = model
             self.load_seconds = time.perf_counter() - started
             # The vocabulary (a str per word and a dict) lives as long as the process. Moving it out
@@ -117,9 +127,11 @@ class WordVectorSlot:
         return self._thread is not None and self._thread.is_alive()
 
     def close(self, timeout: float = 10.0) -> bool:
-        """Stops the scans and any load in progress; False when the load did not stop within `timeout`."""
+        """Stops the scans and any load in progress; False when the load did not stop within `timeout`.
+
+        The slot's queued scans are cancelled and its lease on the device thread given back."""
         self._cancel.set()
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.device_thread.close()
         self.request_executor.shutdown(wait=False, cancel_futures=True)
         if self._thread is not None:
             self._thread.join(timeout)

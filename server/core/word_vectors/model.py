@@ -16,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from ..device_thread import DeviceThread
 from ..errors import InvalidInput
 from .analogies import AnalogyReport, evaluate_analogies
 from .factory import PrefilterSetting, choose_scanner
@@ -61,12 +62,15 @@ class WordVectors:
         max_topn: int = 10000,
         prefilter: PrefilterSetting | bool | None = None,
         unit_bfloat16: npt.NDArray[np.uint16] | None = None,
+        device_thread: DeviceThread | None = None,
     ) -> None:
         """prefilter: scan 3CosAdd queries in bfloat16 first and score in float32 only the
         columns that may rank ("auto" or None: where this CPU multiplies bfloat16 natively); the
         results are the float32 scan's (see factory.choose_scanner). unit_bfloat16: the unit rows
         already rounded to bfloat16 (as uint16 bits, e.g. memory-mapped from the cache).
         block_rows: rows per scanned block (None: sized by the scanner).
+        device_thread: where the torch steps (the rows onto the device, the scanner's choice and
+        its checks) run; None: the calling thread. The host steps run on the calling thread.
         """
         if vectors.ndim != 2 or vectors.shape[0] != len(words):
             raise ValueError(f"{len(words)} words but vectors of shape {vectors.shape}")
@@ -97,10 +101,18 @@ class WordVectors:
             # Memory-mapped caches are read-only; nothing here writes to them.
             warnings.simplefilter("ignore", UserWarning)
             unit = unit_rows(self._rows, self._row_norms) if unit is None else unit
-            self.search_rows = SearchRows.on_device(unit, damaged | (self.norms == 0), device)
-        self._scanner = choose_scanner(
-            self.search_rows, prefilter=prefilter, block_rows=block_rows, unit_bfloat16=unit_bfloat16
-        )
+        never_ranked = damaged | (self.norms == 0)
+
+        def placed() -> tuple[SearchRows, Scanner]:
+            with warnings.catch_warnings():  # torch warns of read-only arrays, as above
+                warnings.simplefilter("ignore", UserWarning)
+                rows = SearchRows.on_device(unit, never_ranked, device)
+            scanner = choose_scanner(
+                rows, prefilter=prefilter, block_rows=block_rows, unit_bfloat16=unit_bfloat16
+            )
+            return rows, scanner
+
+        self.search_rows, self._scanner = placed() if device_thread is None else device_thread.call(placed)
 
     @property
     def scanner(self) -> Scanner:
