@@ -34,6 +34,7 @@ import json
 import os
 import platform
 import re
+import socket
 import statistics
 import subprocess
 import sys
@@ -125,9 +126,10 @@ class ServerProcess:
         self._drain.wait(10)
 
 
-def ceiling_server_main(reply_bytes: int) -> None:
+def ceiling_server_main(reply_bytes: int, port: int = 0) -> None:
     """A trivial server: the same pre-built reply of `reply_bytes` bytes to `ceiling.Ceiling/Get`
-    and to `EmbeddingService/Embed` (so the SDK's client can call it)."""
+    and to `EmbeddingService/Embed` (so the SDK's client can call it). Several such processes can
+    share one `port` (gRPC sets SO_REUSEPORT), as `embedserve serve --workers` does."""
     payload = embedding_pb2.EmbedResponse(
         embeddings=tensor_pb_from_torch(torch.zeros(reply_bytes // 4, dtype=torch.float32))
     ).SerializeToString()
@@ -146,19 +148,25 @@ def ceiling_server_main(reply_bytes: int) -> None:
         server.add_generic_rpc_handlers(
             tuple(grpc.method_handlers_generic_handler(name, handlers) for name, handlers in methods.items())
         )
-        port = server.add_insecure_port("127.0.0.1:0")
+        bound = server.add_insecure_port(f"127.0.0.1:{port}")
         await server.start()
-        print(f"listening on 127.0.0.1:{port}", file=sys.stderr, flush=True)
+        print(f"listening on 127.0.0.1:{bound}", file=sys.stderr, flush=True)
         await server.wait_for_termination()
 
     asyncio.run(run())
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 class CeilingProcess(ServerProcess):
-    def __init__(self, reply_bytes: int) -> None:
+    def __init__(self, reply_bytes: int, port: int = 0) -> None:
         self.started = time.perf_counter()
         self.process = subprocess.Popen(
-            [sys.executable, __file__, "--ceiling-server", str(reply_bytes)],
+            [sys.executable, __file__, "--ceiling-server", str(reply_bytes), "--ceiling-port", str(port)],
             stderr=subprocess.PIPE,
             text=True,
         )
@@ -217,13 +225,28 @@ def median_ratio(values: list[float], baselines: list[float]) -> float:
     return statistics.median(v / b for v, b in zip(values, baselines, strict=True))
 
 
-async def bench_embed_transport(seconds: float, rounds: int) -> list[Row]:
+class CeilingProcesses:
+    """`count` ceiling servers on one port, as `--workers` puts server processes on one."""
+
+    def __init__(self, reply_bytes: int, count: int) -> None:
+        port = free_port() if count > 1 else 0
+        self.processes = [CeilingProcess(reply_bytes, port) for _ in range(count)]
+        self.target = self.processes[0].target
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.stop()
+
+
+async def bench_embed_transport(seconds: float, rounds: int, workers: int = 1) -> list[Row]:
     """a: Embed of [8, 256] windows against in-process lookup + serialization and the ceiling.
 
     The ceiling is measured twice: with the SDK's own client (the same decoding as for Embed,
     so the ratio is what the server costs) and with a client that takes the raw reply bytes
     (what the transport alone moves). Server and ceilings alternate over `rounds` rounds; each
-    ratio is the median of the rounds'.
+    ratio is the median of the rounds'. With `workers` > 1 the server runs `--workers` processes
+    and the ceiling as many processes, each on one shared port; the kernel spreads the client's
+    connections among them.
     """
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 50257, size=WINDOW).astype(np.int32)
@@ -259,8 +282,14 @@ async def bench_embed_transport(seconds: float, rounds: int) -> list[Row]:
             extra={"gb_s": in_process * reply_bytes / 1e9},
         )
     ]
-    server = ServerProcess("--device", DEVICE[0], "--word-vectors", "none")
-    ceiling = CeilingProcess(reply_bytes)
+    if workers > 1:
+        spread = ("--workers", str(workers), "--port", str(free_port()))
+        server = ServerProcess("--device", DEVICE[0], "--word-vectors", "none", *spread)
+        await asyncio.sleep(10)  # the first worker says it listens; give the others time to load
+    else:
+        server = ServerProcess("--device", DEVICE[0], "--word-vectors", "none")
+    ceiling = CeilingProcesses(reply_bytes, workers)
+    processes = f", {workers} server processes" if workers > 1 else ""
     per_round = seconds / rounds
     try:
         for in_flight in (1, 4):
@@ -295,7 +324,7 @@ async def bench_embed_transport(seconds: float, rounds: int) -> list[Row]:
             rows.append(
                 Row(
                     "a",
-                    f"Embed [8,256] x {DIM} f32, {in_flight} in flight",
+                    f"Embed [8,256] x {DIM} f32, {in_flight} in flight{processes}",
                     embed_rate * tokens,
                     "tokens/s",
                     baseline=embed_rate * tokens / share,
@@ -316,7 +345,7 @@ async def bench_embed_transport(seconds: float, rounds: int) -> list[Row]:
             rows.append(
                 Row(
                     "a",
-                    f"Embed [8,256] x {DIM} f32, {in_flight} in flight, against raw bytes",
+                    f"Embed [8,256] x {DIM} f32, {in_flight} in flight{processes}, against raw bytes",
                     embed_rate * tokens,
                     "tokens/s",
                     baseline=embed_rate * tokens / raw_share,
@@ -767,7 +796,7 @@ async def run(args: argparse.Namespace) -> list[Row]:
     args.curve = {}
     if "a" in args.sections:
         log("a: Embed [8,256] against in-process and the gRPC ceiling")
-        rows += await bench_embed_transport(seconds, 1 if args.smoke else 3)
+        rows += await bench_embed_transport(seconds, 1 if args.smoke else 3, args.embed_workers)
     if "b" in args.sections:
         log("b: Embed under concurrent clients, batching on and off")
         levels = [1, 8, 64] if args.smoke else [1, 4, 16, 64]
@@ -803,10 +832,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="the servers' --device (cpu, cuda)")
     parser.add_argument("--sections", default="abcdefg", help="which measurements to run (default abcdefg)")
     parser.add_argument("--seconds", type=float, help="length of each timed measurement")
+    parser.add_argument(
+        "--embed-workers", type=int, default=1, help="a: server processes (--workers) and ceiling processes"
+    )
     parser.add_argument("--ceiling-server", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--ceiling-port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.ceiling_server:
-        ceiling_server_main(args.ceiling_server)
+        ceiling_server_main(args.ceiling_server, args.ceiling_port)
         return 0
     DEVICE[0] = args.device
     tune_allocator()  # in this (client) process too: see embedserve.server.app.tune_allocator
