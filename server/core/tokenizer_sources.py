@@ -102,9 +102,10 @@ def parse_tiktoken_bpe(contents: bytes, origin: str) -> dict[bytes, int]:
     return ranks
 
 
-def _read_sidecar(path: Path) -> dict[str, Any]:
+def _read_sidecar(path: Path, contents: bytes) -> dict[str, Any]:
+    """The sidecar's settings, from `contents` (its bytes, read once: they are hashed too)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = contents.decode("utf-8")
         meta: Any = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
     except (OSError, UnicodeDecodeError, ValueError) as error:  # TOMLDecodeError is a ValueError
         raise StartupError(f"{path}: cannot be read as {path.suffix[1:].upper()}: {error}") from None
@@ -145,7 +146,7 @@ class TiktokenFile(TokenizerSource):
         sidecar = self.sidecar()
         contents = self.path.read_bytes()
         sidecar_bytes = sidecar.read_bytes()
-        meta = _read_sidecar(sidecar)
+        meta = _read_sidecar(sidecar, sidecar_bytes)
         file_sha256 = hashlib.sha256(contents).hexdigest()
         if "sha256" in meta and meta["sha256"] != file_sha256:
             raise StartupError(f"{self.path}: sha256 {file_sha256}, but {sidecar.name} pins {meta['sha256']}")
