@@ -75,6 +75,7 @@ def _packed_columns(packed: word_vectors_pb2.PackedQueries) -> QueryColumns:
         weights=np.array(packed.weights, np.float64) if packed.weights else None,
         vector_terms=np.array(packed.vector_terms, np.int64),
         vectors=_raw_vectors(packed.vectors, "packed.vectors") if packed.HasField("vectors") else None,
+        field_prefix="packed.",
     )
 
 

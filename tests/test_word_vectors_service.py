@@ -9,6 +9,7 @@ import re
 import secrets
 import threading
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -315,6 +316,104 @@ async def test_packed_queries_that_do_not_add_up_are_invalid_argument(loaded: Se
             await client.word_vectors.most_similar(positive=[np.ones(50), np.ones(3)])
         with pytest.raises(InvalidArgumentError, match="weights apply to 3CosAdd only"):
             await client.word_vectors.most_similar_cosmul(positive=["king"], negative=[("man", 2.0)])
+
+
+async def test_overflowing_weights_and_vectors_are_invalid_argument(loaded: ServerThread) -> None:
+    """Issue 31: a finite weight of 1e308 answered OK with NaN scores (and numpy warned of
+    overflows); weights and raw vectors whose products leave float32's range are INVALID_ARGUMENT
+    naming the field as the request wrote it, in both forms, and what stays in range answers
+    without a warning."""
+    pb = word_vectors_pb2
+    float16_max = np.full(50, 65504, np.float16)  # float16's largest: length 4.6e5 in 50 dimensions
+
+    def vector(values: Any, weight: float | None = None) -> word_vectors_pb2.QueryTerm:
+        term = pb.QueryTerm(vector=to_tensor_pb(values))
+        if weight is not None:
+            term.weight = weight
+        return term
+
+    def packed(words: list[str], **columns: Any) -> word_vectors_pb2.MostSimilarRequest:
+        counts = {"positive_counts": [len(words)], "negative_counts": [0], "topn": [3]}
+        return pb.MostSimilarRequest(packed=pb.PackedQueries(words=words, **{**counts, **columns}))
+
+    king = pb.QueryTerm(word="king")
+    cos_mul = pb.SIMILARITY_METHOD_COS_MUL
+    refused = [
+        (
+            "queries[1].positive[0].weight",
+            pb.MostSimilarRequest(
+                queries=[
+                    pb.SimilarityQuery(positive=[king]),
+                    pb.SimilarityQuery(positive=[pb.QueryTerm(word="queen", weight=1e308)]),
+                ]
+            ),
+        ),
+        ("packed.weights[1]", packed(["king", "woman"], weights=[math.nan, 1e308])),
+        (
+            "packed.vectors[1]",
+            packed(["", ""], vector_terms=[0, 1], vectors=to_tensor_pb(np.full((2, 50), 2e38, np.float32))),
+        ),
+        (
+            "queries[0].negative[1].vector",
+            pb.MostSimilarRequest(
+                queries=[
+                    pb.SimilarityQuery(positive=[king], negative=[vector(np.full(50, 2e38, np.float32))] * 2)
+                ]
+            ),
+        ),
+        (
+            "queries[0].positive[1].weight",
+            pb.MostSimilarRequest(
+                queries=[pb.SimilarityQuery(positive=[king, vector(float16_max, weight=1e35)])]
+            ),
+        ),
+        (
+            "queries[0].positive[3].vector",
+            pb.MostSimilarRequest(
+                queries=[pb.SimilarityQuery(positive=[vector(float16_max)] * 4, method=cos_mul)]
+            ),
+        ),
+        (
+            "packed.vectors[0]",
+            packed(
+                ["king", ""],
+                negative_counts=[1],
+                positive_counts=[1],
+                vector_terms=[1],
+                vectors=to_tensor_pb(np.full((1, 50), 1e38, np.float32)),
+                methods=[cos_mul],
+            ),
+        ),
+    ]
+    plain = pb.MostSimilarRequest(queries=[pb.SimilarityQuery(positive=[king], topn=5)])
+    heavy = pb.MostSimilarRequest(
+        queries=[pb.SimilarityQuery(positive=[pb.QueryTerm(word="king", weight=1e30)], topn=5)]
+    )
+    in_range = pb.MostSimilarRequest(
+        queries=[
+            pb.SimilarityQuery(positive=[king, vector(float16_max)] * 3, method=cos_mul),
+            pb.SimilarityQuery(positive=[vector(np.full(50, 3e38, np.float32)), king]),
+        ],
+        packed=None,
+    )
+    with warnings.catch_warnings(record=True) as caught:  # the server runs in this process
+        warnings.simplefilter("always")
+        async with grpc.aio.insecure_channel(loaded.target) as channel:
+            stub = word_vectors_pb2_grpc.WordVectorsServiceStub(channel)
+            for field, request in refused:
+                with pytest.raises(grpc.aio.AioRpcError) as raised:
+                    await stub.MostSimilar(request)
+                assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT, field
+                details = raised.value.details() or ""
+                assert details.startswith(f"{field}: "), (field, details)
+                assert "overflow" in details
+            expected = await stub.MostSimilar(plain)
+            weighted = await stub.MostSimilar(heavy)
+            answered = await stub.MostSimilar(in_range)
+    assert [w.message for w in caught if issubclass(w.category, RuntimeWarning)] == []
+    assert weighted.words == expected.words
+    assert list(answered.result_counts) == [10, 10]
+    assert np.isfinite(np.frombuffer(answered.scores.data, np.float32)).all()
 
 
 async def test_results_are_bounded_by_max_results_per_request(loaded: ServerThread) -> None:

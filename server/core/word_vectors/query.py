@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -23,9 +24,14 @@ FloatArray = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]
 Method = Literal["add", "mul"]
+TermAttribute = Literal["weight", "vector"]  # a term's field that a refusal names
 # Query vectors are summed term position by term position for all queries at once, until fewer
 # than this many queries have terms left; those go on term by term.
 _FEW_QUERIES = 8
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+# 3CosMul: a bound on the product of (1 + cos) / 2 over a query's positive terms, and over its
+# negative ones (see _check_cosmul_products).
+COSMUL_PRODUCT_LIMIT = 2.0**64
 
 
 # Built per term of the one-message-per-query form (and by core callers): slotted, and not frozen
@@ -65,6 +71,11 @@ class QueryColumns:
     weights: npt.NDArray[np.float64] | None = None  # per term; NaN: the default, +1 or -1
     vector_terms: IntArray = field(default_factory=lambda: np.zeros(0, np.int64))  # increasing
     vectors: FloatArray | None = None  # [len(vector_terms), dim]
+    # How refusals name a term's weight or raw vector: as these columns after field_prefix
+    # ("packed." gives `packed.weights[3]`, `packed.vectors[0]`), or, for the columns that
+    # query_columns makes, as its queries' terms (`queries[0].positive[1].weight`).
+    field_prefix: str = ""
+    from_queries: bool = False
 
     def __len__(self) -> int:
         return len(self.topn)
@@ -203,10 +214,18 @@ def not_in_vocabulary(missing: Sequence[str]) -> NotInVocabulary:
     return NotInVocabulary(missing)
 
 
-def _checked_shape(vector: FloatArray, dim: int) -> FloatArray:
+def _checked_shape(vector: FloatArray, dim: int, name: str) -> FloatArray:
     if vector.shape != (dim,):
         raise InvalidInput(f"a raw vector has shape {list(vector.shape)}; this model's vectors are [{dim}]")
+    _check_float32_range(vector, name)
     return vector.astype(np.float32, copy=False)  # prepare() checks every raw vector's values
+
+
+def _check_float32_range(vectors: npt.NDArray[np.generic], name: str) -> None:
+    """Refuses finite values that float32 cannot hold (a wider float's), before a cast makes them
+    infinite; NaN and infinities are prepare()'s to refuse."""
+    if vectors.dtype.kind == "f" and vectors.dtype.itemsize > 4 and (np.abs(vectors) > FLOAT32_MAX).any():
+        raise InvalidInput(f"{name}: a raw vector holds values beyond float32's range")
 
 
 def query_columns(queries: Sequence[SimilarityQuery], dim: int) -> QueryColumns:
@@ -215,18 +234,20 @@ def query_columns(queries: Sequence[SimilarityQuery], dim: int) -> QueryColumns:
     weights: list[float] = []
     vector_terms: list[int] = []
     vectors: list[FloatArray] = []
-    for query in queries:
+    for number, query in enumerate(queries):
         if query.method not in ("add", "mul"):
             raise InvalidInput(f"unknown method {query.method!r}")
-        for term in (*query.positive, *query.negative):
+        for position, term in enumerate((*query.positive, *query.negative)):
             if (term.word is None) == (term.vector is None):
                 raise InvalidInput("each term is either a word or a vector")
             if term.vector is not None:
                 vector_terms.append(len(words))
-                vectors.append(_checked_shape(term.vector, dim))
+                name = _query_term_field(number, position, len(query.positive), "vector")
+                vectors.append(_checked_shape(term.vector, dim, name))
             words.append(term.word or "")
             if term.weight is not None and not math.isfinite(term.weight):
-                raise InvalidInput("a weight must be finite")
+                name = _query_term_field(number, position, len(query.positive), "weight")
+                raise InvalidInput(f"{name}: a weight must be finite, got {term.weight}")
             weights.append(math.nan if term.weight is None else term.weight)
     return QueryColumns(
         words=words,
@@ -238,7 +259,15 @@ def query_columns(queries: Sequence[SimilarityQuery], dim: int) -> QueryColumns:
         weights=np.array(weights, np.float64) if not all(map(math.isnan, weights)) else None,
         vector_terms=np.array(vector_terms, np.int64),
         vectors=np.stack(vectors) if vectors else None,
+        from_queries=True,
     )
+
+
+def _query_term_field(query: int, position: int, positive: int, attribute: str) -> str:
+    """How a query object's term field is written: `queries[0].negative[1].weight`."""
+    if position < positive:
+        return f"queries[{query}].positive[{position}].{attribute}"
+    return f"queries[{query}].negative[{position - positive}].{attribute}"
 
 
 def mean_vectors(
@@ -366,11 +395,21 @@ def prepare(
             f"this model's vectors are [{dim}]"
         )
     is_vector = np.zeros(term_count, np.bool_)
+
+    def term_field(term: int, attribute: TermAttribute) -> str:
+        return _term_field(columns, positive, negative, vector_terms, term, attribute)
+
     if len(vector_terms):
         if vector_terms[0] < 0 or vector_terms[-1] >= term_count or (np.diff(vector_terms) <= 0).any():
             raise InvalidInput(f"vector_terms must be increasing indexes below {term_count}")
-        if not np.isfinite(raw).all():
-            raise InvalidInput("a raw vector holds NaN or infinite values")
+        finite = np.isfinite(raw).all(axis=1)
+        if not finite.all():
+            name = term_field(int(vector_terms[np.argmin(finite)]), "vector")
+            raise InvalidInput(f"{name}: a raw vector holds NaN or infinite values")
+        if raw.dtype != np.float32:  # a core caller's wider floats: as float32, from here on
+            for row, vector in enumerate(raw):
+                _check_float32_range(vector, term_field(int(vector_terms[row]), "vector"))
+            raw = raw.astype(np.float32)
         if any(words[index] for index in vector_terms.tolist()):
             raise InvalidInput("a raw-vector term has a word")
         is_vector[vector_terms] = True
@@ -395,6 +434,7 @@ def prepare(
     term_query = np.repeat(np.arange(count), terms_per_query)
     term_position = np.arange(term_count) - (np.cumsum(terms_per_query) - terms_per_query)[term_query]
     weights = np.where(term_position < positive[term_query], 1.0, -1.0)
+    explicit = np.zeros(term_count, np.bool_)
     if columns.weights is not None:
         given = np.asarray(columns.weights, np.float64)
         if given.shape != (term_count,):
@@ -402,8 +442,10 @@ def prepare(
         explicit = ~np.isnan(given)
         if (explicit & cosmul[term_query]).any():
             raise InvalidInput("weights apply to 3CosAdd only")
-        if not (np.isfinite(given[explicit])).all():
-            raise InvalidInput("a weight must be finite")
+        infinite = explicit & ~np.isfinite(given)
+        if infinite.any():
+            term = int(np.argmax(infinite))
+            raise InvalidInput(f"{term_field(term, 'weight')}: a weight must be finite, got {given[term]}")
         weights = np.where(explicit, given, weights)
 
     # Each term's vector: a word's unit vector (gensim's get_vector(norm=True)), a raw vector as given.
@@ -419,6 +461,14 @@ def prepare(
         word_rows = rows
         vectors = (model_rows[rows] / model_norms[rows][:, None]).astype(np.float32, copy=False)
     add_terms = ~cosmul[term_query]
+    # Only given weights and raw vectors can take the arithmetic out of range: +-1 times unit vectors
+    # sums to at most the term count.
+    if columns.weights is not None or len(vector_terms):
+        _check_weighted_sums(count, term_query, add_terms, weights, explicit, vectors, is_vector, term_field)
+        if cosmul.any() and len(vector_terms):
+            _check_cosmul_products(
+                count, term_query, term_position, positive, add_terms, vectors, is_vector, term_field
+            )
     if cosmul.any():
         add_vectors = mean_vectors(
             count, term_query[add_terms], term_position[add_terms], weights[add_terms], vectors[add_terms]
@@ -449,6 +499,142 @@ def prepare(
         positive_count=np.where(cosmul, positive, 0),
         negative_count=np.where(cosmul, negative, 0),
     )
+
+
+def _term_field(
+    columns: QueryColumns,
+    positive: IntArray,
+    negative: IntArray,
+    vector_terms: IntArray,
+    term: int,
+    attribute: TermAttribute,
+) -> str:
+    """How the client wrote a term's weight or raw vector: `packed.weights[3]`, `packed.vectors[0]`
+    (the raw vectors' row), `queries[0].positive[1].weight` (see QueryColumns.field_prefix)."""
+    if columns.from_queries:
+        ends = np.cumsum(positive + negative)
+        query = int(np.searchsorted(ends, term, side="right"))
+        start = int(ends[query] - positive[query] - negative[query])
+        return _query_term_field(query, term - start, int(positive[query]), attribute)
+    if attribute == "weight":
+        return f"{columns.field_prefix}weights[{term}]"
+    return f"{columns.field_prefix}vectors[{int(np.searchsorted(vector_terms, term))}]"
+
+
+TermField = Callable[[int, TermAttribute], str]  # prepare's term_field
+
+
+def _check_weighted_sums(
+    count: int,
+    term_query: IntArray,
+    add_terms: BoolArray,
+    weights: npt.NDArray[np.float64],
+    explicit: BoolArray,
+    vectors: FloatArray,
+    is_vector: BoolArray,
+    term_field: TermField,
+) -> None:
+    """Refuses a 3CosAdd query whose mean_vectors arithmetic could leave float32's range.
+
+    Each component of the float32 mean is a sum of weight x component, so it stays below the sum
+    over the query's terms of |weight| x the largest |component| of the term's vector (at most 1
+    for a word's unit vector), and rounding each partial sum to float32 adds at most 2**-24 of it
+    per term after the first: refused unless that sum, and that rounding, stay within float32's
+    largest value (the first product is the bound itself, exactly: one term may reach it). The
+    float64 steps after it (over the sum of |weights|, which must be finite too, then to unit
+    length) stay in range: the quotient's components are at most about the largest |component|.
+    """
+    terms = np.flatnonzero(add_terms)
+    queries = term_query[terms]
+    limits = FLOAT32_MAX / (1 + (np.bincount(queries, minlength=count) - 1).clip(0) * 2.0**-22)
+    absolute = np.abs(weights[terms])
+    raw = is_vector[terms]
+    largest = np.ones(len(terms))
+    largest[raw] = np.abs(vectors[terms[raw]]).max(axis=1, initial=0)
+    with np.errstate(over="ignore"):  # a bound past float64's range is inf: over the limit all the same
+        bounds = absolute * largest
+        over = np.bincount(queries, bounds, minlength=count) > limits
+        if over.any():  # the words' own largest components, for those queries only
+            exact = over[queries] & ~raw
+            largest[exact] = np.abs(vectors[terms[exact]]).max(axis=1, initial=0)
+            bounds = absolute * largest
+            over = np.bincount(queries, bounds, minlength=count) > limits
+        if over.any():
+            query = int(np.argmax(over))
+            term = _first_past(terms, bounds, queries == query, FLOAT32_MAX, 2.0**-22)
+            # The larger factor is named, never a weight left unset (a word's cannot cross the limit).
+            at = int(np.searchsorted(terms, term))
+            blamed: TermAttribute = (
+                "vector" if raw[at] and (not explicit[term] or largest[at] > absolute[at]) else "weight"
+            )
+            raise InvalidInput(
+                f"{term_field(term, blamed)}: query {query}'s weighted mean of term vectors would overflow "
+                f"float32: the sum over its terms of |weight| x the largest |component| of the term's "
+                f"vector (1 at most for a word) must stay below {FLOAT32_MAX:.4g}"
+            )
+        total_over = ~np.isfinite(np.bincount(queries, absolute, minlength=count))
+    if total_over.any():  # possible only with zero vectors: no product bounds their weights
+        query = int(np.argmax(total_over))
+        term = _first_past(terms, absolute, queries == query, sys.float_info.max)
+        raise InvalidInput(
+            f"{term_field(term, 'weight')}: query {query}'s sum of |weights| overflows float64"
+        )
+
+
+def _check_cosmul_products(
+    count: int,
+    term_query: IntArray,
+    term_position: IntArray,
+    positive: IntArray,
+    add_terms: BoolArray,
+    vectors: FloatArray,
+    is_vector: BoolArray,
+    term_field: TermField,
+) -> None:
+    """Refuses a 3CosMul query whose scores could leave float32's range.
+
+    A term's (1 + cos) / 2 lies within (1 + |v|) / 2 of 0, |v| its vector's length (1 for a
+    word's unit vector, a raw vector's as given), so every partial product over a query's positive
+    terms, or over its negative ones, is at most the product of max(1, (1 + |v|) / 2) over them:
+    refused unless that is below COSMUL_PRODUCT_LIMIT, 2**64. A denominator, the negative product
+    plus 1e-6 in float32, is then finite and either 0 or at least 2**-44 in magnitude (where the
+    sum cancels, both lie on float32's grid of 2**-44), so a score is at most 2**108, far below
+    float32's largest value (about 2**128) whatever the rounding. Exactly 0 takes a negative
+    product of exactly -1e-6, which only raw negative vectors longer than 1 can give (as in
+    gensim); that depends on the vocabulary's rows and is not refused here.
+    """
+    terms = np.flatnonzero(~add_terms & is_vector)
+    if not len(terms):
+        return
+    lengths = np.linalg.norm(vectors[terms].astype(np.float64), axis=1)
+    logs = np.log2(np.maximum(1.0, (1 + lengths) / 2))
+    queries = term_query[terms]
+    sides = queries * 2 + (term_position[terms] >= positive[queries])  # 2q: positive, 2q + 1: negative
+    limit = math.log2(COSMUL_PRODUCT_LIMIT)
+    over = np.bincount(sides, logs, minlength=2 * count) > limit
+    if over.any():
+        side = int(np.argmax(over))
+        term = _first_past(terms, logs, sides == side, limit)
+        kind = "negative" if side % 2 else "positive"
+        raise InvalidInput(
+            f"{term_field(term, 'vector')}: query {side // 2}'s 3CosMul scores would overflow float32: "
+            f"the product of (1 + |v|) / 2 over its {kind} raw vectors longer than 1 (|v| a vector's "
+            f"length) must stay below 2**{limit:.0f}"
+        )
+
+
+def _first_past(
+    terms: IntArray, amounts: npt.NDArray[np.float64], members: BoolArray, limit: float, rounding: float = 0
+) -> int:
+    """The first of these terms (where members) whose amount takes their running sum past limit,
+    the sum of k terms counted (1 + (k - 1) x rounding) times."""
+    running = 0.0
+    member_terms, member_amounts = terms[members].tolist(), amounts[members].tolist()
+    for index, (term, amount) in enumerate(zip(member_terms, member_amounts, strict=True)):
+        running += amount  # Python floats: inf past float64's range, without a warning
+        if running * (1 + index * rounding) > limit:
+            return int(term)
+    return int(member_terms[-1])
 
 
 def _check_each(valid: BoolArray, problem: str, values: IntArray | None = None) -> None:
