@@ -28,12 +28,15 @@ RUN groupadd --system --gid 10001 embedserve \
     && useradd --system --uid 10001 --gid 10001 --no-create-home embedserve
 COPY --from=build /opt/embedserve /opt/embedserve
 # NVIDIA_*: what the container toolkit exposes to a CUDA build (ignored by the CPU one).
+# Metrics stay off until EMBEDSERVE_METRICS_PORT is set; then they listen beyond the container's
+# loopback too, so the server asks for EMBEDSERVE_METRICS_TOKEN (or EMBEDSERVE_INSECURE=1).
 ENV PATH=/opt/embedserve/bin:$PATH \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     EMBEDSERVE_HOST=0.0.0.0 \
     EMBEDSERVE_PORT=50051 \
     EMBEDSERVE_HEALTH_PORT=50052 \
+    EMBEDSERVE_METRICS_HOST=0.0.0.0 \
     EMBEDSERVE_CACHE_DIR=/var/cache/embedserve
 RUN embedserve prepare-vectors glove-6b-50d \
     && chown -R 10001:10001 /var/cache/embedserve

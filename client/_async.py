@@ -32,7 +32,7 @@ from embedserve.v1 import (
 
 from ._auth import api_key_interceptors
 from ._batch_spec import BatchSettings, BatchSpec, EmbeddingDtype
-from ._errors import call_idempotent, error_from_rpc
+from ._errors import call_idempotent, error_from_rpc, retry_pause
 from ._shared_memory import SharedMemoryRegion
 from ._values import Batch, EmbeddingInfo, RequestLimits
 from ._word_vectors import AsyncWordVectors
@@ -77,9 +77,10 @@ async def _as_async_iterator(items: Iterable[_T] | AsyncIterable[_T]) -> AsyncIt
             yield item
 
 
-# Calls that change nothing on the server are retried on UNAVAILABLE (a restarting or departed
-# replica) and RESOURCE_EXHAUSTED (a full queue), with exponential backoff. Streams are not:
-# stream_batches resumes from its cursor instead.
+# Calls that change nothing on the server are retried by gRPC on UNAVAILABLE (a restarting or
+# departed replica), with exponential backoff; an overloaded server's RESOURCE_EXHAUSTED is retried
+# by call_idempotent after the delay it asks for. Streams are not: stream_batches resumes from its
+# cursor instead.
 PACKED_MESSAGE_BYTES = 256 * 1024
 RETRY_SERVICE_CONFIG = json.dumps(
     {
@@ -96,7 +97,7 @@ RETRY_SERVICE_CONFIG = json.dumps(
                     "initialBackoff": "0.1s",
                     "maxBackoff": "2s",
                     "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
+                    "retryableStatusCodes": ["UNAVAILABLE"],
                 },
             }
         ]
@@ -333,8 +334,9 @@ class AsyncClient:
         (`batch_size=8, shuffle=False`, any BatchSpec field) set its fields, or change those of
         `spec` when both are given. Each Batch carries a `cursor`: pass it back as `cursor=` to
         continue right after that batch. When the server becomes UNAVAILABLE mid-stream (a
-        restart, a replica going away), the iterator reconnects and resumes from its last cursor,
-        up to `reconnect_attempts` times in a row, with growing pauses. Closing the iterator early
+        restart, a replica going away), or refuses it for want of memory with a retry hint, the
+        iterator reconnects and resumes from its last cursor, up to `reconnect_attempts` times in
+        a row, with growing pauses (at least the server's hint). Closing the iterator early
         cancels the stream on the server.
         """
         spec = (spec or BatchSpec()).replace(**settings)
@@ -377,10 +379,13 @@ class AsyncClient:
                 return
             except grpc.RpcError as error:
                 failure = error_from_rpc(error)
-                if failure.code is not grpc.StatusCode.UNAVAILABLE or failures >= reconnect_attempts:
+                pause = retry_pause(error, failures)  # an overloaded server's delay
+                if failure.code is grpc.StatusCode.UNAVAILABLE:
+                    pause = min(5.0, 0.1 * 2 ** (failures + 1))
+                if pause is None or failures >= reconnect_attempts:
                     raise failure from None
                 failures += 1
-                await asyncio.sleep(min(5.0, 0.1 * 2**failures))
+                await asyncio.sleep(pause)
             finally:
                 call.cancel()
 
@@ -469,6 +474,7 @@ class AsyncClient:
                 max_tokens_per_request=limits.max_tokens_per_request,
                 max_texts_per_request=limits.max_texts_per_request,
                 max_batch_size=limits.max_batch_size,
+                memory_budget_bytes=limits.memory_budget_bytes,
             ),
             tokenizer_vocab_size=reply.tokenizer_vocab_size,
             tokenizer_identity=reply.tokenizer_identity,

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import grpc
-from embedserve.status_details import LimitInfo, limit_from_trailers, missing_words_from_trailers
+from embedserve.status_details import (
+    LimitInfo,
+    limit_from_trailers,
+    missing_words_from_trailers,
+    retry_delay_from_trailers,
+)
 
 _T = TypeVar("_T")
-DROPPED_CALL_ATTEMPTS = 4
+# Attempts of one call that was dropped on its way, or refused by an overloaded server.
+RETRY_ATTEMPTS = 5
 
 
 class EmbedServeError(Exception):
@@ -46,7 +53,13 @@ class NotFoundError(EmbedServeError):
 
 
 class ResourceExhaustedError(EmbedServeError):
-    """The server is overloaded or a message exceeded a size limit."""
+    """The server is overloaded or a message exceeded a size limit. `.retry_after` is the delay in
+    seconds the server asked for (from the status details) when retrying can help, else None;
+    the clients have already retried such refusals until their timeout."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, retry_after: float | None = None) -> None:
+        super().__init__(code, details)
+        self.retry_after = retry_after
 
 
 class FailedPreconditionError(EmbedServeError):
@@ -127,23 +140,42 @@ def error_from_rpc(error: grpc.RpcError) -> EmbedServeError:
             return LimitExceededError(code, details, limit)
     if code is grpc.StatusCode.NOT_FOUND:
         return NotFoundError(code, details, missing_words_from_trailers(trailers) or ())
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return ResourceExhaustedError(code, details, retry_delay_from_trailers(trailers))
     return _ERROR_BY_CODE.get(code, EmbedServeError)(code, details)
+
+
+def retry_pause(error: grpc.RpcError, attempt: int) -> float | None:
+    """How long to wait before trying a call again that failed with `error` (attempt 0 is the
+    first retry), or None when retrying cannot help: a dropped call (see _dropped) is retried
+    with exponential backoff, and a refusal that carries a retry hint (an overloaded server)
+    after that hint, with jitter so that refused clients do not come back all at once."""
+    code, details = _code_and_details(error)
+    if _dropped(code, details) is not None:
+        return 0.05 * 2.0**attempt
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        trailers = error.trailing_metadata() if callable(getattr(error, "trailing_metadata", None)) else None
+        hint = retry_delay_from_trailers(trailers)
+        if hint is not None:
+            return max(hint, 0.1 * 2.0**attempt) * random.uniform(1.0, 1.5)
+    return None
 
 
 async def call_idempotent(method: Callable[..., Awaitable[_T]], request: Any, seconds: float) -> _T:
     """One unary call of a method that changes nothing on the server, within `seconds`.
 
     gRPC's retry policy (the channel's service config) already retries UNAVAILABLE answers; a
-    dropped call (see _dropped) never reaches it as such, so that case is retried here.
+    dropped call and an overloaded server's refusal (see retry_pause) are retried here, the
+    latter after the delay the server asked for, whatever the request's size (gRPC's own retries
+    leave out requests larger than their buffer).
     """
     deadline = time.monotonic() + seconds
-    for attempt in range(DROPPED_CALL_ATTEMPTS):
+    for attempt in range(RETRY_ATTEMPTS):
         try:
             return await method(request, timeout=max(0.0, deadline - time.monotonic()))
         except grpc.RpcError as error:
-            pause = 0.05 * 2**attempt
-            retry = _dropped(*_code_and_details(error)) is not None and attempt + 1 < DROPPED_CALL_ATTEMPTS
-            if not retry or time.monotonic() + pause >= deadline:
+            pause = retry_pause(error, attempt)
+            if pause is None or attempt + 1 >= RETRY_ATTEMPTS or time.monotonic() + pause >= deadline:
                 raise error_from_rpc(error) from None
             await asyncio.sleep(pause)
     raise AssertionError("unreachable")

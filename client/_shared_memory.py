@@ -6,9 +6,9 @@ import contextlib
 import math
 import mmap
 import os
-import secrets
 import types
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any
 
 import grpc
@@ -24,11 +24,13 @@ SHM_DIR = Path("/dev/shm")
 
 
 class SharedMemoryRegion:
-    """A region under /dev/shm that the server maps for this client while the session is open.
+    """A region under /dev/shm that the server creates for this client and writes results into
+    while the session is open.
 
     Use as `async with client.shared_memory(nbytes) as region:` and pass `output=region` to
     `embed`. The arrays returned are views into the region: the next embed into the same bytes
-    overwrites them, and they must not be used once the region is closed.
+    overwrites them, and they must not be used once the region is closed. The server must run on
+    this host, as this user (the region is its file, mode 0600).
     """
 
     def __init__(self, stub: embedding_pb2_grpc.EmbeddingServiceAsyncStub, byte_size: int) -> None:
@@ -37,31 +39,20 @@ class SharedMemoryRegion:
         self.byte_size = byte_size
         self._stub = stub
         self._memory: mmap.mmap | None = None
-        self._path: Path | None = None
         self._session: Any = None
         self.handle = ""
+        self.name = ""
 
     async def __aenter__(self) -> SharedMemoryRegion:
-        name = "embedserve-" + secrets.token_hex(8)
-        self._path = SHM_DIR / name
-        # Readable and writable by this user only: a server running as this user can map it.
-        descriptor = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.ftruncate(descriptor, self.byte_size)
-            self._memory = mmap.mmap(descriptor, self.byte_size)
-        except BaseException:
-            os.unlink(self._path)
-            raise
-        finally:
-            os.close(descriptor)
         try:
             self._session = self._stub.SharedMemorySession(
-                embedding_pb2.SharedMemorySessionRequest(name=name, byte_size=self.byte_size)
+                embedding_pb2.SharedMemorySessionRequest(byte_size=self.byte_size)
             )
             first = await self._session.read()
             if not isinstance(first, embedding_pb2.SharedMemorySessionResponse):  # grpc.aio.EOF
                 raise ConnectionError("the server ended the shared-memory session at once")
-            self.handle = first.handle
+            self._memory = _map_region(first.name, self.byte_size)
+            self.handle, self.name = first.handle, first.name
         except grpc.RpcError as error:
             await self.close()
             raise error_from_rpc(error) from None
@@ -76,14 +67,10 @@ class SharedMemoryRegion:
         await self.close()
 
     async def close(self) -> None:
-        """Ends the session (the server unmaps the region) and frees the memory."""
+        """Ends the session (the server removes the region) and unmaps it here."""
         if self._session is not None:
             self._session.cancel()
             self._session = None
-        if self._path is not None:
-            path, self._path = self._path, None
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
         if self._memory is not None:
             memory, self._memory = self._memory, None
             with contextlib.suppress(BufferError):  # arrays still view it; it goes when they do
@@ -109,6 +96,20 @@ class SharedMemoryRegion:
         return raw
 
 
+def _map_region(name: str, byte_size: int) -> mmap.mmap:
+    """Maps the region the server created: a regular file of exactly byte_size bytes."""
+    if not name or "/" in name or name.startswith("."):
+        raise ConnectionError(f"the server named no usable shared-memory region ({name!r})")
+    descriptor = os.open(SHM_DIR / name, os.O_RDWR | os.O_NOFOLLOW)
+    try:
+        stat = os.fstat(descriptor)
+        if not S_ISREG(stat.st_mode) or stat.st_size != byte_size:
+            raise ConnectionError(f"{SHM_DIR / name} is not the {byte_size}-byte region the server created")
+        return mmap.mmap(descriptor, byte_size)
+    finally:
+        os.close(descriptor)
+
+
 class SyncSharedMemoryRegion:
     """SharedMemoryRegion for the synchronous Client: `with client.shared_memory(n) as region:`."""
 
@@ -129,6 +130,11 @@ class SyncSharedMemoryRegion:
     @handle.setter
     def handle(self, handle: str) -> None:
         self._region.handle = handle
+
+    @property
+    def name(self) -> str:
+        """The region's name under /dev/shm while the session is open ("" before)."""
+        return self._region.name
 
     def __enter__(self) -> SyncSharedMemoryRegion:
         self._run(self._region.__aenter__())

@@ -48,6 +48,8 @@ class RequestLimits:
     max_tokens_per_request: int
     max_texts_per_request: int
     max_batch_size: int
+    # Working memory the server's requests share; 0 from a server that does not say.
+    memory_budget_bytes: int = 0
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -43,3 +45,48 @@ async def replies_of(result: Any) -> AsyncIterator[Any]:
             yield reply
     else:
         await result
+
+
+# A batch that core fails because the call has ended (the client cancelled, the deadline passed)
+# completes together with the operation that tells grpc.aio the call was cancelled, in either
+# order. Until that notice has been handled, grpc.aio takes the failure for a fault of the server
+# and logs it as an ERROR with a traceback ("ExecuteBatchError raised in core by servicer method");
+# once handled, it cancels the handler's task and logs at DEBUG. A handler whose batch failed
+# therefore waits this long for that cancellation before re-raising the failure.
+CALL_END_WAIT_SECONDS = 1.0
+
+
+async def _after_failed_batch() -> None:
+    """Waits for gRPC to cancel this handler's task (CancelledError) if its call has ended; the
+    caller re-raises the failure if it returns, so a failure with the call still open is logged."""
+    await asyncio.sleep(CALL_END_WAIT_SECONDS)
+
+
+async def answered(result: Awaitable[Any]) -> Any:
+    """A unary handler's reply; a failed batch (an abort on an ended call) waits as above."""
+    try:
+        return await result
+    except grpc.aio.InternalError:  # ExecuteBatchError: core refused an operation on the call
+        await _after_failed_batch()
+        raise
+
+
+async def write_replies(result: Any, context: Any) -> None:
+    """Runs a streaming handler (either style, as replies_of) and writes its replies itself with
+    context.write, grpc.aio's reader-writer style, so that a write that fails because the call
+    has ended waits for gRPC to take the call for cancelled instead of reaching gRPC first."""
+    try:
+        if hasattr(result, "__aiter__"):
+            async with contextlib.aclosing(result):  # the handler's finally runs now, not at GC
+                async for reply in result:
+                    try:
+                        await context.write(reply)
+                    finally:
+                        # A failed write's traceback keeps this frame, and gRPC keeps the call's
+                        # failure in a reference cycle: not the reply with it.
+                        reply = None
+        else:
+            await result
+    except grpc.aio.InternalError:
+        await _after_failed_batch()
+        raise

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import gc
 import json
 import logging
@@ -15,15 +14,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 import grpc
-from embedserve.v1 import batches_pb2_grpc, tokenizer_pb2_grpc, word_vectors_pb2_grpc
+from embedserve.v1 import batches_pb2, embedding_pb2, tokenizer_pb2_grpc, word_vectors_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from .config import (
     DEFAULT_CONTEXT_LENGTH,
     DEFAULT_DIM,
     ConfigError,
+    MemoryBudgetSetting,
     ServerConfig,
 )
 from .core import (
@@ -38,8 +39,10 @@ from .core import (
     resolve_device,
     seeded_embedding_tables,
 )
+from .core.allocator import AllocatorTrimmer, tune_allocator
 from .core.corpus import WINDOW_ORDERS_FOLDER
 from .core.device_thread import DeviceThread
+from .core.memory_budget import MemoryBudget, format_bytes, memory_limit_bytes
 from .core.shared_memory import SharedMemoryRegistry
 from .core.stream_plan import BatchObserver
 from .core.vector_sources import default_cache_dir, load_word_vectors
@@ -53,12 +56,13 @@ from .services import (
     BatchesServicer,
     EmbeddingServicer,
     TokenizerServicer,
-    add_embedding_service,
+    add_encoding_servicer,
     embed_batcher,
 )
 from .word_vectors_service import WordVectorsServicer, disabled_word_vectors_handler
 
 _LOGGER = logging.getLogger(__name__)
+__all__ = ["Components", "EmbedServer", "build_server", "load_components", "serve", "tune_allocator"]
 
 
 @dataclass(frozen=True)
@@ -73,7 +77,7 @@ class Components:
     # The lease on the process's thread for the device, on which the model and the slot take theirs:
     # all torch work runs there (core/device_thread.py). Closed last.
     device_thread: DeviceThread
-    shared_memory: SharedMemoryRegistry = field(default_factory=SharedMemoryRegistry)
+    shared_memory: SharedMemoryRegistry
     load_seconds: dict[str, float] = field(default_factory=dict)
 
     def close(self, timeout: float = 10.0) -> bool:
@@ -147,8 +151,15 @@ def load_components(config: ServerConfig, environ: Mapping[str, str] | None = No
         CorpusStore(config.data_dir, tokenizer, window_orders=_window_orders(config.data_dir, cache_dir)),
         word_vectors,
         device_thread,
+        _shared_memory(config),
         load_seconds={"embedding": time.perf_counter() - started},
     )
+
+
+def _shared_memory(config: ServerConfig) -> SharedMemoryRegistry:
+    registry = SharedMemoryRegistry(max_per_connection=config.shared_memory_regions)
+    registry.remove_abandoned()
+    return registry
 
 
 def _window_orders(data_dir: Path | None, cache_dir: Path) -> MappedOrders:
@@ -157,6 +168,27 @@ def _window_orders(data_dir: Path | None, cache_dir: Path) -> MappedOrders:
     if data_dir is not None and os.access(data_dir, os.W_OK):
         return MappedOrders(data_dir / WINDOW_ORDERS_FOLDER)
     return MappedOrders(cache_dir / "window-orders")
+
+
+def memory_budget(config: ServerConfig, metrics: Metrics) -> MemoryBudget:
+    """The server's memory budget (--memory-budget, --memory-wait); the metrics follow it."""
+    limit = memory_limit_bytes()
+    total = MemoryBudgetSetting.parse(config.memory_budget).bytes_of(limit, config.workers)
+    metrics.memory_budget.set(total)
+    _LOGGER.info(
+        "memory budget %s (--memory-budget %s; memory limit %s)",
+        format_bytes(total), config.memory_budget, format_bytes(limit),
+    )  # fmt: skip
+    peak = 0
+
+    def changed(in_use: int) -> None:
+        nonlocal peak
+        metrics.memory_in_use.set(in_use)
+        if in_use > peak:
+            peak = in_use
+            metrics.memory_peak.set(peak)
+
+    return MemoryBudget(total, config.memory_wait, on_change=changed)
 
 
 def channel_options(config: ServerConfig) -> list[tuple[str, int]]:
@@ -182,8 +214,10 @@ def channel_options(config: ServerConfig) -> list[tuple[str, int]]:
 
 
 TOKENIZER_SERVICE = "embedserve.v1.TokenizerService"
-BATCHES_SERVICE = "embedserve.v1.BatchesService"
-EMBEDDING_SERVICE = "embedserve.v1.EmbeddingService"
+_BATCHES = batches_pb2.DESCRIPTOR.services_by_name["BatchesService"]
+_EMBEDDING = embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingService"]
+BATCHES_SERVICE = _BATCHES.full_name
+EMBEDDING_SERVICE = _EMBEDDING.full_name
 WORD_VECTORS_SERVICE = "embedserve.v1.WordVectorsService"
 
 
@@ -198,6 +232,7 @@ class EmbedServer:
     config: ServerConfig
     health: HealthStatuses
     metrics: Metrics
+    memory_budget: MemoryBudget
     draining: asyncio.Event
     # Health updates still being applied (the loop keeps only weak references to tasks).
     health_updates: set[asyncio.Task[None]] = field(default_factory=set, repr=False)
@@ -227,14 +262,11 @@ class EmbedServer:
         _listen(listener, replace(config, port=config.health_port).address, None)
         return listener
 
-    def serve_metrics(self) -> None:
-        """Serves the metrics over HTTP on --metrics-port; StartupError when that port is taken."""
-        try:
-            self.metrics.serve_http(self.config.metrics_port, self.config.host)
-        except OSError as error:
-            raise StartupError(
-                f"cannot serve metrics on {self.config.host}:{self.config.metrics_port}: {error.strerror}"
-            ) from None
+    def serve_metrics(self) -> WSGIServer:
+        """Serves the metrics over HTTP on --metrics-host:--metrics-port, asking for --metrics-token
+        when set; StartupError when that address cannot be bound. The listener's thread lives as
+        long as the process (`shutdown()` on what this returns stops it)."""
+        return self.metrics.serve_http(self.config)
 
 
 def _track_health(
@@ -298,12 +330,13 @@ def build_server(
             components.word_vectors.load_seconds
         )
     )
+    budget = memory_budget(config, metrics)  # one per server: it lives on its loop
     tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server(
-        TokenizerServicer(components.tokenizer, config), server
+        TokenizerServicer(components.tokenizer, config, budget), server
     )
     batcher = embed_batcher(components.model, config, metrics)  # one per server: it lives on its loop
     draining = asyncio.Event()
-    batches_pb2_grpc.add_BatchesServiceServicer_to_server(
+    add_encoding_servicer(
         BatchesServicer(
             components.tokenizer,
             components.corpora,
@@ -311,14 +344,23 @@ def build_server(
             config,
             batcher,
             draining,
+            budget,
             on_batch=on_stream_batch,
         ),
+        _BATCHES,
         server,
     )
-    add_embedding_service(
+    add_encoding_servicer(
         EmbeddingServicer(
-            components.model, components.tokenizer, config, batcher, components.shared_memory, draining
+            components.model,
+            components.tokenizer,
+            config,
+            batcher,
+            components.shared_memory,
+            draining,
+            budget,
         ),
+        _EMBEDDING,
         server,
     )
     health = HealthStatuses()
@@ -326,7 +368,7 @@ def build_server(
     served = [TOKENIZER_SERVICE, BATCHES_SERVICE, EMBEDDING_SERVICE]
     if components.word_vectors.enabled:
         word_vectors_pb2_grpc.add_WordVectorsServiceServicer_to_server(
-            WordVectorsServicer(components.word_vectors, config), server
+            WordVectorsServicer(components.word_vectors, config, budget), server
         )
     else:  # absent from health and reflection, but a call says why
         server.add_generic_rpc_handlers((disabled_word_vectors_handler(WORD_VECTORS_SERVICE),))
@@ -335,7 +377,7 @@ def build_server(
     names = [*served, WORD_VECTORS_SERVICE] if components.word_vectors.enabled else served
     enable_reflection(server, [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name])
     port = _listen(server, config.address, credentials)
-    return EmbedServer(server, port, config, health, metrics, draining, health_updates)
+    return EmbedServer(server, port, config, health, metrics, budget, draining, health_updates)
 
 
 def _listen(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
@@ -349,23 +391,6 @@ def _listen(server: grpc.aio.Server, address: str, credentials: grpc.ServerCrede
     if port == 0:
         raise StartupError(f"cannot listen on {address}")
     return port
-
-
-def tune_allocator() -> None:
-    """Keeps glibc from returning every large buffer to the kernel.
-
-    Each reply holds a few buffers of megabytes; by default glibc maps and unmaps each one, and
-    the page faults of touching fresh pages cost more than the lookup itself (docs/performance.md
-    has the measurement). No-op off glibc.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    mallopt(m_mmap_threshold, 256 * 1024 * 1024)
-    mallopt(m_trim_threshold, 1024 * 1024 * 1024)
 
 
 async def serve(config: ServerConfig, *, grace_seconds: float | None = None) -> bool:
@@ -388,7 +413,10 @@ async def serve(config: ServerConfig, *, grace_seconds: float | None = None) -> 
         probes = server.health_listener() if config.health_port else None
         if config.metrics_port:  # before serving: a port in use stops the start, not a running server
             server.serve_metrics()
-            _LOGGER.info("metrics on http://%s:%d/metrics", config.host, config.metrics_port)
+            _LOGGER.info(
+                "metrics on http://%s:%d/metrics%s", config.metrics_host, config.metrics_port,
+                " (bearer token required)" if config.metrics_token is not None else "",
+            )  # fmt: skip
     except StartupError:
         await asyncio.to_thread(components.close, config.grace)
         raise
@@ -398,6 +426,11 @@ async def serve(config: ServerConfig, *, grace_seconds: float | None = None) -> 
     gc.freeze()
     grace = config.grace if grace_seconds is None else grace_seconds
     stop_by = None
+    # Memory back to the kernel after bursts (none with --memory-trim-interval 0).
+    budget = server.memory_budget
+    trimmer = asyncio.create_task(
+        AllocatorTrimmer(lambda: budget.released_bytes, config.memory_trim_interval).run()
+    )
     try:
         await server.start()
         if probes is not None:
@@ -412,6 +445,7 @@ async def serve(config: ServerConfig, *, grace_seconds: float | None = None) -> 
         # One line an operator (or the reliability suite) can check: nothing cut off at shutdown.
         _LOGGER.info("calls finished: %s", json.dumps(server.metrics.finished_calls(), sort_keys=True))
     finally:
+        trimmer.cancel()
         await server.stop(0)  # no-op after the graceful stop; ends a failed start
         if probes is not None:  # last: probes see NOT_SERVING while calls drain
             await probes.stop(None)

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from . import call_logging
 from .config import (
     PROMETHEUS_MULTIPROCESS_VARIABLE,
     ServerConfig,
@@ -103,6 +104,7 @@ def tune_openmp(environ: MutableMapping[str, str]) -> bool:
 def _run_serve(args: argparse.Namespace) -> int:
     config = config_from_namespace(args)
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    call_logging.install()  # a reply that gRPC could not send to a cancelled call is no ERROR
     tune_openmp(os.environ)
     if config.workers > 1:
         return _run_workers(config)
@@ -157,7 +159,13 @@ def _fork_workers(config: ServerConfig) -> int:
     from .app import serve, tune_allocator
     from .core import StartupError
     from .metrics import serve_workers_http, worker_exited
+    from .security import check_exposure
 
+    try:  # once, here: the workers never see --metrics-port, which this process serves
+        check_exposure(config)
+    except StartupError as exc:
+        print(f"embedserve: {exc}", file=sys.stderr)
+        return 2
     tune_allocator()
     worker_config = dataclasses.replace(config, metrics_port=0)  # served here, not by each worker
     children = []
@@ -187,10 +195,18 @@ def _fork_workers(config: ServerConfig) -> int:
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     if config.metrics_port:
-        serve_workers_http(config.metrics_port, config.host)
+        try:
+            serve_workers_http(config)
+        except StartupError as exc:
+            print(f"embedserve: {exc}", file=sys.stderr)
+            forward(signal.SIGTERM, None)
+            for child in children:
+                os.waitpid(child, 0)
+            return 2
         logging.getLogger(__name__).info(
-            "metrics of %d workers on http://%s:%d/metrics", config.workers, config.host, config.metrics_port
-        )
+            "metrics of %d workers on http://%s:%d/metrics%s", config.workers, config.metrics_host,
+            config.metrics_port, " (bearer token required)" if config.metrics_token is not None else "",
+        )  # fmt: skip
     codes = []
     for child in children:
         codes.append(os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]))

@@ -36,11 +36,60 @@ Prefilter = Literal["auto", "on", "off"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 _OPTION = "embedserve.option"
+_SIZE_UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4}
+_SIZE_UNITS |= {"ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30, "ti": 1 << 40}
 _TRUE_WORDS = ("1", "true", "yes", "on")
 
 
 class ConfigError(ValueError):
     """A setting its option does not accept; the message names the flag."""
+
+
+@dataclass(frozen=True)
+class MemoryBudgetSetting:
+    """--memory-budget parsed: a size in bytes, or a share of the memory limit (auto is half)."""
+
+    nbytes: int | None = None
+    share: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> MemoryBudgetSetting:
+        """ValueError says why `text` is not a size (4GiB, 512MiB, 1000000), a percentage or auto."""
+        text = text.strip()
+        if text.lower() == "auto":
+            return cls(share=0.5)
+        if text.endswith("%"):
+            try:
+                percent = float(text[:-1])
+            except ValueError:
+                raise ValueError(f"not a percentage: {text!r}") from None
+            if not 0 < percent <= 100:
+                raise ValueError(f"a percentage must be in (0, 100], got {text!r}")
+            return cls(share=percent / 100)
+        number = text.rstrip("BbIiKkMmGgTt ")
+        unit = text[len(number) :].strip().lower().removesuffix("b")
+        try:
+            value = float(number)
+        except ValueError:
+            raise ValueError(f"not a size: {text!r} (e.g. 4GiB, 512MiB, 50%, auto)") from None
+        if unit not in _SIZE_UNITS or value <= 0:
+            raise ValueError(f"not a size: {text!r} (e.g. 4GiB, 512MiB, 50%, auto)")
+        return cls(nbytes=int(value * _SIZE_UNITS[unit]))
+
+    def bytes_of(self, limit_bytes: int, workers: int) -> int:
+        """The budget of one of `workers` processes under a memory limit of `limit_bytes`."""
+        if self.nbytes is not None:
+            return self.nbytes
+        assert self.share is not None
+        return max(1, int(limit_bytes * self.share) // workers)
+
+
+def _memory_budget_problem(value: Any) -> str | None:
+    try:
+        MemoryBudgetSetting.parse(str(value))
+    except ValueError as error:
+        return str(error)
+    return None
 
 
 @dataclass(frozen=True)
@@ -57,6 +106,8 @@ class Option:
     default_text: str = ""
     flag: str = ""  # default: the field's name, dashed
     metavar: str = ""
+    # Why a value is refused, beyond its range and choices (None: accepted).
+    check: Callable[[Any], str | None] | None = None
 
 
 def option(
@@ -69,9 +120,12 @@ def option(
     default_text: str = "",
     flag: str = "",
     metavar: str = "",
+    check: Callable[[Any], str | None] | None = None,
 ) -> Mapping[str, Option]:
     """The metadata of a ServerConfig field: its flag's declaration."""
-    return {_OPTION: Option(help_text, minimum, maximum, choices, ignore_case, default_text, flag, metavar)}
+    return {
+        _OPTION: Option(help_text, minimum, maximum, choices, ignore_case, default_text, flag, metavar, check)
+    }
 
 
 @dataclass(frozen=True)
@@ -244,6 +298,41 @@ class ServerConfig:
             minimum=1,
         ),
     )
+    memory_budget: str = field(
+        default="auto",
+        metadata=option(
+            "working memory that requests may hold at once, in this process: every request is "
+            "admitted against it before its work starts, waits --memory-wait for room, then is "
+            "RESOURCE_EXHAUSTED with a retry hint; a size (4GiB, 512MiB, bytes), a percentage of the "
+            "memory limit (50%), or auto: half the limit (the cgroup's, else the machine's), shared out "
+            "over --workers",
+            check=_memory_budget_problem,
+            metavar="SIZE",
+        ),
+    )
+    memory_wait: float = field(
+        default=2.0,
+        metadata=option(
+            "seconds a request waits for room in --memory-budget before it is refused", minimum=0
+        ),
+    )
+    memory_trim_interval: float = field(
+        default=5.0,
+        metadata=option(
+            "every this many seconds, give memory freed since the last time back to the kernel when "
+            "the process's private memory grew by 64 MiB or more (glibc's malloc_trim); 0: never",
+            minimum=0,
+        ),
+    )
+    shared_memory_regions: int = field(
+        default=16,
+        metadata=option(
+            "shared-memory regions (SharedMemorySession) one connection may hold at once, for clients "
+            "on this host; 0 turns shared memory off (e.g. behind a proxy on this host, whose clients "
+            "look local)",
+            minimum=0,
+        ),
+    )
     log_level: LogLevel = field(
         default="INFO", metadata=option("logging level, in any case", ignore_case=True)
     )
@@ -273,16 +362,33 @@ class ServerConfig:
     insecure: bool = field(
         default=False,
         metadata=option(
-            "allow a non-loopback --host with neither TLS nor API keys; otherwise the server refuses "
-            "to start",
+            "allow a non-loopback --host with neither TLS nor API keys, and a non-loopback "
+            "--metrics-host without --metrics-token; otherwise the server refuses to start",
         ),
     )
     metrics_port: int = field(
         default=0,
         metadata=option(
-            "serve Prometheus metrics at http://HOST:PORT/metrics on --host; 0: off",
+            "serve Prometheus metrics at http://METRICS_HOST:PORT/metrics (--metrics-host); 0: off",
             minimum=0,
             maximum=65535,
+        ),
+    )
+    metrics_host: str = field(
+        default="127.0.0.1",
+        metadata=option(
+            "address of the --metrics-port listener; one beyond loopback needs --metrics-token (or "
+            "--insecure), else the server refuses to start",
+        ),
+    )
+    metrics_token: str | None = field(
+        default=None,
+        repr=False,
+        metadata=option(
+            "scrapes of --metrics-port must send 'Authorization: Bearer TOKEN' (compared in constant "
+            "time; --api-key keys are not accepted there), else 401; never logged",
+            default_text="none: no credential asked",
+            metavar="TOKEN",
         ),
     )
     health_port: int = field(
@@ -336,6 +442,7 @@ class ServeFlag:
     kind: type
     optional: bool
     choices: tuple[str, ...]
+    secret: bool = False  # declared repr=False: its value is never shown
 
     @property
     def flag(self) -> str:
@@ -399,7 +506,7 @@ class ServeFlag:
             if high is not None:
                 return f"must be in [{low}, {high}], got {value}"
             return f"must be positive, got {value}" if low == 1 else f"must be >= {low}, got {value}"
-        return None
+        return None if self.declared.check is None else self.declared.check(value)
 
     def _choice(self, text: str) -> str | None:
         """The choice `text` names, spelled as declared."""
@@ -432,7 +539,17 @@ def serve_flags() -> tuple[ServeFlag, ...]:
         if typing.get_origin(kind) is Literal:
             kind, choices = str, typing.get_args(kind)
         kind = typing.get_origin(kind) or kind  # tuple[str, ...] -> tuple
-        flags.append(ServeFlag(config_field.name, declared, config_field.default, kind, optional, choices))
+        flags.append(
+            ServeFlag(
+                config_field.name,
+                declared,
+                config_field.default,
+                kind,
+                optional,
+                choices,
+                secret=not config_field.repr,
+            )
+        )
     return tuple(flags)
 
 
@@ -475,7 +592,7 @@ def add_server_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, 
     """Adds one flag per ServerConfig field; each defaults from its EMBEDSERVE_* variable in `environ`."""
     for flag in serve_flags():
         text = environ.get(flag.variable)
-        help_text = flag.declared.help
+        help_text = flag.declared.help.replace("%", "%%")  # argparse formats help with %
         if flag.kind is bool:
             parser.add_argument(
                 flag.flag, dest=flag.name, action="store_true",
@@ -503,7 +620,9 @@ def _notes(flag: ServeFlag, from_environment: str | None) -> str:
     """What --help adds to a flag's help: choices, range and default."""
     notes = [f"one of {', '.join(flag.choices)}"] if flag.choices else []
     notes += [flag.range_text] if flag.range_text else []
-    if from_environment is not None:
+    if from_environment is not None and flag.secret:
+        notes.append("default: set in the environment")  # a key or token is never shown
+    elif from_environment is not None:
         notes.append(f"default: {from_environment!r}, from the environment")
     elif flag.default is not None or flag.declared.default_text:
         notes.append(f"default: {describe_default(flag, flag.default)}")

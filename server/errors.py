@@ -7,7 +7,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn, TypeVar
 
 import grpc
-from embedserve.status_details import DETAILS_KEY, LimitInfo, limit_exceeded_status, not_in_vocabulary_status
+from embedserve.status_details import (
+    DETAILS_KEY,
+    LimitInfo,
+    limit_exceeded_status,
+    not_in_vocabulary_status,
+    overloaded_trailers,
+)
 
 from .core import (
     EmbedServeCoreError,
@@ -15,6 +21,7 @@ from .core import (
     LimitExceeded,
     NotFound,
     NotInVocabulary,
+    NotPermitted,
     NotReady,
     Overloaded,
     PreconditionFailed,
@@ -29,6 +36,7 @@ STATUS_BY_ERROR: tuple[tuple[type[EmbedServeCoreError], grpc.StatusCode], ...] =
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (NotReady, grpc.StatusCode.UNAVAILABLE),
+    (NotPermitted, grpc.StatusCode.PERMISSION_DENIED),
     (StartupError, grpc.StatusCode.FAILED_PRECONDITION),
     (PreconditionFailed, grpc.StatusCode.FAILED_PRECONDITION),
 )
@@ -52,6 +60,13 @@ async def _abort(context: Context, method: str, error: Exception) -> NoReturn:
             code.value[0], str(error), LimitInfo(error.limit, error.allowed, error.requested)
         )
         await context.abort(code, str(error), trailing_metadata=((DETAILS_KEY, details),))
+    if isinstance(error, Overloaded):
+        # What is full and when to retry: gRPC's own retry honours the pushback, other clients
+        # read the RetryInfo.
+        trailers = overloaded_trailers(
+            code.value[0], str(error), error.reason, error.retry_after, error.metadata
+        )
+        await context.abort(code, str(error), trailing_metadata=trailers)
     if isinstance(error, NotInVocabulary):
         details = not_in_vocabulary_status(code.value[0], str(error), error.words)
         await context.abort(code, str(error), trailing_metadata=((DETAILS_KEY, details),))

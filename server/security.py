@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from .config import ServerConfig, env_name
-from .core import StartupError
+from .core import NotPermitted, StartupError
 
 # Health checks stay open: load balancers and orchestrators probe without keys.
 _EXEMPT_PREFIXES = ("/grpc.health.v1.Health/",)
@@ -24,6 +24,30 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def is_same_host(peer: str) -> bool:
+    """Whether a gRPC peer ("ipv4:127.0.0.1:5000", "ipv6:[::1]:5000", "unix:...") is on this host."""
+    kind, _, address = peer.partition(":")
+    if kind == "unix":
+        return True
+    if kind not in ("ipv4", "ipv6"):
+        return False
+    host = address.rsplit(":", 1)[0].strip("[]")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def check_same_host(context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    """NotPermitted unless the call comes from this host (a loopback address or a Unix socket):
+    shared memory is for same-host clients only. The refusal says nothing about the server's files."""
+    if not is_same_host(context.peer()):
+        raise NotPermitted("shared memory is for clients on the server's own host (loopback, Unix socket)")
 
 
 def check_exposure(config: ServerConfig) -> None:
@@ -41,6 +65,24 @@ def check_exposure(config: ServerConfig) -> None:
             f"--host {config.host} is reachable from other machines: give --tls-cert/--tls-key "
             f"({env_name('tls_cert')}/{env_name('tls_key')}) or --api-key ({env_name('api_keys')}), "
             f"or --insecure ({env_name('insecure')}=1) to serve it unprotected anyway"
+        )
+    check_metrics_exposure(config)
+
+
+def check_metrics_exposure(config: ServerConfig) -> None:
+    """StartupError for a metrics token that cannot be sent as is, or a metrics listener beyond
+    loopback that asks for no token. The metrics credential is its own: API keys are not accepted
+    there, and the token is no API key."""
+    token = config.metrics_token
+    if token is not None and (not token or token.strip() != token):
+        raise StartupError("the metrics token is empty or has surrounding spaces")
+    if not config.metrics_port or _is_loopback(config.metrics_host):
+        return
+    if token is None and not config.insecure:
+        raise StartupError(
+            f"--metrics-host {config.metrics_host} is reachable from other machines: give --metrics-token "
+            f"({env_name('metrics_token')}), or --insecure ({env_name('insecure')}=1) to serve the metrics "
+            "unprotected anyway"
         )
 
 

@@ -5,35 +5,43 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
+import math
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
 import grpc
 import numpy as np
 import torch
-from embedserve.tensor import encode_varint_field, to_tensor_pb
+from embedserve.tensor import encode_message_field, encode_varint_field, to_tensor_pb
 from embedserve.v1 import (
     batches_pb2,
-    batches_pb2_grpc,
     embedding_pb2,
     tensor_pb2,
     tokenizer_pb2,
     tokenizer_pb2_grpc,
 )
+from google.protobuf import message_factory
+from google.protobuf.descriptor import ServiceDescriptor
 
 from . import _codec
+from .admission import SentReplies, hold_for_call
 from .config import ServerConfig
-from .core import CorpusStore, EmbeddingModel, EmbedJob, InvalidInput, NotReady, Tokenizer
+from .core import CorpusStore, EmbeddingModel, EmbedJob, InvalidInput, NotReady, Tokenizer, request_memory
 from .core.corpus import tokens_sha256
 from .core.embed_batcher import EmbedBatcher
 from .core.embed_jobs import OutputRegion, embed_job, result_shape
 from .core.limits import RequestLimits
+from .core.memory_budget import MemoryBudget, Reservation
 from .core.shared_memory import SharedMemoryRegistry
+from .core.stoppable import run_stoppable
 from .core.stream_plan import BatchObserver, StreamPlan, StreamRequest, StreamSource, plan_stream
+from .core.stretch_encoding import encode_planned, plan_encoding
 from .core.window_orders import InMemoryOrders, OrderStore
 from .core.windows import PlannedBatch
 from .errors import Context, stream_errors, unary_errors
 from .metrics import Metrics, add_timings
+from .security import check_same_host
 
 _FAILED_STREAM_DRAIN_SECONDS = 2.0
 SHUTTING_DOWN_MESSAGE = "the server is shutting down; resume from the last reply on another replica"
@@ -61,9 +69,10 @@ async def _next_or_drained(queue: asyncio.Queue[_Item], draining: asyncio.Event)
 
 
 class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
-    def __init__(self, tokenizer: Tokenizer, config: ServerConfig) -> None:
+    def __init__(self, tokenizer: Tokenizer, config: ServerConfig, budget: MemoryBudget) -> None:
         self._tokenizer = tokenizer
         self._limits = RequestLimits.of(config)
+        self._budget = budget
 
     @unary_errors
     async def Tokenize(
@@ -74,7 +83,12 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
             raise InvalidInput("texts is empty")
         self._limits.check_texts(len(texts))
         allowed = "all" if request.allow_all_special else frozenset(request.allowed_special)
-        ids, lengths = await asyncio.to_thread(self._tokenizer.encode_batch, texts, allowed)
+        plan = await asyncio.to_thread(plan_encoding, self._tokenizer, texts)
+        held = await hold_for_call(
+            self._budget, context, request_memory.texts_bytes(texts) + plan.working_bytes, "Tokenize"
+        )
+        ids, lengths = await run_stoppable(functools.partial(encode_planned, self._tokenizer, plan, allowed))
+        held.shrink(request_memory.texts_bytes(texts) + request_memory.token_ids_reply_bytes(ids.size))
         self._limits.check_reply_bytes(ids.nbytes + 10 * len(lengths), f"the {ids.size} token IDs")
         return tokenizer_pb2.TokenizeResponse(token_ids=to_tensor_pb(ids, "int32"), lengths=lengths)
 
@@ -96,6 +110,11 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
                 f"lengths must be non-negative and add up to the {ids.size} token IDs; "
                 f"{len(lengths)} lengths add up to {sum(lengths)}"
             )
+        self._tokenizer.check_ids(ids)
+        working = request_memory.decode_working_bytes(ids.size, self._tokenizer.decoded_bytes(ids))
+        await hold_for_call(
+            self._budget, context, request_memory.request_bytes(request.ByteSize()) + working, "Detokenize"
+        )
         texts = await asyncio.to_thread(self._decode_all, ids, lengths)
         return tokenizer_pb2.DetokenizeResponse(texts=texts)
 
@@ -139,7 +158,9 @@ def _stream_request(request: batches_pb2.StreamBatchesRequest) -> StreamRequest:
     )
 
 
-class BatchesServicer(batches_pb2_grpc.BatchesServiceServicer):
+class BatchesServicer:
+    """BatchesService; registered by add_encoding_servicer, which lets replies go out pre-encoded."""
+
     def __init__(
         self,
         tokenizer: Tokenizer,
@@ -148,6 +169,7 @@ class BatchesServicer(batches_pb2_grpc.BatchesServiceServicer):
         config: ServerConfig,
         batcher: EmbedBatcher,
         draining: asyncio.Event,
+        budget: MemoryBudget,
         on_batch: BatchObserver | None = None,
     ) -> None:
         """on_batch is told of every batch whose windows a stream gathers (see BatchObserver)."""
@@ -157,14 +179,24 @@ class BatchesServicer(batches_pb2_grpc.BatchesServiceServicer):
         self._limits = RequestLimits.of(config)
         self._batcher = batcher
         self._draining = draining
+        self._budget = budget
         self._on_batch = on_batch
 
-    async def _source(self, request: batches_pb2.StreamBatchesRequest) -> StreamSource:
-        """The source's token IDs and their sha256 (which cursors carry)."""
+    async def _source(self, request: batches_pb2.StreamBatchesRequest, context: Context) -> StreamSource:
+        """The source's token IDs and their sha256 (which cursors carry). A text is held against
+        the memory budget for the whole stream, with its IDs and shuffled orders."""
         source = request.WhichOneof("source")
         ids: np.ndarray[Any, np.dtype[np.integer]]
         if source == "text":  # bounded by the request's size, so its orders stay in memory
-            ids = await asyncio.to_thread(self._tokenizer.encode, request.text, self._tokenizer.separator)
+            texts = [request.text]
+            plan = await asyncio.to_thread(plan_encoding, self._tokenizer, texts)
+            held = await hold_for_call(
+                self._budget, context, request_memory.texts_bytes(texts) + plan.working_bytes, "StreamBatches"
+            )
+            ids, _ = await run_stoppable(
+                functools.partial(encode_planned, self._tokenizer, plan, self._tokenizer.separator)
+            )
+            held.shrink(request_memory.texts_bytes(texts) + request_memory.text_stream_bytes(ids.nbytes))
             sha256 = await asyncio.to_thread(tokens_sha256, ids)
             orders: OrderStore = InMemoryOrders()
         elif source == "corpus":
@@ -177,64 +209,86 @@ class BatchesServicer(batches_pb2_grpc.BatchesServiceServicer):
     @stream_errors
     async def StreamBatches(
         self, request: batches_pb2.StreamBatchesRequest, context: Context
-    ) -> AsyncIterator[batches_pb2.StreamBatchesResponse]:
+    ) -> AsyncIterator[bytes]:
+        """Yields encoded StreamBatchesResponse messages; see add_encoding_servicer."""
         embeddings_dtype = _codec.output_dtype_from_pb(request.embeddings_dtype, "embeddings_dtype")
         # Off the event loop: a large corpus's first shuffled epoch is computed here, once.
         plan = await asyncio.to_thread(
             plan_stream,
             _stream_request(request),
-            await self._source(request),
+            await self._source(request, context),
             limits=self._limits,
             model=self._model,
             embeddings_itemsize=embeddings_dtype.itemsize,
         )
-        pending: list[batches_pb2.StreamBatchesResponse] = []
-        for batch in plan.batches():
-            if batch.next_epoch != batch.epoch and batch.next_epoch <= plan.last_epoch:
-                await asyncio.to_thread(plan.plan_for, batch.next_epoch)  # the next epoch's order, likewise
-            if self._draining.is_set():  # at a batch boundary: the client has the cursor to resume from
-                if pending:
+        # What the stream runs ahead of its consumer is held against the budget: the message being
+        # gathered, from its first batch, and the one before it until it has left (SentReplies).
+        message_bytes = request_memory.encoded_reply_bytes(plan.batch_bytes * plan.batches_per_message)
+        self._budget.check_fits(2 * message_bytes, "two StreamBatches messages")
+        sent = SentReplies(context)
+        pending: list[bytes] = []
+        held: Reservation | None = None
+        try:
+            for batch in plan.batches():
+                if batch.next_epoch != batch.epoch and batch.next_epoch <= plan.last_epoch:
+                    await asyncio.to_thread(plan.plan_for, batch.next_epoch)  # the next epoch's order too
+                if self._draining.is_set():  # at a batch boundary: the client has the cursor to resume from
+                    if pending:
+                        yield _packed(pending)
+                    raise NotReady(SHUTTING_DOWN_MESSAGE)
+                if held is None:
+                    held = await self._budget.reserve(message_bytes, "StreamBatches")
+                pending.append(await self._reply(plan, batch, embeddings_dtype))
+                if len(pending) == plan.batches_per_message:
                     yield _packed(pending)
-                raise NotReady(SHUTTING_DOWN_MESSAGE)
-            pending.append(await self._reply(plan, batch, embeddings_dtype))
-            if len(pending) == plan.batches_per_message:
+                    pending = []
+                    sent.written(held)
+                    held = None
+            if pending:
                 yield _packed(pending)
-                pending = []
-        if pending:
-            yield _packed(pending)
+        finally:
+            if held is not None:
+                sent.written(held)  # given back with the call
 
-    async def _reply(
-        self, plan: StreamPlan, batch: PlannedBatch, embeddings_dtype: torch.dtype
-    ) -> batches_pb2.StreamBatchesResponse:
+    async def _reply(self, plan: StreamPlan, batch: PlannedBatch, embeddings_dtype: torch.dtype) -> bytes:
+        """The batch's StreamBatchesResponse, encoded; its embeddings are looked up straight into
+        the reply's bytes (see _codec.TensorReply), so a batch is held twice at most: here and in
+        gRPC's copy."""
         inputs, targets = plan.windows(batch)
         if self._on_batch is not None:
             self._on_batch(plan.settings, batch)
-        embeddings = None
-        if plan.include_embeddings:
-            embedded = await self._batcher.embed(EmbedJob(inputs, output_dtype=embeddings_dtype))
-            embeddings = _codec.tensor_pb_from_torch(embedded)
-        return batches_pb2.StreamBatchesResponse(
+        fields = batches_pb2.StreamBatchesResponse(
             index=batch.index,
             inputs=to_tensor_pb(inputs, "int32"),
             targets=to_tensor_pb(targets, "int32"),
-            embeddings=embeddings,
             num_batches=batch.plan.num_batches,
             num_windows=batch.plan.num_windows,
             num_tokens=batch.plan.num_tokens,
             epoch=batch.epoch,
             cursor=plan.cursor_after(batch),
-        )
+        ).SerializeToString()
+        if not plan.include_embeddings:
+            return bytes(fields)
+        # Fields may come in any order on the wire: the embeddings first, the others after them.
+        shape = (*inputs.shape, self._model.dim)
+        reply = _codec.TensorReply(_EMBEDDINGS_FIELD, shape, embeddings_dtype, fields)
+        await self._batcher.embed(EmbedJob(inputs, output_dtype=embeddings_dtype, out=reply.tensor))
+        return reply.message()
 
 
-def _packed(batches: list[batches_pb2.StreamBatchesResponse]) -> batches_pb2.StreamBatchesResponse:
-    """One message: the first batch, with the others in `more`."""
-    first = batches[0]
-    first.more.extend(batches[1:])
-    return first
+_EMBEDDINGS_FIELD = batches_pb2.StreamBatchesResponse.DESCRIPTOR.fields_by_name["embeddings"].number
+_MORE_FIELD = batches_pb2.StreamBatchesResponse.DESCRIPTOR.fields_by_name["more"].number
+
+
+def _packed(batches: list[bytes]) -> bytes:
+    """One encoded message: the first batch, with the others in `more`."""
+    if len(batches) == 1:
+        return batches[0]
+    return batches[0] + b"".join(encode_message_field(_MORE_FIELD, batch) for batch in batches[1:])
 
 
 class EmbeddingServicer:
-    """EmbeddingService; registered by add_embedding_service, which lets replies go out pre-encoded."""
+    """EmbeddingService; registered by add_encoding_servicer, which lets replies go out pre-encoded."""
 
     def __init__(
         self,
@@ -244,6 +298,7 @@ class EmbeddingServicer:
         batcher: EmbedBatcher,
         shared_memory: SharedMemoryRegistry,
         draining: asyncio.Event,
+        budget: MemoryBudget,
     ) -> None:
         self._model = model
         self._tokenizer = tokenizer
@@ -252,6 +307,7 @@ class EmbeddingServicer:
         self._batcher = batcher
         self._shared_memory = shared_memory
         self._draining = draining
+        self._budget = budget
 
     def _job(
         self, token_ids: tensor_pb2.Tensor, options: embedding_pb2.EmbedOptions, region: OutputRegion | None
@@ -269,27 +325,50 @@ class EmbeddingServicer:
         )
 
     async def _embed(
-        self, token_ids: tensor_pb2.Tensor, options: embedding_pb2.EmbedOptions, sequence_id: int = 0
-    ) -> bytes:
-        """An encoded EmbedStreamResponse (see _codec.TensorReply)."""
+        self, request: embedding_pb2.EmbedStreamRequest, held_by_stream: set[Reservation]
+    ) -> tuple[bytes, Reservation]:
+        """An encoded EmbedStreamResponse (see _codec.TensorReply), and its memory, held against
+        the budget until the caller has sent it (and in `held_by_stream` until then, so that the
+        stream gives back what it never sent)."""
+        options = request.options
         if options.HasField("output_region"):
             raise InvalidInput("output_region is for Embed, not EmbedStream")
-        trailer = encode_varint_field(2, sequence_id) if sequence_id else b""
-        job = self._job(token_ids, options, None)
-        reply = _codec.TensorReply(1, result_shape(job, self._model.dim), job.output_dtype, trailer)
-        await self._batcher.embed(dataclasses.replace(job, out=reply.tensor))
-        return reply.message()
+        trailer = encode_varint_field(2, request.sequence_id) if request.sequence_id else b""
+        job = self._job(request.token_ids, options, None)
+        shape = result_shape(job, self._model.dim)
+        held = await self._budget.reserve(
+            request_memory.request_bytes(request.ByteSize())
+            + request_memory.encoded_reply_bytes(math.prod(shape) * job.output_dtype.itemsize),
+            "an EmbedStream window",
+        )
+        held_by_stream.add(held)
+        try:
+            reply = _codec.TensorReply(1, shape, job.output_dtype, trailer)
+            await self._batcher.embed(dataclasses.replace(job, out=reply.tensor))
+        except BaseException:
+            held.release()
+            raise
+        return reply.message(), held
 
     @unary_errors
     async def Embed(
         self, request: embedding_pb2.EmbedRequest, context: Context
     ) -> embedding_pb2.EmbedResponse | bytes:
-        """Returns the reply encoded (bytes) unless it went to shared memory; see add_embedding_service."""
+        """Returns the reply encoded (bytes) unless it went to shared memory; see add_encoding_servicer."""
         options = request.options
         written_to = options.output_region if options.HasField("output_region") else None
         region = None if written_to is None else OutputRegion(written_to.handle, written_to.offset)
+        if region is not None:
+            check_same_host(context)
         job = self._job(request.token_ids, options, region)
         shape = result_shape(job, self._model.dim)
+        result_bytes = 0 if region is not None else math.prod(shape) * job.output_dtype.itemsize
+        await hold_for_call(
+            self._budget,
+            context,
+            request_memory.request_bytes(request.ByteSize()) + request_memory.reply_bytes(result_bytes),
+            "Embed",
+        )
         reply = None
         if region is None:
             reply = _codec.TensorReply(1, shape, job.output_dtype)
@@ -309,23 +388,38 @@ class EmbeddingServicer:
     async def SharedMemorySession(
         self, request: embedding_pb2.SharedMemorySessionRequest, context: Context
     ) -> AsyncIterator[embedding_pb2.SharedMemorySessionResponse]:
-        handle = self._shared_memory.register(request.name, request.byte_size)
+        check_same_host(context)
+        if request.name:
+            raise InvalidInput(
+                "name must be empty: the server creates the region itself and returns its name "
+                "(a client that creates its own region is from before embedserve 0.2; update it)"
+            )
+        if request.byte_size <= 0:
+            raise InvalidInput("byte_size must be positive")
+        # The region is the server's memory (tmpfs pages) for as long as the session lasts.
+        await hold_for_call(self._budget, context, request.byte_size, "a shared-memory region")
+        grant = self._shared_memory.create(context.peer(), request.byte_size)
         try:
-            yield embedding_pb2.SharedMemorySessionResponse(handle=handle, byte_size=request.byte_size)
+            yield embedding_pb2.SharedMemorySessionResponse(
+                handle=grant.handle, byte_size=grant.byte_size, name=grant.name
+            )
             await asyncio.Event().wait()  # until the client cancels the session or goes away
         finally:
-            self._shared_memory.release(handle)
+            self._shared_memory.release(grant.handle)
 
     @stream_errors
     async def EmbedStream(
         self, request_iterator: AsyncIterator[embedding_pb2.EmbedStreamRequest], context: Context
     ) -> AsyncIterator[bytes]:
-        """Yields encoded EmbedStreamResponse messages; see add_embedding_service."""
+        """Yields encoded EmbedStreamResponse messages; see add_encoding_servicer."""
         # Up to stream_window windows are read ahead and in the batcher at once (so one stream
         # can fill a batch); past that the reader waits, which is the stream's backpressure.
-        in_flight: asyncio.Queue[asyncio.Task[bytes] | None] = asyncio.Queue(maxsize=self._stream_window)
+        in_flight: asyncio.Queue[asyncio.Task[tuple[bytes, Reservation]] | None] = asyncio.Queue(
+            maxsize=self._stream_window
+        )
         finished = False  # the reader stops at its next read
         failed = False  # the reader discards what the client still sends
+        held: set[Reservation] = set()  # replies made and not yet sent
 
         async def read_ahead() -> None:
             try:
@@ -334,10 +428,7 @@ class EmbeddingServicer:
                         return
                     if failed or self._draining.is_set():
                         continue
-                    task = asyncio.create_task(
-                        self._embed(request.token_ids, request.options, request.sequence_id)
-                    )
-                    await in_flight.put(task)
+                    await in_flight.put(asyncio.create_task(self._embed(request, held)))
             except Exception:
                 if not (finished or failed):  # once the call has ended, a failing read is expected
                     raise
@@ -355,9 +446,15 @@ class EmbeddingServicer:
         # status this stream ends with into INTERNAL. It ends by itself once the call is over.
         reader = asyncio.create_task(read_ahead())
         reader.add_done_callback(lambda task: task.cancelled() or task.exception())
+        sent = SentReplies(context)
         try:
             while (task := await _next_or_drained(in_flight, self._draining)) is not None:
-                yield await task
+                reply, window_held = await task
+                held.discard(window_held)
+                try:
+                    yield reply
+                finally:
+                    sent.written(window_held)
             await reader  # a failure reading the requests ends the stream with it
         except Exception:
             # A client still writing when the call ends with an error may see INTERNAL instead of
@@ -369,6 +466,8 @@ class EmbeddingServicer:
         finally:
             finished = True
             cancel_queued()
+            for reservation in held:
+                reservation.release()
 
     @unary_errors
     async def Info(
@@ -389,6 +488,7 @@ class EmbeddingServicer:
                 max_tokens_per_request=self._limits.max_tokens_per_request,
                 max_texts_per_request=self._limits.max_texts_per_request,
                 max_batch_size=self._limits.max_batch_size,
+                memory_budget_bytes=self._budget.total_bytes,
             ),
         )
 
@@ -398,31 +498,25 @@ def _pass_through(reply: Any) -> bytes:
     return reply if isinstance(reply, bytes) else bytes(reply.SerializeToString())
 
 
-def add_embedding_service(servicer: EmbeddingServicer, server: Any) -> None:
-    """The generated add_EmbeddingServiceServicer_to_server, except that Embed and EmbedStream may
-    return their replies already encoded: a 2 MB result then costs one copy instead of three."""
+_HANDLER_BY_KIND = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def add_encoding_servicer(servicer: Any, service: ServiceDescriptor, server: Any) -> None:
+    """The generated add_...Servicer_to_server, except that a method may return its replies already
+    encoded (bytes): a reply built around its tensor (Embed, EmbedStream, StreamBatches with
+    embeddings) then costs gRPC's copy alone."""
     handlers = {
-        "Embed": grpc.unary_unary_rpc_method_handler(
-            servicer.Embed,
-            request_deserializer=embedding_pb2.EmbedRequest.FromString,
+        method.name: _HANDLER_BY_KIND[method.client_streaming, method.server_streaming](
+            getattr(servicer, method.name),
+            request_deserializer=message_factory.GetMessageClass(method.input_type).FromString,
             response_serializer=_pass_through,
-        ),
-        "EmbedStream": grpc.stream_stream_rpc_method_handler(
-            servicer.EmbedStream,
-            request_deserializer=embedding_pb2.EmbedStreamRequest.FromString,
-            response_serializer=_pass_through,
-        ),
-        "Info": grpc.unary_unary_rpc_method_handler(
-            servicer.Info,
-            request_deserializer=embedding_pb2.EmbeddingServiceInfoRequest.FromString,
-            response_serializer=_pass_through,
-        ),
-        "SharedMemorySession": grpc.unary_stream_rpc_method_handler(
-            servicer.SharedMemorySession,
-            request_deserializer=embedding_pb2.SharedMemorySessionRequest.FromString,
-            response_serializer=_pass_through,
-        ),
+        )
+        for method in service.methods
     }
-    name = embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
-    server.add_registered_method_handlers(name, handlers)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Callable
 from importlib import resources
 from typing import TypeVar
@@ -15,10 +14,13 @@ from embedserve.tensor import to_tensor_pb
 from embedserve.v1 import tensor_pb2, word_vectors_pb2, word_vectors_pb2_grpc
 
 from . import _codec
+from .admission import hold_for_call
 from .config import ServerConfig
-from .core import InvalidInput
+from .core import InvalidInput, request_memory
 from .core.batcher import Batcher
 from .core.limits import RequestLimits
+from .core.memory_budget import MemoryBudget
+from .core.stoppable import run_stoppable
 from .core.word_vector_slot import WordVectorSlot
 from .core.word_vectors import PreparedBatch, QueryColumns, RankedLists, SimilarityQuery, Term
 from .errors import Context, unary_errors
@@ -96,9 +98,10 @@ def _query(query: word_vectors_pb2.SimilarityQuery) -> SimilarityQuery:
 
 
 class WordVectorsServicer(word_vectors_pb2_grpc.WordVectorsServiceServicer):
-    def __init__(self, slot: WordVectorSlot, config: ServerConfig) -> None:
+    def __init__(self, slot: WordVectorSlot, config: ServerConfig, budget: MemoryBudget) -> None:
         self._slot = slot
         self._limits = RequestLimits.of(config)
+        self._budget = budget
         self._batcher: Batcher[PreparedBatch, RankedLists] | None = None
 
     async def _in_worker_if(self, large: bool, work: Callable[[], _T]) -> _T:
@@ -117,6 +120,11 @@ class WordVectorsServicer(word_vectors_pb2_grpc.WordVectorsServiceServicer):
     ) -> word_vectors_pb2.GetVectorsResponse:
         self._check_count(len(request.words), "words")
         model = self._slot.model
+        words = len(request.words)
+        reply = request_memory.words_bytes(words) + request_memory.reply_bytes(words * model.dim * 4)
+        await hold_for_call(
+            self._budget, context, request_memory.request_bytes(request.ByteSize()) + reply, "GetVectors"
+        )
         vectors, missing = await self._in_worker_if(
             len(request.words) > _INLINE_ITEMS, lambda: model.get_vectors(list(request.words))
         )
@@ -148,6 +156,13 @@ class WordVectorsServicer(word_vectors_pb2_grpc.WordVectorsServiceServicer):
             return model.prepare(columns)
 
         batch = await self._in_worker_if(terms > _INLINE_ITEMS, prepared)
+        results = int(np.minimum(batch.topn, batch.end).sum())
+        await hold_for_call(
+            self._budget,
+            context,
+            request_memory.request_bytes(request.ByteSize()) + request_memory.ranked_results_bytes(results),
+            "MostSimilar",
+        )
         if self._batcher is None:
             self._batcher = Batcher(
                 model.search_many, executor=self._slot.device_thread, max_batch=1024, size=len, unit="queries"
@@ -205,17 +220,17 @@ class WordVectorsServicer(word_vectors_pb2_grpc.WordVectorsServiceServicer):
         if restrict <= 0:
             raise InvalidInput(f"restrict_vocab must be positive, got {restrict}")
         case_insensitive = request.case_insensitive if request.HasField("case_insensitive") else True
-        # Set when the call ends, however it ends: a client gone (deadline, cancel) stops the work.
-        call_ended = threading.Event()
-        try:
-            report = await asyncio.get_running_loop().run_in_executor(
-                self._slot.request_executor,
-                lambda: analogies.evaluate(
-                    questions, restrict_vocab=restrict, case_insensitive=case_insensitive, cancel=call_ended
-                ),
-            )
-        finally:
-            call_ended.set()
+        working = request_memory.evaluation_bytes(
+            request_memory.utf8_bound(questions), min(restrict, self._slot.model.vocab_size)
+        )
+        await hold_for_call(self._budget, context, working, "EvaluateAnalogies")
+        # A client gone (deadline, cancel) stops the work.
+        report = await run_stoppable(
+            lambda stop: analogies.evaluate(
+                questions, restrict_vocab=restrict, case_insensitive=case_insensitive, cancel=stop
+            ),
+            self._slot.request_executor,
+        )
         return word_vectors_pb2.EvaluateAnalogiesResponse(
             accuracy=report.accuracy,
             sections=[

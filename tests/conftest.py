@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import hashlib
 import importlib.util
+import ipaddress
 import os
 import re
 import shutil
@@ -78,6 +79,17 @@ class ServerThread:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=30)
         self._loop.close()
+
+
+def outside_address() -> str | None:
+    """This machine's IPv4 address on its default route, when it has one beyond loopback."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # UDP: picks the route and sends nothing
+        except OSError:
+            return None
+        address = str(probe.getsockname()[0])
+    return None if ipaddress.ip_address(address).is_loopback or address == "0.0.0.0" else address
 
 
 def free_port() -> int:

@@ -1,4 +1,5 @@
-"""The client retries idempotent calls on UNAVAILABLE and RESOURCE_EXHAUSTED."""
+"""The client retries idempotent calls on UNAVAILABLE, and on RESOURCE_EXHAUSTED when the server
+says when to retry."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from embedserve.client import AsyncClient, EmbedServeError, InternalError
+from embedserve.client import AsyncClient, EmbedServeError, InternalError, ResourceExhaustedError
+from embedserve.client._errors import RETRY_ATTEMPTS
 from embedserve.client.tensor import to_tensor_pb
 from embedserve.server import ServerConfig
+from embedserve.status_details import overloaded_trailers
 from embedserve.v1 import tokenizer_pb2
 
 from .conftest import start_server
@@ -24,9 +27,11 @@ async def _flaky_server(
     failures: list[grpc.StatusCode],
     details: str = "try again",
     deadlines: list[float | None] | None = None,
+    retry_after: float | None = None,
 ) -> tuple[grpc.aio.Server, int, list[int]]:
     """A TokenizerService whose Tokenize fails with the given codes, then answers [7, 8, 9];
-    each call's remaining time goes into `deadlines`."""
+    each call's remaining time goes into `deadlines`. With `retry_after`, a RESOURCE_EXHAUSTED
+    carries the retry hint embedserve's server sends when it is overloaded."""
     calls = [0]
 
     async def tokenize(request: tokenizer_pb2.TokenizeRequest, context: Context) -> bytes:
@@ -34,7 +39,14 @@ async def _flaky_server(
         if deadlines is not None:
             deadlines.append(context.time_remaining())
         if calls[0] <= len(failures):
-            await context.abort(failures[calls[0] - 1], details)
+            code = failures[calls[0] - 1]
+            hinted = retry_after is not None and code is grpc.StatusCode.RESOURCE_EXHAUSTED
+            trailers = (
+                overloaded_trailers(code.value[0], details, "MEMORY_BUDGET", retry_after, {})
+                if hinted
+                else ()
+            )
+            await context.abort(code, details, trailing_metadata=trailers)
         reply = tokenizer_pb2.TokenizeResponse(
             token_ids=to_tensor_pb(np.array([7, 8, 9], np.int32)), lengths=[3]
         )
@@ -54,20 +66,45 @@ async def _flaky_server(
 
 async def test_idempotent_calls_are_retried_with_backoff() -> None:
     server, port, calls = await _flaky_server(
-        [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED]
+        [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.RESOURCE_EXHAUSTED],
+        retry_after=0.4,
     )
     try:
         async with AsyncClient(f"127.0.0.1:{port}") as client:
+            started = time.monotonic()
             assert await client.tokenize("anything") == [7, 8, 9]
+            assert time.monotonic() - started >= 0.8  # the server's hint, twice
+        assert calls[0] == 4
+    finally:
+        await server.stop(None)
+    # Without a hint, RESOURCE_EXHAUSTED is a size limit (a message too large): not retried.
+    for code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED):
+        server, port, calls = await _flaky_server([code])
+        try:
+            async with AsyncClient(f"127.0.0.1:{port}") as client:
+                with pytest.raises(EmbedServeError, match=code.name):
+                    await client.tokenize("anything")
+            assert calls[0] == 1  # not retryable
+        finally:
+            await server.stop(None)
+
+
+async def test_a_large_request_refused_for_memory_is_retried_after_the_hint() -> None:
+    """gRPC's own retries leave out requests larger than their buffer; the client retries those."""
+    server, port, calls = await _flaky_server([grpc.StatusCode.RESOURCE_EXHAUSTED] * 2, retry_after=0.3)
+    try:
+        async with AsyncClient(f"127.0.0.1:{port}") as client:
+            assert await client.tokenize("x" * (1 << 20)) == [7, 8, 9]
         assert calls[0] == 3
     finally:
         await server.stop(None)
-    server, port, calls = await _flaky_server([grpc.StatusCode.INVALID_ARGUMENT])
+    server, port, calls = await _flaky_server([grpc.StatusCode.RESOURCE_EXHAUSTED] * 9, retry_after=0.1)
     try:
         async with AsyncClient(f"127.0.0.1:{port}") as client:
-            with pytest.raises(EmbedServeError, match="INVALID_ARGUMENT"):
-                await client.tokenize("anything")
-        assert calls[0] == 1  # not retryable
+            with pytest.raises(ResourceExhaustedError) as raised:
+                await client.tokenize("x" * (1 << 20))
+            assert raised.value.retry_after == pytest.approx(0.1)
+        assert calls[0] == RETRY_ATTEMPTS  # then it gives up, with the hint in hand
     finally:
         await server.stop(None)
 

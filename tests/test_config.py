@@ -31,6 +31,9 @@ RANGED = [flag for flag in FLAGS if flag.declared.minimum is not None or flag.de
 CHOOSING = [flag for flag in FLAGS if flag.choices]
 
 
+SAMPLES_OF_CHECKED_FLAGS = {"memory_budget": ("4GiB", "4GiB")}
+
+
 def _sample(flag: ServeFlag) -> tuple[str, object]:
     """A variable's text that this flag accepts, and the value it means (never the default)."""
     if flag.kind is bool:
@@ -41,6 +44,8 @@ def _sample(flag: ServeFlag) -> tuple[str, object]:
         choice = next(c for c in flag.choices if c != flag.default)
         choice = choice.replace(":N", ":1")
         return choice, choice
+    if flag.declared.check is not None:  # a text of a form of its own
+        return SAMPLES_OF_CHECKED_FLAGS[flag.name]
     by_kind: dict[type, tuple[str, object]] = {
         Path: ("/some/where", Path("/some/where")),
         int: ("17", 17),

@@ -71,9 +71,8 @@ def test_requests_the_model_or_the_limits_refuse(model: EmbeddingModel) -> None:
 def test_a_result_for_a_region_must_fit_the_region_not_a_message(
     model: EmbeddingModel, tmp_path: Path
 ) -> None:
-    (tmp_path / "region").write_bytes(b"\0" * 256)
     memory = SharedMemoryRegistry(tmp_path)
-    handle = memory.register("region", 256)
+    handle = memory.create("connection", 256).handle
     tiny_messages = replace(LIMITS, max_message_bytes=1)
     job = embed_job(
         model,

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from embedserve.server.config import ServerConfig, env_name, parse_server_config
+from embedserve.server.security import check_exposure
 
 yaml = pytest.importorskip("yaml")
 
@@ -47,6 +48,24 @@ def test_manifests_match_the_server() -> None:
     config = parse_server_config(container["args"][1:], {})  # the server's own parser accepts them
     for variable in container.get("env", []):
         assert variable["name"] in {env_name(name) for name in ServerConfig.__dataclass_fields__}
+    # Secrets come from Secrets, never as values in the manifests; with placeholders for them, the
+    # server's own checks let it start (an exposed port has its protection).
+    secrets = {
+        variable["name"]: variable["valueFrom"]["secretKeyRef"]
+        for variable in container["env"]
+        if "secretKeyRef" in variable.get("valueFrom", {})
+    }
+    assert {env_name("api_keys"), env_name("metrics_token")} <= set(secrets)
+    for name in (env_name("api_keys"), env_name("metrics_token"), env_name("insecure")):
+        assert all(variable["name"] != name or "value" not in variable for variable in container["env"])
+    assert secrets[env_name("metrics_token")]["name"] != secrets[env_name("api_keys")]["name"], (
+        "Prometheus reads the metrics token, never the API keys"
+    )
+    placeholders = {name: "placeholder" for name in secrets}
+    check_exposure(parse_server_config(container["args"][1:], placeholders))
+    # Prometheus scrapes the pod IP: metrics listen beyond loopback, behind the token.
+    assert config.metrics_host == "0.0.0.0"
+    assert config.metrics_token is None, "the token comes from its Secret, not from the arguments"
 
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
     assert ports["grpc"] == config.port

@@ -8,9 +8,14 @@ import shlex
 import shutil
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
+from embedserve.server.config import parse_server_config
+from embedserve.server.core import StartupError
+from embedserve.server.security import check_exposure
 
 from .conftest import free_port, make_certificates, start_cli_server
 
@@ -37,6 +42,14 @@ def test_image_commands_work(tmp_path: Path) -> None:
         item.split("=", 1) for item in shlex.split(env_line.group(1)) if not item.startswith("PATH=")
     )
     assert image_env["EMBEDSERVE_HOST"] == "0.0.0.0"
+    # Metrics are off until a port is given; then they listen beyond the container's loopback,
+    # which the server allows only with their token (or EMBEDSERVE_INSECURE=1).
+    assert "EMBEDSERVE_METRICS_PORT" not in image_env
+    assert image_env["EMBEDSERVE_METRICS_HOST"] == "0.0.0.0"
+    with_metrics = {**image_env, "EMBEDSERVE_API_KEYS": "k", "EMBEDSERVE_METRICS_PORT": "9090"}
+    with pytest.raises(StartupError, match="EMBEDSERVE_METRICS_TOKEN"):
+        check_exposure(parse_server_config([], with_metrics))
+    check_exposure(parse_server_config([], {**with_metrics, "EMBEDSERVE_METRICS_TOKEN": "t"}))
     image_env["EMBEDSERVE_CACHE_DIR"] = str(tmp_path / "cache")  # the image's, relocated
     env = {**os.environ, **image_env}
 
@@ -80,11 +93,22 @@ def test_image_commands_work(tmp_path: Path) -> None:
     # The image listens on 0.0.0.0, which the server refuses without protection: operators pass
     # EMBEDSERVE_API_KEYS, or TLS files, or EMBEDSERVE_INSECURE=1, as the README says. The probe
     # works with each: it needs no key, and its port speaks plaintext.
-    health_port = free_port()
-    keys = {**image_env, "EMBEDSERVE_API_KEYS": "test-key", "EMBEDSERVE_HEALTH_PORT": str(health_port)}
+    health_port, metrics_port = free_port(), free_port()
+    keys = {
+        **image_env, "EMBEDSERVE_API_KEYS": "test-key", "EMBEDSERVE_HEALTH_PORT": str(health_port),
+        "EMBEDSERVE_METRICS_PORT": str(metrics_port), "EMBEDSERVE_METRICS_TOKEN": "metrics-token",
+    }  # fmt: skip
     server = start_cli_server("--device", "cpu", env=keys)
     try:
         probe_says_serving(health_port)
+        scrape = f"http://127.0.0.1:{metrics_port}/metrics"
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(scrape, timeout=10).close()
+        assert refused.value.code == 401
+        refused.value.close()
+        authorized = urllib.request.Request(scrape, headers={"Authorization": "Bearer metrics-token"})
+        with urllib.request.urlopen(authorized, timeout=10) as reply:
+            assert "embedserve_call_seconds" in reply.read().decode()
     finally:
         assert server.terminate() == 0, server.log
     if shutil.which("openssl") is None:

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import socket
+import subprocess
+import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import replace
+from email.message import Message
 from pathlib import Path
 
 import grpc
 import numpy as np
+import pytest
 from embedserve.client import AsyncClient, Client, EmbedServeError
 from embedserve.server import ServerConfig
 from embedserve.server.app import Components
@@ -24,9 +30,30 @@ from embedserve.v1 import (
 )
 from prometheus_client import generate_latest
 
-from .conftest import ServerThread, free_port, start_cli_server
+from .conftest import ServerThread, free_port, outside_address, start_cli_server
 
 TINY = ServerConfig(port=0, device="cpu", word_vectors="none", log_level="WARNING")
+SMALL_FLAGS = ("--vocab-size", "6", "--dim", "3", "--device", "cpu", "--word-vectors", "none")
+
+
+def _scrape(host: str, port: int, authorization: str | None = None) -> tuple[int, Message, str]:
+    """(status, headers, body) of GET http://host:port/metrics."""
+    headers = {} if authorization is None else {"Authorization": authorization}
+    request = urllib.request.Request(f"http://{host}:{port}/metrics", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            return reply.status, reply.headers, reply.read().decode()
+    except urllib.error.HTTPError as refused:
+        with refused:
+            return refused.code, refused.headers, refused.read().decode()
+
+
+def _assert_unreachable_from_outside(port: int) -> None:
+    """Nothing answers `port` on this machine's non-loopback address (when it has one)."""
+    outside = outside_address()
+    if outside is not None:
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((outside, port), timeout=5).close()
 
 
 async def test_calls_batches_and_timings_are_measured(default_components: Components) -> None:
@@ -93,12 +120,11 @@ def test_metrics_port_serves_prometheus_text() -> None:
         assert server.terminate() == 0, server.log
 
 
-def test_metrics_of_workers_add_up(tmp_path: Path) -> None:
+def test_metrics_of_workers_add_up_on_loopback_behind_the_token(tmp_path: Path) -> None:
     port, metrics_port = free_port(), free_port()
     server = start_cli_server(
-        "--port", str(port), "--workers", "2", "--metrics-port", str(metrics_port), "--vocab-size", "6",
-        "--dim", "3", "--device", "cpu", "--word-vectors", "none",
-        env={"TMPDIR": str(tmp_path)},
+        "--port", str(port), "--workers", "2", "--metrics-port", str(metrics_port), *SMALL_FLAGS,
+        env={"TMPDIR": str(tmp_path), "EMBEDSERVE_METRICS_TOKEN": "m-workers-never-logged"},
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 30
@@ -110,10 +136,88 @@ def test_metrics_of_workers_add_up(tmp_path: Path) -> None:
                 assert client.tokenize("hello world") == [31373, 995]
         (folder,) = tmp_path.glob("embedserve-metrics-*")
         assert len(list(folder.glob("counter_*.db"))) == 2, "both workers served calls"
-        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as reply:
-            body = reply.read().decode()
+        status, headers, body = _scrape("127.0.0.1", metrics_port)
+        assert (status, headers["WWW-Authenticate"]) == (401, 'Bearer realm="embedserve metrics"')
+        assert "embedserve_calls_total" not in body
+        status, _, body = _scrape("127.0.0.1", metrics_port, "Bearer m-workers-never-logged")
+        assert status == 200
         assert f'embedserve_calls_total{{code="OK",method="Tokenize"}} {calls}.0' in body, body
         assert 'embedserve_model_load_seconds{model="embedding"}' in body
+        _assert_unreachable_from_outside(metrics_port)  # the parent binds 127.0.0.1 by default
     finally:
         assert server.terminate() == 0, server.log
     assert not list(tmp_path.glob("embedserve-metrics-*")), "the metrics folder is removed at exit"
+    assert f"metrics of 2 workers on http://127.0.0.1:{metrics_port}/metrics (bearer token required)" in (
+        server.log
+    )
+    assert "never-logged" not in server.log
+
+
+def test_metrics_listen_on_loopback_by_default(default_components: Components) -> None:
+    config = replace(TINY, metrics_port=free_port())
+    assert config.metrics_host == "127.0.0.1"
+    running = ServerThread(config, replace(default_components, config=config))
+    listener = running.server.serve_metrics()
+    try:
+        assert listener.server_address[0] == "127.0.0.1"
+        status, _, body = _scrape("127.0.0.1", config.metrics_port)  # no token asked
+        assert status == 200
+        assert "embedserve_call_seconds" in body
+        _assert_unreachable_from_outside(config.metrics_port)
+    finally:
+        listener.shutdown()
+        listener.server_close()
+        running.stop()
+
+
+def test_the_metrics_token_guards_every_scrape_and_api_keys_do_not_open_it() -> None:
+    port = free_port()
+    server = start_cli_server(
+        *SMALL_FLAGS, "--api-key", "k-api-never-logged", "--metrics-port", str(port),
+        "--metrics-host", "0.0.0.0", "--metrics-token", "m-token-never-logged", "--log-level", "DEBUG",
+    )  # fmt: skip
+    try:
+        for host in ("127.0.0.1", *filter(None, [outside_address()])):
+            for refused in (
+                None, "Bearer", "Bearer wrong", "Bearer m-token-never-logged-but-longer",
+                "Bearer k-api-never-logged", "Basic m-token-never-logged", "m-token-never-logged",
+            ):  # fmt: skip
+                status, headers, body = _scrape(host, port, refused)
+                assert status == 401, (host, refused)
+                assert headers["WWW-Authenticate"].startswith("Bearer"), (host, refused)
+                assert "embedserve_" not in body, (host, refused)
+            status, headers, body = _scrape(host, port, "Bearer m-token-never-logged")
+            assert status == 200, host
+            assert headers["Content-Type"].startswith("text/plain")
+            assert "embedserve_call_seconds" in body
+    finally:
+        assert server.terminate() == 0, server.log
+    assert f"metrics on http://0.0.0.0:{port}/metrics (bearer token required)" in server.log
+    assert "never-logged" not in server.log, "a token or key reached the log"
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_exposed_metrics_without_a_token_refuse_to_start(workers: int) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "embedserve.server", "serve", "--port", str(free_port()), "--workers",
+         str(workers), "--metrics-port", str(free_port()), "--metrics-host", "0.0.0.0", *SMALL_FLAGS],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "--metrics-host 0.0.0.0 is reachable from other machines" in result.stderr
+    assert "--metrics-token (EMBEDSERVE_METRICS_TOKEN)" in result.stderr
+    assert "--insecure (EMBEDSERVE_INSECURE=1)" in result.stderr
+    assert "listening on" not in result.stderr
+
+
+def test_insecure_serves_exposed_metrics_without_a_token() -> None:
+    port = free_port()
+    server = start_cli_server(
+        *SMALL_FLAGS, "--metrics-port", str(port), "--metrics-host", "0.0.0.0", "--insecure"
+    )
+    try:
+        status, _, body = _scrape(outside_address() or "127.0.0.1", port)
+        assert status == 200
+        assert "embedserve_call_seconds" in body
+    finally:
+        assert server.terminate() == 0, server.log

@@ -82,6 +82,35 @@ def test_an_exposed_address_needs_protection_or_insecure() -> None:
         check_exposure(replace(TINY, tls_cert=Path("cert.pem")))
 
 
+def test_exposed_metrics_need_their_own_token_or_insecure() -> None:
+    metrics = replace(TINY, metrics_port=9090)
+    assert metrics.metrics_host == "127.0.0.1"
+    check_exposure(metrics)  # loopback by default: no token needed
+    for host in ("0.0.0.0", "10.1.2.3", "::", "example.com"):
+        exposed = replace(metrics, metrics_host=host)
+        with pytest.raises(StartupError) as refused:
+            check_exposure(exposed)
+        assert str(refused.value) == (
+            f"--metrics-host {host} is reachable from other machines: give --metrics-token "
+            "(EMBEDSERVE_METRICS_TOKEN), or --insecure (EMBEDSERVE_INSECURE=1) to serve the metrics "
+            "unprotected anyway"
+        )
+        with pytest.raises(StartupError, match="--metrics-token"):  # API keys do not stand in for it
+            check_exposure(replace(exposed, api_keys=("k",)))
+        check_exposure(replace(exposed, metrics_token="t"))
+        check_exposure(replace(exposed, insecure=True))
+        check_exposure(replace(exposed, metrics_port=0))  # no listener, nothing exposed
+    for host in ("127.0.0.1", "::1", "localhost", "[::1]"):
+        check_exposure(replace(metrics, metrics_host=host))
+    for token in ("", " t", "t\n"):
+        with pytest.raises(StartupError, match="metrics token is empty or has surrounding spaces"):
+            check_exposure(replace(metrics, metrics_token=token))
+    config = parse_server_config(["--metrics-port", "9090"], {"EMBEDSERVE_METRICS_TOKEN": "t-never-shown"})
+    assert (config.metrics_host, config.metrics_token) == ("127.0.0.1", "t-never-shown")
+    assert "t-never-shown" not in repr(config)
+    assert parse_server_config([], {"EMBEDSERVE_METRICS_HOST": "0.0.0.0"}).metrics_host == "0.0.0.0"
+
+
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make certificates")
 async def test_tls_and_mutual_tls(tmp_path: Path, default_components: Components) -> None:
     make_certificates(tmp_path)

@@ -1,25 +1,29 @@
 """The machine-readable detail of a refusal, shared by the server and the client.
 
 A refusal a client must act on carries a google.rpc.Status in the `grpc-status-details-bin`
-trailer, holding a google.rpc.ErrorInfo (the pattern of grpc's `examples/python/errors`). Two
-reasons are sent: LIMIT_EXCEEDED, with the limit's name, its value and what was asked for, and
-NOT_IN_VOCABULARY, followed by a google.rpc.ResourceInfo per missing word.
+trailer, holding a google.rpc.ErrorInfo (the pattern of grpc's `examples/python/errors`). The
+reasons sent: LIMIT_EXCEEDED, with the limit's name, its value and what was asked for;
+NOT_IN_VOCABULARY, followed by a google.rpc.ResourceInfo per missing word; and, for a server too
+busy right now, MEMORY_BUDGET or QUEUE_FULL, followed by a google.rpc.RetryInfo (the same delay
+also travels as gRPC's `grpc-retry-pushback-ms`, which gRPC's own retries honour).
 docs/protocol.md documents it for clients in other languages.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 DETAILS_KEY = "grpc-status-details-bin"
 DOMAIN = "embedserve.v1"
 LIMIT_EXCEEDED = "LIMIT_EXCEEDED"
 NOT_IN_VOCABULARY = "NOT_IN_VOCABULARY"
+# gRPC's retry pushback (gRFC A6): a server's hint, in milliseconds, that its clients' retry honours.
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,35 @@ def not_in_vocabulary_status(code: int, message: str, words: Sequence[str]) -> b
     )
     resources = [error_details_pb2.ResourceInfo(resource_type="word", resource_name=word) for word in words]
     return _status(code, message, [info, *resources])
+
+
+def overloaded_trailers(
+    code: int, message: str, reason: str, retry_after: float | None, metadata: Mapping[str, str]
+) -> tuple[tuple[str, str | bytes], ...]:
+    """The trailing metadata of a refusal by a server too busy right now: an ErrorInfo with
+    `reason` and `metadata`, a RetryInfo when `retry_after` (seconds) is known, and the pushback."""
+    details: list[Any] = [error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=dict(metadata))]
+    if retry_after is None:
+        return ((DETAILS_KEY, _status(code, message, details)),)
+    delay = duration_pb2.Duration()
+    delay.FromMilliseconds(max(1, round(retry_after * 1000)))
+    details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+    return (
+        (DETAILS_KEY, _status(code, message, details)),
+        (RETRY_PUSHBACK_KEY, str(max(1, round(retry_after * 1000)))),
+    )
+
+
+def retry_delay_from_trailers(trailers: Iterable[Any] | None) -> float | None:
+    """Seconds a refusal's RetryInfo asks the client to wait, or None (no such detail)."""
+    status = _details_status(trailers)
+    if status is None:
+        return None
+    for detail in status.details:
+        retry = error_details_pb2.RetryInfo()
+        if detail.Unpack(retry):
+            return max(0.0, float(retry.retry_delay.ToMilliseconds()) / 1000)
+    return None
 
 
 def _details_status(trailers: Iterable[Any] | None) -> status_pb2.Status | None:

@@ -158,6 +158,11 @@ def encode_varint_field(field_number: int, value: int) -> bytes:
     return varint(field_number << 3) + varint(value)
 
 
+def encode_message_field(field_number: int, encoded: bytes) -> bytes:
+    """The wire bytes of an embedded message field whose message is already `encoded`."""
+    return varint(field_number << 3 | 2) + varint(len(encoded)) + encoded
+
+
 def tensor_field_head(field_number: int, shape: tuple[int, ...], dtype: tensor_pb2.Dtype.ValueType) -> bytes:
     """The wire bytes of a `Tensor` as field `field_number` of its parent, up to where its data
     begins: what SerializeToString writes before the data, for data of this shape and dtype."""

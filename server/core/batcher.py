@@ -30,6 +30,7 @@ from typing import Generic, TypeVar
 
 from .errors import Overloaded
 
+QUEUE_FULL_REASON = "QUEUE_FULL"
 _In = TypeVar("_In")
 _Out = TypeVar("_Out")
 
@@ -140,7 +141,9 @@ class Batcher(Generic[_In, _Out]):
             retry_ms = max(1, round(1000 * self._queued * self._seconds_per_item))
             raise Overloaded(
                 f"{self._queued} {self._unit} are already queued ({self._queue_limit} {self._max_queue}); "
-                f"retry in about {retry_ms} ms"
+                f"retry in about {retry_ms} ms",
+                reason=QUEUE_FULL_REASON,
+                retry_after=retry_ms / 1000,
             )
         request: _Request[_In, _Out] = _Request(items, asyncio.get_running_loop().create_future(), count, key)
         self._pending.append(request)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 
 class EmbedServeCoreError(Exception):
@@ -49,7 +49,25 @@ class NotInVocabulary(NotFound):
 
 
 class Overloaded(EmbedServeCoreError):
-    """The server is too busy right now; retrying later can succeed."""
+    """The server is too busy right now; retrying later can succeed.
+
+    `reason` names what is full (QUEUE_FULL, MEMORY_BUDGET), `retry_after` is about how many
+    seconds to wait before retrying, and `metadata` adds figures a client may read. The transport
+    sends them as structured detail and as gRPC's retry pushback, which the clients honour.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str = "OVERLOADED",
+        retry_after: float | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.retry_after = retry_after
+        self.metadata = dict(metadata or {})
 
 
 class NotReady(EmbedServeCoreError):
@@ -58,6 +76,10 @@ class NotReady(EmbedServeCoreError):
 
 class Cancelled(NotReady):
     """Work stopped part-way: the server is shutting down, or the call it was for has ended."""
+
+
+class NotPermitted(EmbedServeCoreError):
+    """The caller may not do this, whatever it sends (e.g. shared memory from another host)."""
 
 
 class PreconditionFailed(EmbedServeCoreError):

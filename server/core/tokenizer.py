@@ -16,6 +16,7 @@ token-for-token `tiktoken.get_encoding("gpt2")`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import itertools
@@ -26,7 +27,7 @@ import tempfile
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -195,7 +196,22 @@ class Tokenizer:
     def special_tokens(self) -> frozenset[str]:
         return frozenset(self._encoding.special_tokens_set)
 
-    def _check_allowed(self, allowed_special: AllowedSpecial) -> Literal["all"] | set[str]:
+    @property
+    def cut_before(self) -> str:
+        """Whitespace characters before which a text may be cut into parts that encode, one by
+        one and joined, exactly as the whole text does, wherever a non-whitespace character
+        precedes them ("" when no cut is known to be safe for this encoding).
+
+        In GPT-2's pattern no pre-tokenizer piece holds a non-whitespace character followed by
+        whitespace, and where a piece begins depends only on the text after it; BPE works inside
+        pieces. A special token holding whitespace could be cut, so such encodings get none.
+        (tests/test_stretch_encoding.py holds the rule to tiktoken on generated texts.)"""
+        if not self.gpt2_pattern or any(ch.isspace() for token in self.special_tokens for ch in token):
+            return ""
+        return " \t\n\r"
+
+    def allowed(self, allowed_special: AllowedSpecial) -> Literal["all"] | set[str]:
+        """The special tokens a request allows, checked against the encoding's."""
         if allowed_special == "all":
             return "all"
         unknown = sorted(set(allowed_special) - self.special_tokens)
@@ -208,30 +224,26 @@ class Tokenizer:
 
     def encode(self, text: str, allowed_special: AllowedSpecial = ()) -> TokenIds:
         """tiktoken's encode(): a disallowed special token in the text is an error."""
-        allowed = self._check_allowed(allowed_special)
+        return self.encode_checked(text, self.allowed(allowed_special))
+
+    def encode_checked(self, text: str, allowed: Literal["all"] | set[str]) -> TokenIds:
+        """encode() with the allowed special tokens already checked (see allowed())."""
         try:
             ids = self._encoding.encode_to_numpy(text, allowed_special=allowed)
         except ValueError as exc:
-            # tiktoken's advice names its Python arguments; say it in the request's terms.
-            raise InvalidInput(
-                f"{str(exc).split(chr(10), 1)[0]} To encode it as a special token, name it in "
-                "allowed_special (or set allow_all_special)."
-            ) from None
+            raise special_token_refusal(str(exc)) from None
         return ids.view(np.int32) if ids.dtype == np.uint32 else ids.astype(np.int32)
 
-    def encode_batch(
-        self, texts: Sequence[str], allowed_special: AllowedSpecial = ()
-    ) -> tuple[TokenIds, list[int]]:
-        """Encodes every text; returns all IDs concatenated and each text's length."""
-        encoded: list[TokenIds] = []
-        for index, text in enumerate(texts):
-            try:
-                encoded.append(self.encode(text, allowed_special))
-            except InvalidInput as exc:
-                raise InvalidInput(f"texts[{index}]: {exc}") from None
-        lengths = [len(ids) for ids in encoded]
-        flat = np.concatenate(encoded) if encoded else np.zeros(0, dtype=np.int32)
-        return flat.astype(np.int32, copy=False), lengths
+    def definition(self) -> dict[str, Any]:
+        """What rebuilds this encoding elsewhere (tiktoken.Encoding's arguments), e.g. in a child
+        process: nothing there is read from disk or the network."""
+        encoding = self._encoding
+        return {
+            "name": encoding.name,
+            "pat_str": encoding._pat_str,
+            "mergeable_ranks": encoding._mergeable_ranks,
+            "special_tokens": encoding._special_tokens,
+        }
 
     def check_ids(self, ids: npt.NDArray[np.integer]) -> None:
         bad = np.flatnonzero((ids < 0) | (ids >= self.n_vocab))
@@ -241,6 +253,19 @@ class Tokenizer:
                 f"token id {int(ids.flat[first])} at position {first} is outside the vocabulary "
                 f"[0, {self.n_vocab})"
             )
+
+    @functools.cached_property
+    def _token_bytes(self) -> npt.NDArray[np.int64]:
+        lengths = np.zeros(self.n_vocab, dtype=np.int64)
+        for token, rank in self._encoding._mergeable_ranks.items():
+            lengths[rank] = len(token)
+        for special, rank in self._encoding._special_tokens.items():
+            lengths[rank] = len(special.encode())
+        return lengths
+
+    def decoded_bytes(self, ids: npt.NDArray[np.integer]) -> int:
+        """UTF-8 bytes that decoding `ids` (checked with check_ids) gives, before decoding them."""
+        return int(self._token_bytes[ids.reshape(-1)].sum())
 
     def decode(self, ids: npt.NDArray[np.integer]) -> str:
         self.check_ids(ids)
@@ -252,6 +277,15 @@ class Tokenizer:
         bounds = np.cumsum([0, *lengths]).tolist()
         flat = ids.astype(np.int64).tolist()
         return [str(self._encoding.decode(flat[start:end])) for start, end in itertools.pairwise(bounds)]
+
+
+def special_token_refusal(tiktoken_message: str) -> InvalidInput:
+    """tiktoken's refusal of a special token in a text, in the request's terms (tiktoken's advice
+    names its Python arguments)."""
+    return InvalidInput(
+        f"{tiktoken_message.split(chr(10), 1)[0]} To encode it as a special token, name it in "
+        "allowed_special (or set allow_all_special)."
+    )
 
 
 def load_gpt2_tokenizer(bpe_dir: Path | None = None, environ: Mapping[str, str] | None = None) -> Tokenizer:

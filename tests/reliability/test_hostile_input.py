@@ -6,7 +6,6 @@ from __future__ import annotations
 import struct
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -161,7 +160,7 @@ SEEDS = {
     'data: "\\x01\\x00\\x00\\x00\\x02\\x00\\x00\\x00" }',
     "EmbedStream": "token_ids { dtype: DTYPE_INT32 shape: 2 "
     'data: "\\x01\\x00\\x00\\x00\\x02\\x00\\x00\\x00" }',
-    "SharedMemorySession": 'name: "embedserve-hostile-input" byte_size: 4096',
+    "SharedMemorySession": "byte_size: 4096",
     "GetVectors": 'words: ["king", "queen"]',
     "MostSimilar": 'queries { positive { word: "king" } positive { word: "woman" } '
     'negative { word: "man" } topn: 3 }',
@@ -262,8 +261,6 @@ def _assert_alive_and_correct(channel: grpc.Channel) -> None:
 
 @pytest.fixture(scope="module")
 def hostile_target(default_components: Components) -> Iterator[str]:
-    region = Path("/dev/shm/embedserve-hostile-input")  # what the SharedMemorySession seed names
-    region.write_bytes(bytes(4096))
     running = ServerThread(default_components.config, default_components)
     # Loaded, so that a word-vector method meets the model and not "still loading".
     default_components.word_vectors.wait(600)
@@ -271,7 +268,6 @@ def hostile_target(default_components: Components) -> Iterator[str]:
         yield running.target
     finally:
         running.stop()
-        region.unlink(missing_ok=True)
 
 
 @pytest.mark.parametrize("method", METHODS, ids=lambda method: method.name)

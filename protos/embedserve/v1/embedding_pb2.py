@@ -25,35 +25,37 @@ _sym_db = _symbol_database.Default()
 from embedserve.v1 import tensor_pb2 as embedserve_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x65mbedserve/v1/embedding.proto\x12\rembedserve.v1\x1a\x1a\x65mbedserve/v1/tensor.proto\"=\n\x1aSharedMemorySessionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tbyte_size\x18\x02 \x01(\x04\"@\n\x1bSharedMemorySessionResponse\x12\x0e\n\x06handle\x18\x01 \x01(\t\x12\x11\n\tbyte_size\x18\x02 \x01(\x04\"4\n\x12SharedMemoryOutput\x12\x0e\n\x06handle\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\"\xc5\x01\n\x0c\x45mbedOptions\x12\x17\n\x0fposition_offset\x18\x01 \x01(\x03\x12\x1f\n\x12include_positional\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12*\n\x0coutput_dtype\x18\x03 \x01(\x0e\x32\x14.embedserve.v1.Dtype\x12\x38\n\routput_region\x18\x04 \x01(\x0b\x32!.embedserve.v1.SharedMemoryOutputB\x15\n\x13_include_positional\"f\n\x0c\x45mbedRequest\x12(\n\ttoken_ids\x18\x01 \x01(\x0b\x32\x15.embedserve.v1.Tensor\x12,\n\x07options\x18\x02 \x01(\x0b\x32\x1b.embedserve.v1.EmbedOptions\"\x88\x01\n\rEmbedResponse\x12)\n\nembeddings\x18\x01 \x01(\x0b\x32\x15.embedserve.v1.Tensor\x12\x35\n\nwritten_to\x18\x02 \x01(\x0b\x32!.embedserve.v1.SharedMemoryOutput\x12\x15\n\rwritten_bytes\x18\x03 \x01(\x04\"\x81\x01\n\x12\x45mbedStreamRequest\x12(\n\ttoken_ids\x18\x01 \x01(\x0b\x32\x15.embedserve.v1.Tensor\x12,\n\x07options\x18\x02 \x01(\x0b\x32\x1b.embedserve.v1.EmbedOptions\x12\x13\n\x0bsequence_id\x18\x03 \x01(\x04\"U\n\x13\x45mbedStreamResponse\x12)\n\nembeddings\x18\x01 \x01(\x0b\x32\x15.embedserve.v1.Tensor\x12\x13\n\x0bsequence_id\x18\x02 \x01(\x04\"\x1d\n\x1b\x45mbeddingServiceInfoRequest\"\x81\x01\n\rRequestLimits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x03\x12\x1e\n\x16max_tokens_per_request\x18\x02 \x01(\x03\x12\x1d\n\x15max_texts_per_request\x18\x03 \x01(\x03\x12\x16\n\x0emax_batch_size\x18\x04 \x01(\x03\"\x9f\x02\n\x1c\x45mbeddingServiceInfoResponse\x12\x12\n\nvocab_size\x18\x01 \x01(\x03\x12\x0b\n\x03\x64im\x18\x02 \x01(\x03\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\x03\x12#\n\x05\x64type\x18\x04 \x01(\x0e\x32\x14.embedserve.v1.Dtype\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x11\n\ttokenizer\x18\x06 \x01(\t\x12\x16\n\x0eweights_source\x18\x07 \x01(\t\x12,\n\x06limits\x18\x08 \x01(\x0b\x32\x1c.embedserve.v1.RequestLimits\x12\x1c\n\x14tokenizer_vocab_size\x18\t \x01(\x03\x12\x1a\n\x12tokenizer_identity\x18\n \x01(\t2\x81\x03\n\x10\x45mbeddingService\x12\x42\n\x05\x45mbed\x12\x1b.embedserve.v1.EmbedRequest\x1a\x1c.embedserve.v1.EmbedResponse\x12X\n\x0b\x45mbedStream\x12!.embedserve.v1.EmbedStreamRequest\x1a\".embedserve.v1.EmbedStreamResponse(\x01\x30\x01\x12_\n\x04Info\x12*.embedserve.v1.EmbeddingServiceInfoRequest\x1a+.embedserve.v1.EmbeddingServiceInfoResponse\x12n\n\x13SharedMemorySession\x12).embedserve.v1.SharedMemorySessionRequest\x1a*.embedserve.v1.SharedMemorySessionResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x65mbedserve/v1/embedding.proto\x12\rembedserve.v1\x1a\x1a\x65mbedserve/v1/tensor.proto\"A\n\x1aSharedMemorySessionRequest\x12\x10\n\x04name\x18\x01 \x01(\tB\x02\x18\x01\x12\x11\n\tbyte_size\x18\x02 \x01(\x04\"N\n\x1bSharedMemorySessionResponse\x12\x0e\n\x06handle\x18\x01 \x01(\t\x12\x11\n\tbyte_size\x18\x02 \x01(\x04\x12\x0c\n\x04name\x18\x03 \x01(\t\"4\n\x12SharedMemoryOutput\x12\x0e\n\x06handle\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\"\xc5\x01\n\x0c\x45mbedOptions\x12\x17\n\x0fposition_offset\x18\x01 \x01(\x03\x12\x1f\n\x12include_positional\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12*\n\x0coutput_dtype\x18\x03 \x01(\x0e\x32\x14.embedserve.v1.Dtype\x12\x38\n\routput_region\x18\x04 \x01(\x0b\x32!.embedserve.v1.SharedMemoryOutputB\x15\n\x13_include_positional\"f\n\x0c\x45mbedRequest\x12(\n\ttoken_ids\x18\x01 \x01(\x0b\x32\x15.embedserve.v1.Tensor\x12,\n\x07options\x18\x02 \x01(\x0b\x32\x1b.embedserve.v1.EmbedOptions\"\x88\x01\n\rEmbedResponse\x12)\n\nembeddings\x18\x01 \x01(\x0b\x32\x15.embedserve.v1.Tensor\x12\x35\n\nwritten_to\x18\x02 \x01(\x0b\x32!.embedserve.v1.SharedMemoryOutput\x12\x15\n\rwritten_bytes\x18\x03 \x01(\x04\"\x81\x01\n\x12\x45mbedStreamRequest\x12(\n\ttoken_ids\x18\x01 \x01(\x0b\x32\x15.embedserve.v1.Tensor\x12,\n\x07options\x18\x02 \x01(\x0b\x32\x1b.embedserve.v1.EmbedOptions\x12\x13\n\x0bsequence_id\x18\x03 \x01(\x04\"U\n\x13\x45mbedStreamResponse\x12)\n\nembeddings\x18\x01 \x01(\x0b\x32\x15.embedserve.v1.Tensor\x12\x13\n\x0bsequence_id\x18\x02 \x01(\x04\"\x1d\n\x1b\x45mbeddingServiceInfoRequest\"\x9e\x01\n\rRequestLimits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x03\x12\x1e\n\x16max_tokens_per_request\x18\x02 \x01(\x03\x12\x1d\n\x15max_texts_per_request\x18\x03 \x01(\x03\x12\x16\n\x0emax_batch_size\x18\x04 \x01(\x03\x12\x1b\n\x13memory_budget_bytes\x18\x05 \x01(\x03\"\x9f\x02\n\x1c\x45mbeddingServiceInfoResponse\x12\x12\n\nvocab_size\x18\x01 \x01(\x03\x12\x0b\n\x03\x64im\x18\x02 \x01(\x03\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\x03\x12#\n\x05\x64type\x18\x04 \x01(\x0e\x32\x14.embedserve.v1.Dtype\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x11\n\ttokenizer\x18\x06 \x01(\t\x12\x16\n\x0eweights_source\x18\x07 \x01(\t\x12,\n\x06limits\x18\x08 \x01(\x0b\x32\x1c.embedserve.v1.RequestLimits\x12\x1c\n\x14tokenizer_vocab_size\x18\t \x01(\x03\x12\x1a\n\x12tokenizer_identity\x18\n \x01(\t2\x81\x03\n\x10\x45mbeddingService\x12\x42\n\x05\x45mbed\x12\x1b.embedserve.v1.EmbedRequest\x1a\x1c.embedserve.v1.EmbedResponse\x12X\n\x0b\x45mbedStream\x12!.embedserve.v1.EmbedStreamRequest\x1a\".embedserve.v1.EmbedStreamResponse(\x01\x30\x01\x12_\n\x04Info\x12*.embedserve.v1.EmbeddingServiceInfoRequest\x1a+.embedserve.v1.EmbeddingServiceInfoResponse\x12n\n\x13SharedMemorySession\x12).embedserve.v1.SharedMemorySessionRequest\x1a*.embedserve.v1.SharedMemorySessionResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'embedserve.v1.embedding_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SHAREDMEMORYSESSIONREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_SHAREDMEMORYSESSIONREQUEST'].fields_by_name['name']._serialized_options = b'\030\001'
   _globals['_SHAREDMEMORYSESSIONREQUEST']._serialized_start=76
-  _globals['_SHAREDMEMORYSESSIONREQUEST']._serialized_end=137
-  _globals['_SHAREDMEMORYSESSIONRESPONSE']._serialized_start=139
-  _globals['_SHAREDMEMORYSESSIONRESPONSE']._serialized_end=203
-  _globals['_SHAREDMEMORYOUTPUT']._serialized_start=205
-  _globals['_SHAREDMEMORYOUTPUT']._serialized_end=257
-  _globals['_EMBEDOPTIONS']._serialized_start=260
-  _globals['_EMBEDOPTIONS']._serialized_end=457
-  _globals['_EMBEDREQUEST']._serialized_start=459
-  _globals['_EMBEDREQUEST']._serialized_end=561
-  _globals['_EMBEDRESPONSE']._serialized_start=564
-  _globals['_EMBEDRESPONSE']._serialized_end=700
-  _globals['_EMBEDSTREAMREQUEST']._serialized_start=703
-  _globals['_EMBEDSTREAMREQUEST']._serialized_end=832
-  _globals['_EMBEDSTREAMRESPONSE']._serialized_start=834
-  _globals['_EMBEDSTREAMRESPONSE']._serialized_end=919
-  _globals['_EMBEDDINGSERVICEINFOREQUEST']._serialized_start=921
-  _globals['_EMBEDDINGSERVICEINFOREQUEST']._serialized_end=950
-  _globals['_REQUESTLIMITS']._serialized_start=953
-  _globals['_REQUESTLIMITS']._serialized_end=1082
-  _globals['_EMBEDDINGSERVICEINFORESPONSE']._serialized_start=1085
-  _globals['_EMBEDDINGSERVICEINFORESPONSE']._serialized_end=1372
-  _globals['_EMBEDDINGSERVICE']._serialized_start=1375
-  _globals['_EMBEDDINGSERVICE']._serialized_end=1760
+  _globals['_SHAREDMEMORYSESSIONREQUEST']._serialized_end=141
+  _globals['_SHAREDMEMORYSESSIONRESPONSE']._serialized_start=143
+  _globals['_SHAREDMEMORYSESSIONRESPONSE']._serialized_end=221
+  _globals['_SHAREDMEMORYOUTPUT']._serialized_start=223
+  _globals['_SHAREDMEMORYOUTPUT']._serialized_end=275
+  _globals['_EMBEDOPTIONS']._serialized_start=278
+  _globals['_EMBEDOPTIONS']._serialized_end=475
+  _globals['_EMBEDREQUEST']._serialized_start=477
+  _globals['_EMBEDREQUEST']._serialized_end=579
+  _globals['_EMBEDRESPONSE']._serialized_start=582
+  _globals['_EMBEDRESPONSE']._serialized_end=718
+  _globals['_EMBEDSTREAMREQUEST']._serialized_start=721
+  _globals['_EMBEDSTREAMREQUEST']._serialized_end=850
+  _globals['_EMBEDSTREAMRESPONSE']._serialized_start=852
+  _globals['_EMBEDSTREAMRESPONSE']._serialized_end=937
+  _globals['_EMBEDDINGSERVICEINFOREQUEST']._serialized_start=939
+  _globals['_EMBEDDINGSERVICEINFOREQUEST']._serialized_end=968
+  _globals['_REQUESTLIMITS']._serialized_start=971
+  _globals['_REQUESTLIMITS']._serialized_end=1129
+  _globals['_EMBEDDINGSERVICEINFORESPONSE']._serialized_start=1132
+  _globals['_EMBEDDINGSERVICEINFORESPONSE']._serialized_end=1419
+  _globals['_EMBEDDINGSERVICE']._serialized_start=1422
+  _globals['_EMBEDDINGSERVICE']._serialized_end=1807
 # @@protoc_insertion_point(module_scope)

@@ -15,6 +15,11 @@ if sys.version_info >= (3, 11):
 else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
+if sys.version_info >= (3, 13):
+    from warnings import deprecated as _deprecated
+else:
+    from typing_extensions import deprecated as _deprecated
+
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
@@ -23,10 +28,22 @@ class SharedMemorySessionRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     BYTE_SIZE_FIELD_NUMBER: _builtins.int
-    name: _builtins.str
-    """The region's name as shm_open and Python's SharedMemory know it: no "/" inside."""
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def name(self) -> _builtins.str:
+        """Must be empty: the server maps no region it did not create (a region the client created is
+        refused). The server names the region in the response.
+        """
+
+    @name.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def name(self, value: _builtins.str) -> None:
+        """Must be empty: the server maps no region it did not create (a region the client created is
+        refused). The server names the region in the response.
+        """
+
     byte_size: _builtins.int
-    """Bytes of the region the server may write; at most the region's size."""
+    """Bytes of the region the server creates."""
     def __init__(
         self,
         *,
@@ -47,18 +64,24 @@ class SharedMemorySessionResponse(_message.Message):
 
     HANDLE_FIELD_NUMBER: _builtins.int
     BYTE_SIZE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
     handle: _builtins.str
     """Names the region in EmbedOptions.output_region; valid for this session only."""
     byte_size: _builtins.int
+    name: _builtins.str
+    """The region the server created for this session, as shm_open and Python's SharedMemory know
+    it (a file under /dev/shm, no "/" inside): map it; the server removes it when the session ends.
+    """
     def __init__(
         self,
         *,
         handle: _builtins.str = ...,
         byte_size: _builtins.int = ...,
+        name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["byte_size", b"byte_size", "handle", b"handle"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["byte_size", b"byte_size", "handle", b"handle", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -254,6 +277,7 @@ class RequestLimits(_message.Message):
     MAX_TOKENS_PER_REQUEST_FIELD_NUMBER: _builtins.int
     MAX_TEXTS_PER_REQUEST_FIELD_NUMBER: _builtins.int
     MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    MEMORY_BUDGET_BYTES_FIELD_NUMBER: _builtins.int
     max_message_bytes: _builtins.int
     """Largest gRPC message either side accepts."""
     max_tokens_per_request: _builtins.int
@@ -262,6 +286,10 @@ class RequestLimits(_message.Message):
     """Most texts in one Tokenize or Detokenize request."""
     max_batch_size: _builtins.int
     """Most windows in one StreamBatches batch."""
+    memory_budget_bytes: _builtins.int
+    """Working memory that the server's requests share (--memory-budget); a request that needs
+    more is refused with LIMIT_EXCEEDED, one that waits too long for room RESOURCE_EXHAUSTED.
+    """
     def __init__(
         self,
         *,
@@ -269,10 +297,11 @@ class RequestLimits(_message.Message):
         max_tokens_per_request: _builtins.int = ...,
         max_texts_per_request: _builtins.int = ...,
         max_batch_size: _builtins.int = ...,
+        memory_budget_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_batch_size", b"max_batch_size", "max_message_bytes", b"max_message_bytes", "max_texts_per_request", b"max_texts_per_request", "max_tokens_per_request", b"max_tokens_per_request"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_batch_size", b"max_batch_size", "max_message_bytes", b"max_message_bytes", "max_texts_per_request", b"max_texts_per_request", "max_tokens_per_request", b"max_tokens_per_request", "memory_budget_bytes", b"memory_budget_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -84,10 +84,10 @@ class EmbeddingServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SharedMemorySession(self, request, context):
-        """Same-host clients only: maps a POSIX shared-memory region (a file under /dev/shm) that Embed
-        can write its results into instead of the reply. The first message carries the region's
-        handle; the region stays registered while this stream is open and is released when the
-        client cancels it or goes away.
+        """Same-host clients only: the server creates a POSIX shared-memory region (a file under
+        /dev/shm, mode 0600) that Embed can write its results into instead of the reply. The first
+        message carries the region's name, to map, and its handle, for Embed; the region lives while
+        this stream is open and is removed when the client cancels it or goes away.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

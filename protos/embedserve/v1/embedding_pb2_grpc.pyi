@@ -42,10 +42,10 @@ class EmbeddingServiceStub:
     Info: _grpc.UnaryUnaryMultiCallable[_embedding_pb2.EmbeddingServiceInfoRequest, _embedding_pb2.EmbeddingServiceInfoResponse]
     """The model's shape, placement and the server's request limits."""
     SharedMemorySession: _grpc.UnaryStreamMultiCallable[_embedding_pb2.SharedMemorySessionRequest, _embedding_pb2.SharedMemorySessionResponse]
-    """Same-host clients only: maps a POSIX shared-memory region (a file under /dev/shm) that Embed
-    can write its results into instead of the reply. The first message carries the region's
-    handle; the region stays registered while this stream is open and is released when the
-    client cancels it or goes away.
+    """Same-host clients only: the server creates a POSIX shared-memory region (a file under
+    /dev/shm, mode 0600) that Embed can write its results into instead of the reply. The first
+    message carries the region's name, to map, and its handle, for Embed; the region lives while
+    this stream is open and is removed when the client cancels it or goes away.
     """
 
 @_typing.type_check_only
@@ -62,10 +62,10 @@ class EmbeddingServiceAsyncStub(EmbeddingServiceStub):
     Info: _aio.UnaryUnaryMultiCallable[_embedding_pb2.EmbeddingServiceInfoRequest, _embedding_pb2.EmbeddingServiceInfoResponse]  # type: ignore[assignment]
     """The model's shape, placement and the server's request limits."""
     SharedMemorySession: _aio.UnaryStreamMultiCallable[_embedding_pb2.SharedMemorySessionRequest, _embedding_pb2.SharedMemorySessionResponse]  # type: ignore[assignment]
-    """Same-host clients only: maps a POSIX shared-memory region (a file under /dev/shm) that Embed
-    can write its results into instead of the reply. The first message carries the region's
-    handle; the region stays registered while this stream is open and is released when the
-    client cancels it or goes away.
+    """Same-host clients only: the server creates a POSIX shared-memory region (a file under
+    /dev/shm, mode 0600) that Embed can write its results into instead of the reply. The first
+    message carries the region's name, to map, and its handle, for Embed; the region lives while
+    this stream is open and is removed when the client cancels it or goes away.
     """
 
 class EmbeddingServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -103,10 +103,10 @@ class EmbeddingServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _embedding_pb2.SharedMemorySessionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_embedding_pb2.SharedMemorySessionResponse], _abc.AsyncIterator[_embedding_pb2.SharedMemorySessionResponse]]:
-        """Same-host clients only: maps a POSIX shared-memory region (a file under /dev/shm) that Embed
-        can write its results into instead of the reply. The first message carries the region's
-        handle; the region stays registered while this stream is open and is released when the
-        client cancels it or goes away.
+        """Same-host clients only: the server creates a POSIX shared-memory region (a file under
+        /dev/shm, mode 0600) that Embed can write its results into instead of the reply. The first
+        message carries the region's name, to map, and its handle, for Embed; the region lives while
+        this stream is open and is removed when the client cancels it or goes away.
         """
 
 def add_EmbeddingServiceServicer_to_server(servicer: EmbeddingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
