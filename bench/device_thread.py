@@ -15,7 +15,9 @@ Workloads (what issue 17's one-device-thread decision needs):
 - Embed [8, 256] with 1 and 4 calls in flight (tokens/s);
 - Embed under 64 clients, each 1 x 64 tokens (tokens/s, p99 latency);
 - MostSimilar of 64, 512 and 2,048 word queries a call, topn 10 (queries/s);
-- the mix: Embed with 4 in flight and MostSimilar of 512 a call at the same time (each's rate).
+- the mix: Embed with 4 in flight and MostSimilar of 512 a call at the same time (each's rate);
+- and what issue 31's changes touch: Tokenize of 1 MiB of ordinary text (MB/s), and StreamBatches
+  of 64 x 1024 windows with embeddings from a 4 MiB text (tokens/s).
 
 Nothing asserts a time; it prints a table and writes JSON.
 """
@@ -97,6 +99,24 @@ async def workloads(target: str, seconds: float, words: list[str]) -> dict[str, 
         elapsed = time.perf_counter() - started
         figures["mix_embed_tokens_s"] = embed_calls * window.size / elapsed
         figures["mix_most_similar_queries_s"] = scan_calls * len(mixed) / elapsed
+        text = (" ".join(words) + "\n") * (1 + (1 << 20) // (len(" ".join(words)) + 1))
+        text = text[: 1 << 20]
+        calls, _ = await rate(lambda: client.tokenize(text), 1, seconds)
+        figures["tokenize_1mib_mb_s"] = calls * len(text) / 1e6
+        stream_text = text * 4
+
+        async def stream() -> None:
+            batches = client.stream_batches(
+                text=stream_text, batch_size=64, max_length=1024, stride=1024, include_embeddings=True
+            )
+            async for _ in batches:
+                pass
+
+        started = time.perf_counter()
+        streams = await _for_seconds(stream, seconds)
+        elapsed = time.perf_counter() - started
+        tokens = len(await client.tokenize(stream_text)) // 1024 * 1024
+        figures["stream_embeddings_tokens_s"] = streams * tokens / elapsed
     return figures
 
 

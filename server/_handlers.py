@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -45,6 +46,22 @@ async def replies_of(result: Any) -> AsyncIterator[Any]:
             yield reply
     else:
         await result
+
+
+def forget_locals(error: BaseException) -> None:
+    """Drops the local variables of the finished frames in `error`'s traceback, and in those of
+    the errors it was raised from or during. gRPC keeps a call's failure after the call (in a
+    reference cycle, or longer), and with it every frame the failure passed through: a request's
+    text, its plan, its replies. The tracebacks keep their lines for the log."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        traceback.clear_frames(current.__traceback__)  # frames still running are left as they are
+        pending += [current.__context__, current.__cause__]
 
 
 # A batch that core fails because the call has ended (the client cancelled, the deadline passed)

@@ -20,7 +20,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app, multiprocess
 from prometheus_client.exposition import ThreadingWSGIServer
 
-from ._handlers import answered, behaviour_of, rebuilt, write_replies
+from ._handlers import answered, behaviour_of, forget_locals, rebuilt, write_replies
 from .config import PROMETHEUS_MULTIPROCESS_VARIABLE, ServerConfig
 from .core import StartupError
 
@@ -235,6 +235,7 @@ class MetricsInterceptor(_ServerInterceptor):
                     await write_replies(inner(request, context), context)
                 except BaseException as raised:
                     error = raised
+                    forget_locals(raised)
                     raise
                 finally:
                     metrics.open_streams.labels(method).dec()
@@ -252,6 +253,7 @@ class MetricsInterceptor(_ServerInterceptor):
                 return await answered(inner(request, context))
             except BaseException as raised:
                 error = raised
+                forget_locals(raised)
                 raise
             finally:
                 add_timings(context, server=time.perf_counter() - started)

@@ -428,7 +428,10 @@ class EmbeddingServicer:
                         return
                     if failed or self._draining.is_set():
                         continue
-                    await in_flight.put(asyncio.create_task(self._embed(request, held)))
+                    task = asyncio.create_task(self._embed(request, held))
+                    # A window that fails once the stream has ended is nobody's to report.
+                    task.add_done_callback(lambda done: done.cancelled() or done.exception())
+                    await in_flight.put(task)
             except Exception:
                 if not (finished or failed):  # once the call has ended, a failing read is expected
                     raise

@@ -16,7 +16,9 @@ from embedserve.server import ServerConfig
 from embedserve.server.cli import main
 from embedserve.server.core import InvalidInput, load_gpt2_tokenizer
 from embedserve.server.core.corpus import CorpusStore
-from embedserve.server.core.prepared import prepare_corpus, progress_reporter, split_for_encoding
+from embedserve.server.core.prepared import prepare_corpus, progress_reporter
+from embedserve.server.core.stretch_encoding import plan_stretches
+from embedserve.server.core.tokenizer import GPT2_CUT_BEFORE
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -151,8 +153,9 @@ PIECES += ["<|endoftext|>", "<", "<|"]
 def test_long_documents_split_where_the_encoding_cannot_change(
     parts: list[str], piece_chars: int, reference_encoding: tiktoken.Encoding
 ) -> None:
+    """Special tokens built from fragments too: prepare cuts documents with <|endoftext|> allowed."""
     text = "".join(parts)
-    pieces = split_for_encoding(text, piece_chars=piece_chars)
+    pieces = [text[start:end] for start, end in plan_stretches(text, GPT2_CUT_BEFORE, piece_chars)]
     assert "".join(pieces) == text
     special = {"<|endoftext|>"}
     joined = [i for piece in pieces for i in reference_encoding.encode(piece, allowed_special=special)]

@@ -35,11 +35,13 @@ def _libc() -> Any:
 
 
 def tune_allocator() -> None:
-    """Keeps glibc from returning every large buffer to the kernel at once (see the module)."""
+    """Keeps glibc from returning every reply's buffers to the kernel (see the module): buffers
+    under 32 MiB come from its heaps and stay there for reuse, and a heap gives back its free top
+    only beyond 32 MiB. Larger buffers are mapped and unmapped: what they held leaves with them."""
     libc = _libc()
     if libc is not None:
         libc.mallopt(_M_MMAP_THRESHOLD, 32 * 1024 * 1024)
-        libc.mallopt(_M_TRIM_THRESHOLD, 1024 * 1024 * 1024)
+        libc.mallopt(_M_TRIM_THRESHOLD, 32 * 1024 * 1024)
 
 
 class _Mallinfo2(ctypes.Structure):

@@ -28,6 +28,7 @@ import numpy.typing as npt
 
 from .document_sources import DEFAULT_BATCH_ROWS, DEFAULT_TEXT_COLUMN, open_sources
 from .errors import InvalidInput
+from .stretch_encoding import plan_stretches
 from .tokenizer import ENDOFTEXT, Tokenizer
 
 PREPARED_FORMAT = 1
@@ -36,6 +37,7 @@ SEPARATOR_POLICY = "endoftext-between-documents"
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
 _BATCH_BYTES = 4 << 20  # text encoded per round across the threads
 _TASK_CHARS = 64 << 10  # text one thread encodes at a time (short documents grouped)
+_PIECE_CHARS = 1 << 20  # a long document is encoded in pieces of about this many characters
 
 
 @dataclass(frozen=True)
@@ -43,45 +45,6 @@ class PreparedCorpus:
     name: str
     tokens: npt.NDArray[np.unsignedinteger]  # memory-mapped, read-only
     meta: dict[str, Any]
-
-
-def _safe_cut(text: str, newline: int) -> bool:
-    """Whether a piece may end right after text[newline] (a newline): see split_for_encoding."""
-
-    def starts_a_word(index: int) -> bool:
-        # A special token ("<|endoftext|>") would end the text before it, changing the whitespace.
-        return index < len(text) and not text[index].isspace() and text[index] != "<"
-
-    if newline == 0 or text[newline - 1].isspace() or newline + 1 >= len(text):
-        return False
-    if starts_a_word(newline + 1):
-        return True
-    # One whitespace character, then a word: the whole text also ends a token after the newline.
-    return text[newline + 1].isspace() and starts_a_word(newline + 2)
-
-
-def split_for_encoding(text: str, piece_chars: int = 1 << 20) -> list[str]:
-    """Pieces of a long text that encode, one by one and joined, exactly as the whole text does.
-
-    A piece ends after a newline that follows a non-space character and precedes either a
-    non-space character or exactly one whitespace character and then a non-space one (a
-    paragraph break "\n\n" is cut between its newlines). GPT-2's pre-tokenizer ends a token
-    right there in the whole text too, so no token spans the cut and BPE, which works inside
-    those tokens, gives the same IDs (a property test holds it to that). Pieces let one long
-    document use every core.
-    """
-    pieces = []
-    start = 0
-    while len(text) - start > 2 * piece_chars:
-        cut = text.find("\n", start + piece_chars)
-        while cut != -1 and not _safe_cut(text, cut):
-            cut = text.find("\n", cut + 1)
-        if cut == -1:
-            break
-        pieces.append(text[start : cut + 1])
-        start = cut + 1
-    pieces.append(text[start:])
-    return pieces
 
 
 def prepare_corpus(
@@ -139,8 +102,10 @@ def prepare_corpus(
                 tasks: list[tuple[bool, list[str]]] = []  # (starts a document, texts to join)
                 chars = _TASK_CHARS
                 for text in batch:
-                    # A cut that cannot change the tokens is known for GPT-2's pattern only.
-                    pieces = split_for_encoding(text) if tokenizer.gpt2_pattern else [text]
+                    # Cut where the tokens cannot change (Tokenizer.cut_before), so that one long
+                    # document uses every thread.
+                    spans = plan_stretches(text, tokenizer.cut_before, _PIECE_CHARS)
+                    pieces = [text[start:end] for start, end in spans] if len(spans) > 1 else [text]
                     for number, piece in enumerate(pieces):
                         if chars >= _TASK_CHARS:
                             tasks.append((number == 0, []))

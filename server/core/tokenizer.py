@@ -48,6 +48,8 @@ _GPT2_URLS = {"vocab.bpe": GPT2_VOCAB_BPE_URL, "encoder.json": GPT2_ENCODER_JSON
 GPT2_PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 ENDOFTEXT = "<|endoftext|>"
 GPT2_N_VOCAB = 50257
+# Whitespace before which GPT2_PAT_STR's pieces may be cut (see Tokenizer.cut_before).
+GPT2_CUT_BEFORE = " \t\n\r"
 
 TokenIds = npt.NDArray[np.int32]
 AllowedSpecial = Literal["all"] | Collection[str]
@@ -167,7 +169,7 @@ class Tokenizer:
         """vocabulary_sha256: each vocabulary file's digest, which prepared corpora record;
         identity: what cursors record (the name unless the name alone does not pin the files);
         gpt2_pattern: whether the encoding splits text with GPT2_PAT_STR, for which cutting a long
-        text at certain newlines cannot change its tokens (prepared.split_for_encoding)."""
+        text before certain whitespace cannot change its tokens (cut_before)."""
         self._encoding = encoding
         self.source = source
         self.vocabulary_sha256 = dict(vocabulary_sha256)
@@ -208,7 +210,7 @@ class Tokenizer:
         (tests/test_stretch_encoding.py holds the rule to tiktoken on generated texts.)"""
         if not self.gpt2_pattern or any(ch.isspace() for token in self.special_tokens for ch in token):
             return ""
-        return " \t\n\r"
+        return GPT2_CUT_BEFORE
 
     def allowed(self, allowed_special: AllowedSpecial) -> Literal["all"] | set[str]:
         """The special tokens a request allows, checked against the encoding's."""
