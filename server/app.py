@@ -200,8 +200,14 @@ def channel_options(config: ServerConfig) -> list[tuple[str, int]]:
         if config.max_connection_age > 0
         else []
     )
+    streams = (
+        [("grpc.max_concurrent_streams", config.max_concurrent_streams)]
+        if config.max_concurrent_streams
+        else []
+    )
     return [
         *age,
+        *streams,
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.max_receive_message_length", config.max_message_bytes),
         # Several worker processes share one port only when asked to; otherwise a second server

@@ -316,6 +316,15 @@ class ServerConfig:
             "seconds a request waits for room in --memory-budget before it is refused", minimum=0
         ),
     )
+    max_concurrent_streams: int = field(
+        default=256,
+        metadata=option(
+            "calls one connection may have open at once (HTTP/2's SETTINGS_MAX_CONCURRENT_STREAMS): "
+            "clients queue the others, so one connection cannot make the server receive more than "
+            "this many requests before any is admitted; 0: gRPC's default (no limit)",
+            minimum=0,
+        ),
+    )
     memory_trim_interval: float = field(
         default=5.0,
         metadata=option(

@@ -299,3 +299,31 @@ def test_a_full_shared_memory_folder_refuses_instead_of_crashing(tmp_path: Path)
             SharedMemoryRegistry(folder, max_per_connection=0).create("connection", 4096)
     finally:
         subprocess.run(["umount", str(folder)], check=False)
+
+
+async def test_one_connection_opens_at_most_max_concurrent_streams_calls(
+    default_components: Components,
+) -> None:
+    """HTTP/2's stream limit: past it the client queues its calls; the server never sees them."""
+    config = replace(default_components.config, max_concurrent_streams=2)
+    running = ServerThread(config, replace(default_components, config=config))
+    try:
+        async with grpc.aio.insecure_channel(running.target) as channel:
+            stub = embedding_pb2_grpc.EmbeddingServiceStub(channel)
+            request = embedding_pb2.SharedMemorySessionRequest(byte_size=4096)
+            sessions = [stub.SharedMemorySession(request) for _ in range(3)]
+            reads = {asyncio.ensure_future(session.read()): session for session in sessions}
+            done, waiting = await asyncio.wait(reads, timeout=2)
+            assert len(done) == 2  # whichever two gRPC started first
+            assert all(read.result().handle for read in done)
+            await asyncio.sleep(0.5)
+            assert len(waiting) == 1
+            assert len(default_components.shared_memory) == 2
+            reads[next(iter(done))].cancel()
+            (queued,) = waiting
+            assert (await asyncio.wait_for(queued, 10)).handle  # a stream came free
+            for session in sessions:
+                session.cancel()
+        assert await _released(default_components)
+    finally:
+        running.stop()
