@@ -179,14 +179,10 @@ def memory_budget(config: ServerConfig, metrics: Metrics) -> MemoryBudget:
         "memory budget %s (--memory-budget %s; memory limit %s)",
         format_bytes(total), config.memory_budget, format_bytes(limit),
     )  # fmt: skip
-    peak = 0
 
-    def changed(in_use: int) -> None:
-        nonlocal peak
-        metrics.memory_in_use.set(in_use)
-        if in_use > peak:
-            peak = in_use
-            metrics.memory_peak.set(peak)
+    def changed(budget: MemoryBudget) -> None:
+        metrics.memory_in_use.set(budget.in_use_bytes)
+        metrics.memory_peak.set(budget.peak_bytes)
 
     return MemoryBudget(total, config.memory_wait, on_change=changed)
 

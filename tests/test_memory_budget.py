@@ -14,7 +14,7 @@ from embedserve.server.core.memory_budget import MEMORY_BUDGET_REASON, MemoryBud
 
 async def test_requests_within_the_budget_go_on_at_once() -> None:
     seen: list[int] = []
-    budget = MemoryBudget(100, wait_seconds=1, on_change=seen.append)
+    budget = MemoryBudget(100, wait_seconds=1, on_change=lambda changed: seen.append(changed.in_use_bytes))
     first = await budget.reserve(60, "first")
     second = await budget.reserve(40, "second")
     assert budget.in_use_bytes == 100

@@ -10,6 +10,7 @@ import subprocess
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -312,7 +313,7 @@ async def test_one_connection_opens_at_most_max_concurrent_streams_calls(
             stub = embedding_pb2_grpc.EmbeddingServiceStub(channel)
             request = embedding_pb2.SharedMemorySessionRequest(byte_size=4096)
             sessions = [stub.SharedMemorySession(request) for _ in range(3)]
-            reads = {asyncio.ensure_future(session.read()): session for session in sessions}
+            reads = {asyncio.ensure_future(_first_grant(session)): session for session in sessions}
             done, waiting = await asyncio.wait(reads, timeout=2)
             assert len(done) == 2  # whichever two gRPC started first
             assert all(read.result().handle for read in done)
@@ -327,3 +328,9 @@ async def test_one_connection_opens_at_most_max_concurrent_streams_calls(
         assert await _released(default_components)
     finally:
         running.stop()
+
+
+async def _first_grant(session: Any) -> embedding_pb2.SharedMemorySessionResponse:
+    reply = await session.read()
+    assert isinstance(reply, embedding_pb2.SharedMemorySessionResponse)
+    return reply

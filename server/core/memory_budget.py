@@ -115,7 +115,7 @@ class Reservation:
 
 class MemoryBudget:
     """`total_bytes` of working memory that requests share; `wait_seconds` is the longest a request
-    waits for room before it is refused. `on_change(in_use_bytes)` is told of every change
+    waits for room before it is refused. `on_change(budget)` is told of every change
     (metrics)."""
 
     def __init__(
@@ -123,7 +123,7 @@ class MemoryBudget:
         total_bytes: int,
         wait_seconds: float,
         *,
-        on_change: Callable[[int], None] | None = None,
+        on_change: Callable[[MemoryBudget], None] | None = None,
     ) -> None:
         if total_bytes <= 0:
             raise ValueError("a memory budget must be positive")
@@ -227,4 +227,4 @@ class MemoryBudget:
         self.in_use_bytes += by
         self.peak_bytes = max(self.peak_bytes, self.in_use_bytes)
         if self._on_change is not None:
-            self._on_change(self.in_use_bytes)
+            self._on_change(self)
