@@ -36,7 +36,7 @@ from .core.memory_budget import MemoryBudget, Reservation
 from .core.shared_memory import SharedMemoryRegistry
 from .core.stoppable import run_stoppable
 from .core.stream_plan import BatchObserver, StreamPlan, StreamRequest, StreamSource, plan_stream
-from .core.stretch_encoding import encode_planned, plan_encoding
+from .core.stretch_encoding import EncodePlan, encode_planned, plan_encoding
 from .core.window_orders import InMemoryOrders, OrderStore
 from .core.windows import PlannedBatch
 from .errors import Context, stream_errors, unary_errors
@@ -68,6 +68,17 @@ async def _next_or_drained(queue: asyncio.Queue[_Item], draining: asyncio.Event)
     raise NotReady(SHUTTING_DOWN_MESSAGE)
 
 
+# Texts of up to this many characters in all are cut into stretches on the event loop: a few
+# scans in C, cheaper than the hop to a worker thread.
+_PLAN_INLINE_CHARS = 1 << 20
+
+
+async def _planned(tokenizer: Tokenizer, texts: list[str]) -> EncodePlan:
+    if sum(map(len, texts)) <= _PLAN_INLINE_CHARS:
+        return plan_encoding(tokenizer, texts)
+    return await asyncio.to_thread(plan_encoding, tokenizer, texts)
+
+
 class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
     def __init__(self, tokenizer: Tokenizer, config: ServerConfig, budget: MemoryBudget) -> None:
         self._tokenizer = tokenizer
@@ -83,7 +94,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
             raise InvalidInput("texts is empty")
         self._limits.check_texts(len(texts))
         allowed = "all" if request.allow_all_special else frozenset(request.allowed_special)
-        plan = await asyncio.to_thread(plan_encoding, self._tokenizer, texts)
+        plan = await _planned(self._tokenizer, texts)
         held = await hold_for_call(
             self._budget, context, request_memory.texts_bytes(texts) + plan.working_bytes, "Tokenize"
         )
@@ -189,7 +200,7 @@ class BatchesServicer:
         ids: np.ndarray[Any, np.dtype[np.integer]]
         if source == "text":  # bounded by the request's size, so its orders stay in memory
             texts = [request.text]
-            plan = await asyncio.to_thread(plan_encoding, self._tokenizer, texts)
+            plan = await _planned(self._tokenizer, texts)
             held = await hold_for_call(
                 self._budget, context, request_memory.texts_bytes(texts) + plan.working_bytes, "StreamBatches"
             )
