@@ -26,6 +26,7 @@ from .config import (
     ConfigError,
     MemoryBudgetSetting,
     ServerConfig,
+    parse_size,
 )
 from .core import (
     OUTPUT_DTYPES,
@@ -43,7 +44,9 @@ from .core.allocator import AllocatorTrimmer, tune_allocator
 from .core.corpus import WINDOW_ORDERS_FOLDER
 from .core.device_thread import DeviceThread
 from .core.memory_budget import MemoryBudget, format_bytes, memory_limit_bytes
+from .core.shard_cache import ShardCache
 from .core.shared_memory import SharedMemoryRegistry
+from .core.storage import is_url
 from .core.stream_plan import BatchObserver
 from .core.vector_sources import default_cache_dir, load_word_vectors
 from .core.word_vector_slot import WordVectorSlot
@@ -115,7 +118,7 @@ def load_components(config: ServerConfig, environ: Mapping[str, str] | None = No
             config.context_length or DEFAULT_CONTEXT_LENGTH,
             config.seed,
         )
-    if config.data_dir is not None and not config.data_dir.is_dir():
+    if config.data_dir and not is_url(config.data_dir) and not Path(config.data_dir).is_dir():
         raise StartupError(f"--data-dir {config.data_dir} is not a folder")
     device = resolve_device(config.device)
     device_thread = DeviceThread.shared(device)  # all torch work of this process on the device runs there
@@ -148,7 +151,12 @@ def load_components(config: ServerConfig, environ: Mapping[str, str] | None = No
         config,
         tokenizer,
         model,
-        CorpusStore(config.data_dir, tokenizer, window_orders=_window_orders(config.data_dir, cache_dir)),
+        CorpusStore(
+            config.data_dir,
+            tokenizer,
+            window_orders=_window_orders(config.data_dir, cache_dir),
+            shard_cache=ShardCache(cache_dir / "shards", parse_size(config.cache_size)),
+        ),
         word_vectors,
         device_thread,
         _shared_memory(config),
@@ -162,11 +170,11 @@ def _shared_memory(config: ServerConfig) -> SharedMemoryRegistry:
     return registry
 
 
-def _window_orders(data_dir: Path | None, cache_dir: Path) -> MappedOrders:
-    """Beside the corpora when their folder is writable (every server on them shares the files),
-    else in the server's cache folder."""
-    if data_dir is not None and os.access(data_dir, os.W_OK):
-        return MappedOrders(data_dir / WINDOW_ORDERS_FOLDER)
+def _window_orders(data_dir: str | None, cache_dir: Path) -> MappedOrders:
+    """Beside the corpora when their folder is local and writable (every server on them shares the
+    files), else in the server's cache folder."""
+    if data_dir and not is_url(data_dir) and os.access(data_dir, os.W_OK):
+        return MappedOrders(Path(data_dir) / WINDOW_ORDERS_FOLDER)
     return MappedOrders(cache_dir / "window-orders")
 
 

@@ -364,30 +364,78 @@ def _print_progress(line: str) -> None:
 
 
 def _run_prepare(args: argparse.Namespace) -> int:
-    from .core import InvalidInput, NotFound, StartupError, load_tokenizer
-    from .core.prepared import prepare_corpus, progress_reporter
+    from .config import parse_size
+    from .core import EmbedServeCoreError, load_tokenizer
+    from .core.prepare_engines import prepare_engine
+    from .core.prepared import progress_reporter
+    from .core.storage import open_storage
 
     if not args.data_dir:
         print("embedserve prepare: name the data folder (--data-dir or EMBEDSERVE_DATA_DIR)", file=sys.stderr)
         return 2
     try:
+        shard_bytes = parse_size(args.shard_size)
+    except ValueError as error:
+        print(f"embedserve prepare: --shard-size: {error}", file=sys.stderr)
+        return 2
+    try:
         bpe_dir = Path(args.bpe_dir) if args.bpe_dir else None
         tokenizer = load_tokenizer(args.tokenizer, bpe_dir, os.environ)
-        meta = prepare_corpus(
-            [Path(p) for p in args.inputs],
+        storage = open_storage(args.data_dir)
+        engine = prepare_engine(args.engine, ray_address=args.ray_address)
+        manifest = engine.prepare(
+            args.inputs,
             args.out,
-            Path(args.data_dir),
+            storage,
             tokenizer,
             text_column=args.text_column,
             threads=args.threads,
             progress=progress_reporter(f"prepare {args.out}", _print_progress),
+            shard_bytes=shard_bytes,
+            append=args.append,
         )
-    except (InvalidInput, NotFound, StartupError) as error:
+    except EmbedServeCoreError as error:
         print(f"embedserve prepare: {error}", file=sys.stderr)
         return 1
     print(
-        f"{args.out}: {meta['token_count']:,} tokens from {meta['documents']:,} documents "
-        f"in {Path(args.data_dir) / meta['tokens_file']}"
+        f"{args.out}: {manifest.token_count:,} tokens from {manifest.documents:,} documents in "
+        f"{len(manifest.shards)} shards; manifest {storage.url_of(args.out + '.json')}"
+        + (f" (generation {manifest.generation})" if manifest.generation > 1 else "")
+    )
+    return 0
+
+
+def _run_import(args: argparse.Namespace) -> int:
+    from .core import EmbedServeCoreError, load_tokenizer
+    from .core.prepared import progress_reporter
+    from .core.shard_writer import shard_folder
+    from .core.storage import open_storage
+    from .core.token_imports import import_corpus
+
+    if not args.data_dir:
+        print("embedserve import: name the data folder (--data-dir or EMBEDSERVE_DATA_DIR)", file=sys.stderr)
+        return 2
+    try:
+        bpe_dir = Path(args.bpe_dir) if args.bpe_dir else None
+        tokenizer = load_tokenizer(args.tokenizer, bpe_dir, os.environ)
+        storage = open_storage(args.data_dir)
+        manifest = import_corpus(
+            args.format,
+            args.inputs,
+            args.out,
+            storage,
+            tokenizer,
+            copy=args.copy,
+            progress=progress_reporter(f"import {args.out}", _print_progress),
+        )
+    except EmbedServeCoreError as error:
+        print(f"embedserve import: {error}", file=sys.stderr)
+        return 1
+    copied = sum(shard.file.startswith(shard_folder(args.out) + "/") for shard in manifest.shards)
+    print(
+        f"{args.out}: {manifest.token_count:,} {manifest.dtype} tokens, {manifest.documents:,} documents "
+        f"in {len(manifest.shards)} {args.format} files ({copied} copied, "
+        f"{len(manifest.shards) - copied} in place); manifest {storage.url_of(args.out + '.json')}"
     )
     return 0
 
@@ -495,9 +543,9 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "column), each non-null row of a .parquet, .arrow/.feather (Arrow IPC file or stream) file "
         "or datasets save_to_disk folder one (its text column); .gz of text or .jsonl is read too, "
         "and a quoted glob ('shards/*.parquet') names its matches in sorted order. Documents are "
-        "joined with <|endoftext|>. Writes NAME.tokens (uint16 token IDs, uint32 for a vocabulary past "
-        "65,536) and NAME.json into the "
-        "data folder, using every core.",
+        "joined with <|endoftext|>. Writes the shards NAME.shards/*.tokens (uint16 token IDs, uint32 "
+        "for a vocabulary past 65,536; at most --shard-size each) and the manifest NAME.json into the "
+        "data folder or object-storage URL, using every core (or a Ray cluster: --engine ray).",
     )
     corpus.add_argument(
         "inputs",
@@ -505,7 +553,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         help="text, .jsonl (and .gz), .parquet, .arrow/.feather files, globs, save_to_disk folders",
     )
     corpus.add_argument("--out", required=True, help="the corpus name, as StreamBatches requests it")
-    _add_server_path(corpus, "data_dir", environ, "the server's data folder")
+    _add_server_path(corpus, "data_dir", environ, "the server's data folder or object-storage URL")
     corpus.add_argument(
         "--text-column",
         "--text-field",
@@ -515,9 +563,53 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "(default: text; --text-field is the same flag)",
     )
     corpus.add_argument("--threads", type=int, default=0, help="tokenizer threads (default: every core)")
+    corpus.add_argument(
+        "--shard-size",
+        default=environ.get("EMBEDSERVE_SHARD_SIZE", "256MiB"),
+        metavar="SIZE",
+        help="most bytes of one shard file (default 256MiB; env EMBEDSERVE_SHARD_SIZE)",
+    )
+    corpus.add_argument(
+        "--append",
+        action="store_true",
+        help="add the inputs' documents after those of the existing corpus NAME, in new shards",
+    )
+    corpus.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default=environ.get("EMBEDSERVE_PREPARE_ENGINE", "local"),
+        help="local: threads of this process (default); ray: Ray Data tasks on a Ray cluster "
+        "(embedserve[ray]); env EMBEDSERVE_PREPARE_ENGINE",
+    )
+    corpus.add_argument(
+        "--ray-address",
+        default=environ.get("RAY_ADDRESS", ""),
+        help="the Ray cluster for --engine ray (default: RAY_ADDRESS, else a local Ray instance)",
+    )
     _add_server_path(corpus, "tokenizer", environ, "the encoding, as the server's --tokenizer (default gpt2)")
     _add_server_path(corpus, "bpe_dir", environ, "as the server's --bpe-dir")
     handlers["prepare"] = _run_prepare
+
+    imported = commands.add_parser(
+        "import",
+        help="serve token files of nanoGPT, llm.c or Megatron-LM (or an old single-file corpus) as they are",
+        description="Makes the corpus NAME of existing token files, in order, without "
+        "re-tokenizing: nanogpt (train.bin: uint16, no header), llmc (llm.c shards: 256 x int32 "
+        "header), megatron (PREFIX.bin + PREFIX.idx; name the prefix, the .bin or the .idx), "
+        "embedserve (a format-1 NAME.json sidecar of `embedserve prepare` before shards). A file "
+        "inside the local data folder is referenced where it is; others are copied into "
+        "NAME.shards/. Every token is checked against the tokenizer's vocabulary.",
+    )
+    imported.add_argument("format", choices=("nanogpt", "llmc", "megatron", "embedserve"))
+    imported.add_argument("inputs", nargs="+", metavar="FILE", help="the token files, in corpus order")
+    imported.add_argument("--out", required=True, help="the corpus name, as StreamBatches requests it")
+    _add_server_path(imported, "data_dir", environ, "the server's data folder or object-storage URL")
+    imported.add_argument(
+        "--copy", action="store_true", help="copy files into NAME.shards/ even when inside the data folder"
+    )
+    _add_server_path(imported, "tokenizer", environ, "the encoding the files were made with (default gpt2)")
+    _add_server_path(imported, "bpe_dir", environ, "as the server's --bpe-dir")
+    handlers["import"] = _run_import
 
     for name in ("tokenize", "batches", "embed", "info", "health", "similar", "similarity", "analogies"):
         _add_client_arguments(commands.choices[name], environ)

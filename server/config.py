@@ -84,6 +84,22 @@ class MemoryBudgetSetting:
         return max(1, int(limit_bytes * self.share) // workers)
 
 
+def parse_size(text: str) -> int:
+    """Bytes of a size (4GiB, 512MiB, 1000000); ValueError says why not."""
+    setting = MemoryBudgetSetting.parse(text)
+    if setting.nbytes is None:
+        raise ValueError(f"not a size: {text!r} (e.g. 10GiB, 512MiB)")
+    return setting.nbytes
+
+
+def _size_problem(value: Any) -> str | None:
+    try:
+        parse_size(str(value))
+    except ValueError as error:
+        return str(error)
+    return None
+
+
 def _memory_budget_problem(value: Any) -> str | None:
     try:
         MemoryBudgetSetting.parse(str(value))
@@ -194,11 +210,13 @@ class ServerConfig:
             default_text="wpe.weight, transformer.wpe.weight or pos_emb.weight",
         ),
     )
-    data_dir: Path | None = field(
+    data_dir: str | None = field(
         default=None,
         metadata=option(
-            "folder whose files StreamBatches serves as corpora by relative name; names never resolve "
-            "outside it, symlinks included",
+            "where StreamBatches finds corpora by relative name: a folder (names never resolve outside "
+            "it, symlinks included) or an object-storage URL (s3://bucket/prefix with embedserve[s3]; "
+            "any fsspec URL whose package is installed), read with the environment's credentials",
+            metavar="DIR|URL",
         ),
     )
     tokenizer: str = field(
@@ -272,7 +290,19 @@ class ServerConfig:
     )
     cache_dir: Path | None = field(
         default=None,
-        metadata=option("where converted word vectors are kept", default_text="~/.cache/embedserve"),
+        metadata=option(
+            "where converted word vectors, and shards fetched from an object-storage --data-dir, are kept",
+            default_text="~/.cache/embedserve",
+        ),
+    )
+    cache_size: str = field(
+        default="10GiB",
+        metadata=option(
+            "most bytes of shards kept in --cache-dir/shards for an object-storage --data-dir; the least "
+            "recently used are evicted (a size: 10GiB, 500MiB, bytes)",
+            check=lambda value: _size_problem(value),
+            metavar="SIZE",
+        ),
     )
     max_topn: int = field(default=10000, metadata=option("largest topn of one MostSimilar query", minimum=1))
     word_vector_prefilter: Prefilter = field(

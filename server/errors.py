@@ -10,12 +10,14 @@ import grpc
 from embedserve.status_details import (
     DETAILS_KEY,
     LimitInfo,
+    error_info_status,
     limit_exceeded_status,
     not_in_vocabulary_status,
     overloaded_trailers,
 )
 
 from .core import (
+    CorruptData,
     EmbedServeCoreError,
     InvalidInput,
     LimitExceeded,
@@ -26,6 +28,7 @@ from .core import (
     Overloaded,
     PreconditionFailed,
     StartupError,
+    Unavailable,
 )
 
 _LOGGER = logging.getLogger(__name__)
@@ -36,6 +39,8 @@ STATUS_BY_ERROR: tuple[tuple[type[EmbedServeCoreError], grpc.StatusCode], ...] =
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (NotReady, grpc.StatusCode.UNAVAILABLE),
+    (Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (CorruptData, grpc.StatusCode.DATA_LOSS),
     (NotPermitted, grpc.StatusCode.PERMISSION_DENIED),
     (StartupError, grpc.StatusCode.FAILED_PRECONDITION),
     (PreconditionFailed, grpc.StatusCode.FAILED_PRECONDITION),
@@ -67,6 +72,9 @@ async def _abort(context: Context, method: str, error: Exception) -> NoReturn:
             code.value[0], str(error), error.reason, error.retry_after, error.metadata
         )
         await context.abort(code, str(error), trailing_metadata=trailers)
+    if isinstance(error, PreconditionFailed) and error.reason is not None:
+        details = error_info_status(code.value[0], str(error), error.reason, error.metadata)
+        await context.abort(code, str(error), trailing_metadata=((DETAILS_KEY, details),))
     if isinstance(error, NotInVocabulary):
         details = not_in_vocabulary_status(code.value[0], str(error), error.words)
         await context.abort(code, str(error), trailing_metadata=((DETAILS_KEY, details),))

@@ -29,6 +29,7 @@ from .admission import SentReplies, hold_for_call
 from .config import ServerConfig
 from .core import CorpusStore, EmbeddingModel, EmbedJob, InvalidInput, NotReady, Tokenizer, request_memory
 from .core.corpus import tokens_sha256
+from .core.corpus_tokens import ArrayTokens, CorpusTokens
 from .core.embed_batcher import EmbedBatcher
 from .core.embed_jobs import OutputRegion, embed_job, result_shape
 from .core.limits import RequestLimits
@@ -197,7 +198,7 @@ class BatchesServicer:
         """The source's token IDs and their sha256 (which cursors carry). A text is held against
         the memory budget for the whole stream, with its IDs and shuffled orders."""
         source = request.WhichOneof("source")
-        ids: np.ndarray[Any, np.dtype[np.integer]]
+        tokens: CorpusTokens
         if source == "text":  # bounded by the request's size, so its orders stay in memory
             texts = [request.text]
             plan = await _planned(self._tokenizer, texts)
@@ -208,14 +209,14 @@ class BatchesServicer:
                 functools.partial(encode_planned, self._tokenizer, plan, self._tokenizer.separator)
             )
             held.shrink(request_memory.texts_bytes(texts) + request_memory.text_stream_bytes(ids.nbytes))
-            sha256 = await asyncio.to_thread(tokens_sha256, ids)
+            tokens = ArrayTokens(ids, await asyncio.to_thread(tokens_sha256, ids))
             orders: OrderStore = InMemoryOrders()
         elif source == "corpus":
-            ids, sha256 = await asyncio.to_thread(self._corpora.tokens_and_hash, request.corpus)
+            tokens = await asyncio.to_thread(self._corpora.open, request.corpus)
             orders = self._corpora.window_orders
         else:
             raise InvalidInput("the request names no source: set text or corpus")
-        return StreamSource(ids, sha256, self._tokenizer.identity, self._tokenizer.n_vocab, orders)
+        return StreamSource(tokens, self._tokenizer.identity, self._tokenizer.n_vocab, orders)
 
     @stream_errors
     async def StreamBatches(
@@ -265,7 +266,14 @@ class BatchesServicer:
         """The batch's StreamBatchesResponse, encoded; its embeddings are looked up straight into
         the reply's bytes (see _codec.TensorReply), so a batch is held twice at most: here and in
         gRPC's copy."""
-        inputs, targets = plan.windows(batch)
+        if plan.tokens.may_wait:  # object storage: fetch off the event loop, and ahead
+            plan.prefetch_after(batch)
+            if not plan.ready(batch):
+                inputs, targets = await asyncio.to_thread(plan.windows, batch)
+            else:
+                inputs, targets = plan.windows(batch)
+        else:
+            inputs, targets = plan.windows(batch)
         if self._on_batch is not None:
             self._on_batch(plan.settings, batch)
         fields = batches_pb2.StreamBatchesResponse(

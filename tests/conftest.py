@@ -148,7 +148,7 @@ def vector_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def default_config(data_dir: Path, vector_cache: Path) -> ServerConfig:
-    return ServerConfig(port=0, device="cpu", data_dir=data_dir, cache_dir=vector_cache)
+    return ServerConfig(port=0, device="cpu", data_dir=str(data_dir), cache_dir=vector_cache)
 
 
 @pytest.fixture(scope="session")

@@ -31,7 +31,7 @@ RANGED = [flag for flag in FLAGS if flag.declared.minimum is not None or flag.de
 CHOOSING = [flag for flag in FLAGS if flag.choices]
 
 
-SAMPLES_OF_CHECKED_FLAGS = {"memory_budget": ("4GiB", "4GiB")}
+SAMPLES_OF_CHECKED_FLAGS = {"memory_budget": ("4GiB", "4GiB"), "cache_size": ("2GiB", "2GiB")}
 
 
 def _sample(flag: ServeFlag) -> tuple[str, object]:
@@ -236,7 +236,7 @@ def test_every_flag_reads_its_environment_variable() -> None:
         weights=Path("/w.safetensors"),
         token_embedding_key="a",
         position_embedding_key="b",
-        data_dir=Path("/data"),
+        data_dir="/data",
         bpe_dir=Path("/bpe"),
         max_message_bytes=1000,
         max_tokens_per_request=10,

@@ -72,23 +72,25 @@ def test_a_prepared_corpus_never_reads_a_token_file_outside_the_folder(tmp_path:
     store = CorpusStore(root, tokenizer)
     genuine = store.tokens("books").tolist()
 
-    # The same bytes outside the folder, reached by a symlink in place of the token file.
+    # The same bytes outside the folder, reached by a symlink in place of the shard file.
+    manifest = json.loads((root / "books.json").read_text())
+    shard = root / manifest["shards"][0]["file"]
     outside = tmp_path / "outside.tokens"
-    os.replace(root / "books.tokens", outside)
-    os.symlink(outside, root / "books.tokens")
-    with pytest.raises(NotFound, match="token file"):
+    os.replace(shard, outside)
+    os.symlink(outside, shard)
+    with pytest.raises(NotFound, match="shard"):
         store.tokens("books")
 
-    # A sidecar that names a path rather than a file beside it.
-    sidecar = json.loads((root / "books.json").read_text())
-    for tokens_file in ["../outside.tokens", str(outside), "", "sub/../../outside.tokens"]:
-        (root / "books.json").write_text(json.dumps({**sidecar, "tokens_file": tokens_file}))
-        with pytest.raises(NotFound, match="token file"):
+    # A manifest that names a path outside the folder.
+    for shard_file in ["../outside.tokens", str(outside), "", "sub/../../outside.tokens"]:
+        entry = {**manifest["shards"][0], "file": shard_file}
+        (root / "books.json").write_text(json.dumps({**manifest, "shards": [entry]}))
+        with pytest.raises((NotFound, InvalidInput), match="shard"):
             store.tokens("books")
 
     # A symlink that stays inside the folder is followed.
-    (root / "books.tokens").unlink()
+    shard.unlink()
     os.replace(outside, root / "real.tokens")
-    os.symlink(root / "real.tokens", root / "books.tokens")
-    (root / "books.json").write_text(json.dumps(sidecar))
+    os.symlink(root / "real.tokens", shard)
+    (root / "books.json").write_text(json.dumps(manifest))
     assert store.tokens("books").tolist() == genuine

@@ -17,6 +17,7 @@ from embedserve.server.core import (
     iterate_batches,
     plan_windows,
 )
+from embedserve.server.core.corpus_tokens import ArrayTokens
 from embedserve.server.core.cursor import Position
 from embedserve.server.core.limits import REPLY_OVERHEAD_BYTES, RequestLimits
 from embedserve.server.core.stream_plan import (
@@ -28,7 +29,7 @@ from embedserve.server.core.stream_plan import (
 )
 
 TOKENS = (np.arange(1000, dtype=np.int32) * 7) % 500
-SOURCE = StreamSource(TOKENS, "sha-of-the-tokens", "gpt2", 50257)
+SOURCE = StreamSource(ArrayTokens(TOKENS, "sha-of-the-tokens"), "gpt2", 50257)
 LIMITS = RequestLimits(
     max_message_bytes=1 << 20,
     max_tokens_per_request=1 << 20,
@@ -105,8 +106,8 @@ def test_a_cursor_of_another_stream_or_an_earlier_epoch_is_refused() -> None:
     cursor = _plan().cursor_after(batch)
     with pytest.raises(PreconditionFailed, match=r"another stream: seed \(cursor 3, request 4\)"):
         _plan(replace(REQUEST, seed=4, cursor=cursor))
-    with pytest.raises(PreconditionFailed, match="another stream: source_sha256"):
-        _plan(replace(REQUEST, cursor=cursor), replace(SOURCE, sha256="other"))
+    with pytest.raises(PreconditionFailed, match="source has changed since the cursor was made"):
+        _plan(replace(REQUEST, cursor=cursor), replace(SOURCE, tokens=ArrayTokens(TOKENS, "other")))
     with pytest.raises(PreconditionFailed, match="cannot be read"):
         _plan(replace(REQUEST, cursor=b"garbage"))
     with pytest.raises(PreconditionFailed, match="before this request's first epoch 1"):
@@ -139,7 +140,7 @@ def test_limits_name_themselves() -> None:
 def test_embeddings_need_positions_and_rows_for_every_window() -> None:
     with pytest.raises(InvalidInput, match="max_length 40 exceeds the context length 32"):
         _plan(replace(REQUEST, max_length=40, include_embeddings=True))
-    past_the_table = replace(SOURCE, tokens=np.append(TOKENS, 500).astype(np.int32))
+    past_the_table = replace(SOURCE, tokens=ArrayTokens(np.append(TOKENS, 500).astype(np.int32), "sha"))
     with pytest.raises(
         InvalidInput, match=r"token id 500, outside the embedding model's vocabulary \[0, 500\)"
     ):
@@ -153,10 +154,12 @@ def test_a_mapped_corpus_of_a_covered_tokenizer_is_not_scanned(tmp_path: Path) -
     path = tmp_path / "corpus.tokens"
     np.append(TOKENS, 499).astype("<u2").tofile(path)
     mapped = np.memmap(path, dtype="<u2", mode="r")
-    covered = StreamSource(mapped, "sha", "small", 500)
+    covered = StreamSource(ArrayTokens(mapped, "sha", ids_checked=True), "small", 500)
     assert _plan(replace(REQUEST, include_embeddings=True), covered).include_embeddings
     np.append(TOKENS, 900).astype("<u2").tofile(path)
-    uncovered = StreamSource(np.memmap(path, dtype="<u2", mode="r"), "sha", "gpt2", 50257)
+    uncovered = StreamSource(
+        ArrayTokens(np.memmap(path, dtype="<u2", mode="r"), "sha", ids_checked=True), "gpt2", 50257
+    )
     with pytest.raises(InvalidInput, match="token id 900"):
         _plan(replace(REQUEST, include_embeddings=True), uncovered)
 

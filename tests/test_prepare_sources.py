@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.feather as feather
 import pyarrow.parquet as pq
@@ -17,6 +17,8 @@ from embedserve.server.cli import main
 from embedserve.server.core import InvalidInput, NotFound, Tokenizer, load_gpt2_tokenizer
 from embedserve.server.core.document_sources import ArrowFile, JsonLines, ParquetFile, open_sources
 from embedserve.server.core.prepared import prepare_corpus
+
+from .corpus_files import prepared_tokens
 
 ROWS: list[str | None] = [
     "I HAD always thought Jack Gisburn rather a cheap genius--though a good fellow enough.",
@@ -38,13 +40,19 @@ def tokenizer() -> Tokenizer:
     return load_gpt2_tokenizer(None, {})
 
 
+def _prepared(*arguments: Any, **options: Any) -> dict[str, Any]:
+    """prepare_corpus's manifest, as its JSON reads."""
+    manifest: dict[str, Any] = json.loads(prepare_corpus(*arguments, **options).to_json())
+    return manifest
+
+
 def _expected(encoding: tiktoken.Encoding, texts: Sequence[str]) -> list[int]:
     return encoding.encode("<|endoftext|>".join(texts), allowed_special={"<|endoftext|>"})
 
 
 def _prepare_with_cli(data_dir: Path, *arguments: str) -> tuple[list[int], dict[str, object]]:
     assert main(["prepare", *arguments, "--out", "corpus", "--data-dir", str(data_dir)]) == 0
-    tokens = np.frombuffer((data_dir / "corpus.tokens").read_bytes(), dtype="<u2").tolist()
+    tokens = prepared_tokens(data_dir, "corpus").tolist()
     return tokens, json.loads((data_dir / "corpus.json").read_text())
 
 
@@ -120,9 +128,9 @@ def test_arrow_ipc_files_and_streams(
     table = pa.table({"text": pa.array(ROWS, pa.large_string()), "id": list(range(len(ROWS)))})
     write(path, table)
 
-    meta = prepare_corpus([path], "corpus", tmp_path / "data", tokenizer, threads=2)
+    meta = _prepared([path], "corpus", tmp_path / "data", tokenizer, threads=2)
 
-    tokens = np.fromfile(tmp_path / "data" / "corpus.tokens", dtype="<u2").tolist()
+    tokens = prepared_tokens(tmp_path / "data", "corpus").tolist()
     assert tokens == _expected(reference_encoding, TEXTS)
     assert _sources(meta) == [(name, len(TEXTS))]
     batches = list(ArrowFile(path, "text", batch_rows=1).batches())
@@ -242,7 +250,7 @@ def test_parquet_streams_record_batches_in_bounded_memory(
     assert peak < column.nbytes / 5, (peak, column.nbytes)
 
     reported: list[tuple[int, int]] = []
-    meta = prepare_corpus(
+    meta = _prepared(
         [path],
         "big",
         tmp_path / "data",
@@ -252,5 +260,5 @@ def test_parquet_streams_record_batches_in_bounded_memory(
     )
     assert meta["documents"] == len(texts)
     assert reported[-1] == (path.stat().st_size, path.stat().st_size)
-    tokens = np.fromfile(tmp_path / "data" / "big.tokens", dtype="<u2")
+    tokens = prepared_tokens(tmp_path / "data", "big")
     assert tokens.tolist() == _expected(reference_encoding, texts)

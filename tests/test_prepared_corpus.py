@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from .conftest import start_server
+from .corpus_files import document_starts, manifest_of, prepared_tokens, shard_paths
 
 DOCUMENTS = [
     "I HAD always thought Jack Gisburn rather a cheap genius--though a good fellow enough.",
@@ -48,24 +49,33 @@ def test_prepare_writes_tokens_joined_by_endoftext(
 ) -> None:
     data_dir = tmp_path / "data"
     tokenizer = load_gpt2_tokenizer(None, {})
-    meta = prepare_corpus(_write_inputs(tmp_path), "books", data_dir, tokenizer, threads=2)
+    manifest = prepare_corpus(_write_inputs(tmp_path), "books", data_dir, tokenizer, threads=2)
     expected = reference_encoding.encode("<|endoftext|>".join(DOCUMENTS), allowed_special={"<|endoftext|>"})
-    raw = (data_dir / "books.tokens").read_bytes()
-    assert np.frombuffer(raw, dtype="<u2").tolist() == expected
-    assert meta == json.loads((data_dir / "books.json").read_text())
-    assert meta["token_count"] == len(expected)
+    assert prepared_tokens(data_dir, "books").tolist() == expected
+    meta = manifest_of(data_dir, "books")
+    assert meta["kind"] == "embedserve-corpus"
+    assert meta["format"] == 2
+    assert meta["token_count"] == len(expected) == manifest.token_count
     assert meta["documents"] == 4
     assert meta["dtype"] == "uint16"
     assert meta["separator"] == {"policy": "endoftext-between-documents", "token_id": 50256}
-    assert meta["tokens_sha256"] == hashlib.sha256(raw).hexdigest()
+    assert meta["identity"] == manifest.identity
+    (shard,) = meta["shards"]
+    raw = (data_dir / shard["file"]).read_bytes()
+    assert shard["sha256"] == hashlib.sha256(raw).hexdigest()
+    assert shard["bytes"] == len(raw)
+    # A document's own "<|endoftext|>" text is not a boundary: each document starts after the one
+    # separator prepare put before it.
+    lengths = [len(reference_encoding.encode(d, allowed_special={"<|endoftext|>"})) for d in DOCUMENTS]
+    assert document_starts(data_dir, "books") == [sum(lengths[:k]) + k for k in range(len(DOCUMENTS))]
     assert [s["documents"] for s in meta["sources"]] == [1, 3]
-    assert sorted(p.name for p in data_dir.iterdir()) == ["books.json", "books.tokens"]  # no partial files
+    # No partial files: the manifest, and the shard folder's token and offset files.
+    assert sorted(p.name for p in data_dir.iterdir()) == ["books.json", "books.shards"]
+    assert sorted(p.suffix for p in (data_dir / "books.shards").iterdir()) == [".docs", ".tokens"]
 
     store = CorpusStore(data_dir, tokenizer)
     for name in ("books", "books.json"):
-        tokens = store.tokens(name)
-        assert isinstance(tokens, np.memmap)
-        assert tokens.tolist() == expected
+        assert store.tokens(name).tolist() == expected
 
 
 def test_prepare_refuses_bad_input_clearly(tmp_path: Path) -> None:
@@ -76,7 +86,7 @@ def test_prepare_refuses_bad_input_clearly(tmp_path: Path) -> None:
         prepare_corpus([broken], "x", tmp_path / "data", tokenizer)
     with pytest.raises(InvalidInput, match="--out"):
         prepare_corpus([broken], "../escape", tmp_path / "data", tokenizer)
-    assert not any((tmp_path / "data").iterdir())  # nothing half-written
+    assert not list((tmp_path / "data").rglob("*.*"))  # nothing half-written
 
 
 def test_cli_prepare_then_stream_equals_the_text(
@@ -87,7 +97,9 @@ def test_cli_prepare_then_stream_equals_the_text(
     assert main(["prepare", *map(str, inputs), "--out", "books", "--data-dir", str(data_dir)]) == 0
     assert "books:" in capsys.readouterr().out
     (data_dir / "plain.txt").write_text("<|endoftext|>".join(DOCUMENTS))
-    running = start_server(ServerConfig(port=0, device="cpu", word_vectors="none", data_dir=data_dir, dim=8))
+    running = start_server(
+        ServerConfig(port=0, device="cpu", word_vectors="none", data_dir=str(data_dir), dim=8)
+    )
 
     async def collect(corpus: str) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
         async with AsyncClient(running.target) as client:
@@ -114,7 +126,7 @@ def test_cli_prepare_then_stream_equals_the_text(
             np.testing.assert_array_equal(got_inputs, want_inputs)
             np.testing.assert_array_equal(targets, want_targets)
             np.testing.assert_array_equal(embeddings, want_embeddings)
-        (data_dir / "books.tokens").write_bytes(b"\0\0")  # truncated
+        shard_paths(data_dir, "books")[0].write_bytes(b"\0\0")  # truncated
         with pytest.raises(InvalidArgumentError, match="truncated"):
             asyncio.run(collect(corpus="books"))
     finally:

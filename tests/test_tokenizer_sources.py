@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +27,7 @@ from embedserve.server.core.tokenizer import find_gpt2_bpe_files, mergeable_rank
 from embedserve.server.core.tokenizer_sources import TIKTOKEN_CACHED_FILES
 
 from .conftest import ServerThread, start_server
+from .corpus_files import prepared_tokens
 
 TEAM_PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 # Merges learned by hand for this text; " the" and " fox" get ranks past 65,535, so the token
@@ -101,7 +103,7 @@ def team_data(team: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def team_server(team: Path, team_data: Path) -> Iterator[ServerThread]:
     running = start_server(
         ServerConfig(
-            port=0, device="cpu", word_vectors="none", dim=8, tokenizer=str(team), data_dir=team_data
+            port=0, device="cpu", word_vectors="none", dim=8, tokenizer=str(team), data_dir=str(team_data)
         )
     )
     yield running
@@ -160,7 +162,8 @@ def test_the_prepared_sidecar_records_the_encoding(team_data: Path, team: Path) 
     assert (meta["tokenizer"], meta["vocab_size"], meta["dtype"]) == ("team-bpe", ENDOFTEXT_ID + 1, "uint32")
     assert meta["tokenizer_identity"] == tokenizer.identity
     assert meta["tokenizer_sha256"] == tokenizer.vocabulary_sha256
-    tokens = np.fromfile(data_dir / "books.tokens", dtype="<u4")
+    tokens = prepared_tokens(data_dir, "books")
+    assert tokens.dtype == np.dtype("<u4")
     assert len(tokens) == meta["token_count"]
     assert tokens.max() == ENDOFTEXT_ID
 
@@ -170,13 +173,16 @@ def test_a_cursor_or_corpus_of_one_encoding_is_refused_under_another(
 ) -> None:
     """Same name, same ranks, another <|endoftext|> ID: a text without it has the same token IDs,
     so only the encoding's identity tells the two apart."""
-    (tmp_path / "data").mkdir()
-    for name in ("books.json", "books.tokens"):
-        (tmp_path / "data" / name).write_bytes((team_data / name).read_bytes())
+    shutil.copytree(team_data, tmp_path / "data")
     other = _write_encoding(tmp_path / "other", endoftext_id=ENDOFTEXT_ID + 5)
     running = start_server(
         ServerConfig(
-            port=0, device="cpu", word_vectors="none", dim=8, tokenizer=str(other), data_dir=tmp_path / "data"
+            port=0,
+            device="cpu",
+            word_vectors="none",
+            dim=8,
+            tokenizer=str(other),
+            data_dir=str(tmp_path / "data"),
         )
     )
     try:

@@ -30,7 +30,7 @@ STORY = " ".join(f"w{i % 41} {i}" for i in range(140))
 def corpus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     data_dir = tmp_path_factory.mktemp("training-data")
     (data_dir / "story.txt").write_text(STORY)
-    running = start_server(replace(TINY_CONFIG, data_dir=data_dir))
+    running = start_server(replace(TINY_CONFIG, data_dir=str(data_dir)))
     yield running
     running.stop()
 

@@ -27,6 +27,7 @@ from embedserve.server.core.prepared import prepare_corpus
 from embedserve.server.core.window_orders import SequentialOrder
 
 from .conftest import start_server
+from .corpus_files import prepared_tokens
 
 
 def dataloader_order(num_windows: int, seed: int) -> list[int]:
@@ -160,8 +161,10 @@ def test_the_server_maps_a_large_corpuss_order_beside_it(tmp_path: Path) -> None
     text = tmp_path / "words.txt"
     words = [f"w{i % 997}" for i in range(600_000)]  # "w123" is 2 tokens: about 1.2M windows
     text.write_text(" ".join(words))
-    meta = prepare_corpus([text], "words", data_dir, tokenizer)
-    running = start_server(ServerConfig(port=0, device="cpu", word_vectors="none", data_dir=data_dir, dim=8))
+    manifest = prepare_corpus([text], "words", data_dir, tokenizer)
+    running = start_server(
+        ServerConfig(port=0, device="cpu", word_vectors="none", data_dir=str(data_dir), dim=8)
+    )
     try:
         with Client(running.target, timeout=120) as client:
             batches = client.stream_batches(
@@ -180,11 +183,11 @@ def test_the_server_maps_a_large_corpuss_order_beside_it(tmp_path: Path) -> None
     finally:
         running.stop()
     orders = sorted((data_dir / ".window-orders").iterdir())
-    num_windows = int(meta["token_count"]) - 8
+    num_windows = manifest.token_count - 8
     assert [p.name for p in orders] == [
         MappedOrders(data_dir / ".window-orders").path_for(num_windows, 5, 0).name
     ]
-    tokens = np.fromfile(data_dir / "words.tokens", dtype=np.uint16)
+    tokens = prepared_tokens(data_dir, "words")
     expected = shuffled_window_order(num_windows, 5)[:4]
     inputs, targets = gather_windows(tokens, expected, 8)
     assert first.inputs.tolist() == inputs.tolist()

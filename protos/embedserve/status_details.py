@@ -3,9 +3,11 @@
 A refusal a client must act on carries a google.rpc.Status in the `grpc-status-details-bin`
 trailer, holding a google.rpc.ErrorInfo (the pattern of grpc's `examples/python/errors`). The
 reasons sent: LIMIT_EXCEEDED, with the limit's name, its value and what was asked for;
-NOT_IN_VOCABULARY, followed by a google.rpc.ResourceInfo per missing word; and, for a server too
-busy right now, MEMORY_BUDGET or QUEUE_FULL, followed by a google.rpc.RetryInfo (the same delay
-also travels as gRPC's `grpc-retry-pushback-ms`, which gRPC's own retries honour).
+NOT_IN_VOCABULARY, followed by a google.rpc.ResourceInfo per missing word; SOURCE_CHANGED, for
+a stream cursor whose corpus has changed since it was made (metadata: cursor_source, source);
+and, for a server too busy right now, MEMORY_BUDGET or QUEUE_FULL, followed by a
+google.rpc.RetryInfo (the same delay also travels as gRPC's `grpc-retry-pushback-ms`, which
+gRPC's own retries honour).
 docs/protocol.md documents it for clients in other languages.
 """
 
@@ -56,6 +58,13 @@ def limit_exceeded_status(code: int, message: str, info: LimitInfo) -> bytes:
         metadata["requested"] = str(info.requested)
     return _status(
         code, message, [error_details_pb2.ErrorInfo(reason=LIMIT_EXCEEDED, domain=DOMAIN, metadata=metadata)]
+    )
+
+
+def error_info_status(code: int, message: str, reason: str, metadata: Mapping[str, str]) -> bytes:
+    """A refusal named by `reason` alone (SOURCE_CHANGED...), with its metadata."""
+    return _status(
+        code, message, [error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=dict(metadata))]
     )
 
 

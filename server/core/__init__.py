@@ -17,6 +17,7 @@ from .embedding import (
 )
 from .errors import (
     Cancelled,
+    CorruptData,
     EmbedServeCoreError,
     InvalidInput,
     LimitExceeded,
@@ -27,6 +28,7 @@ from .errors import (
     Overloaded,
     PreconditionFailed,
     StartupError,
+    Unavailable,
 )
 from .tokenizer import GPT2_BPE_SHA256, Tokenizer, load_gpt2_tokenizer
 from .tokenizer_sources import DEFAULT_TOKENIZER, load_tokenizer
@@ -38,6 +40,7 @@ __all__ = [
     "GPT2_BPE_SHA256",
     "OUTPUT_DTYPES",
     "Cancelled",
+    "CorruptData",
     "CorpusStore",
     "EmbedServeCoreError",
     "EmbeddingModel",
@@ -52,6 +55,7 @@ __all__ = [
     "Overloaded",
     "PreconditionFailed",
     "StartupError",
+    "Unavailable",
     "Tokenizer",
     "PlannedBatch",
     "WindowPlan",

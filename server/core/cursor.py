@@ -79,6 +79,16 @@ def decode_cursor(cursor: bytes, settings: StreamSettings) -> Position:
         for field in fields(StreamSettings)
         if getattr(recorded, field.name) != getattr(settings, field.name)
     ]
+    if differing and recorded.source_sha256 != settings.source_sha256:
+        raise PreconditionFailed(
+            "the source has changed since the cursor was made (a corpus appended to, prepared again "
+            "or replaced; or another text): its tokens' identity was "
+            f"{recorded.source_sha256[:16]}..., it is now {settings.source_sha256[:16]}...; start the "
+            "stream again without the cursor, or stream a copy of the old corpus. Differing: "
+            + "; ".join(differing),
+            reason="SOURCE_CHANGED",
+            metadata={"cursor_source": recorded.source_sha256, "source": settings.source_sha256},
+        )
     if differing:
         raise PreconditionFailed("the cursor belongs to another stream: " + "; ".join(differing))
     if position.epoch < 0 or position.batch < 0:

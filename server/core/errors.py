@@ -78,12 +78,29 @@ class Cancelled(NotReady):
     """Work stopped part-way: the server is shutting down, or the call it was for has ended."""
 
 
+class Unavailable(EmbedServeCoreError):
+    """Something the server depends on (an object store) cannot be reached now; retrying can succeed."""
+
+
+class CorruptData(EmbedServeCoreError):
+    """Stored data does not match its recorded digest or size: it is never served."""
+
+
 class NotPermitted(EmbedServeCoreError):
     """The caller may not do this, whatever it sends (e.g. shared memory from another host)."""
 
 
 class PreconditionFailed(EmbedServeCoreError):
-    """The request conflicts with state it refers to (a stream cursor made under other settings)."""
+    """The request conflicts with state it refers to (a stream cursor made under other settings).
+
+    `reason`, when set, names the conflict for programs (SOURCE_CHANGED: the cursor's corpus has
+    changed since, e.g. appended to); the transport sends it, with `metadata`, as an ErrorInfo.
+    """
+
+    def __init__(self, message: str, *, reason: str | None = None, metadata: Mapping[str, str] | None = None):
+        super().__init__(message)
+        self.reason = reason
+        self.metadata = dict(metadata or {})
 
 
 class StartupError(EmbedServeCoreError):

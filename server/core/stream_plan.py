@@ -17,13 +17,16 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
+from .corpus_tokens import CorpusTokens
 from .cursor import Position, StreamSettings, decode_cursor, encode_cursor
 from .errors import InvalidInput, PreconditionFailed
 from .limits import RequestLimits
 from .window_orders import InMemoryOrders, OrderStore
-from .windows import PlannedBatch, WindowPlan, gather_windows, iterate_batches, plan_windows
+from .windows import PlannedBatch, WindowPlan, iterate_batches, plan_windows
 
 MAX_BATCHES_PER_MESSAGE = 256
+# Batches ahead of the one being gathered whose shards a source on slow storage starts fetching.
+_PREFETCH_BATCHES = 16
 # Per batch: inputs and targets (int32 each), and room for the reply's other fields.
 _WINDOW_TOKEN_BYTES = 2 * 4
 _BATCH_OVERHEAD_BYTES = 1024
@@ -55,11 +58,10 @@ class StreamRequest:
 
 @dataclass(frozen=True)
 class StreamSource:
-    """The token IDs a stream reads, their sha256 (which cursors carry), the tokenizer that
-    made them (its name, and how many IDs it has), and where its shuffled orders are kept."""
+    """The tokens a stream reads (their identity is what cursors carry), the tokenizer that made
+    them (its name, and how many IDs it has), and where its shuffled orders are kept."""
 
-    tokens: TokenIds
-    sha256: str
+    tokens: CorpusTokens
     tokenizer: str
     tokenizer_vocab: int
     orders: OrderStore = field(default_factory=InMemoryOrders)
@@ -83,7 +85,7 @@ class StreamPlan:
     """A checked stream: where it starts and ends, and how its replies are sized."""
 
     settings: StreamSettings
-    tokens: TokenIds
+    tokens: CorpusTokens
     start: Position
     last_epoch: int
     include_embeddings: bool
@@ -99,7 +101,20 @@ class StreamPlan:
 
     def windows(self, batch: PlannedBatch) -> tuple[TokenIds, TokenIds]:
         """The batch's inputs and targets, [windows, max_length] each, in the source's dtype."""
-        return gather_windows(self.tokens, batch.starts, self.settings.max_length)
+        spans = self.tokens.spans(batch.starts, self.settings.max_length + 1)
+        return np.ascontiguousarray(spans[:, :-1]), np.ascontiguousarray(spans[:, 1:])
+
+    def ready(self, batch: PlannedBatch) -> bool:
+        """False when gathering the batch would wait for storage."""
+        return self.tokens.ready(batch.starts, self.settings.max_length + 1)
+
+    def prefetch_after(self, batch: PlannedBatch) -> None:
+        """Hints the source with the windows of the batches after `batch` in its epoch."""
+        plan = batch.plan
+        following = range(batch.index + 1, min(batch.index + 1 + _PREFETCH_BATCHES, plan.num_batches))
+        if following:
+            starts = np.concatenate([plan.batch_starts(index) for index in following])
+            self.tokens.prefetch(starts, self.settings.max_length + 1)
 
     def cursor_after(self, batch: PlannedBatch) -> bytes:
         """The cursor that resumes the stream right after `batch`."""
@@ -116,13 +131,13 @@ def plan_stream(
 ) -> StreamPlan:
     """The checked plan of a stream; InvalidInput, LimitExceeded or PreconditionFailed say what is
     wrong. `embeddings_itemsize`: bytes per element of the embeddings (when included)."""
-    tokens = source.tokens
+    num_tokens = source.tokens.num_tokens
     world_size = request.world_size or 1
 
     @functools.lru_cache(maxsize=2)
     def plan_for(epoch: int) -> WindowPlan:
         return plan_windows(
-            num_tokens=len(tokens),
+            num_tokens=num_tokens,
             max_length=request.max_length,
             stride=request.stride,
             batch_size=request.batch_size,
@@ -138,7 +153,7 @@ def plan_stream(
 
     first = plan_for(request.epoch)  # checks every setting before anything streams
     settings = StreamSettings(
-        source_sha256=source.sha256,
+        source_sha256=source.tokens.identity,
         tokenizer=source.tokenizer,
         max_length=first.max_length,
         stride=first.stride,
@@ -166,7 +181,7 @@ def plan_stream(
     per_message = max(1, min(per_message, limits.max_message_bytes // batch_bytes))
     return StreamPlan(
         settings=settings,
-        tokens=tokens,
+        tokens=source.tokens,
         start=start,
         last_epoch=request.epoch + max(1, request.epochs) - 1,
         include_embeddings=request.include_embeddings,
@@ -185,9 +200,11 @@ def _check_embeddable(max_length: int, source: StreamSource, model: EmbeddingTab
             "so the windows have no positional embedding"
         )
     # A prepared corpus holds only its tokenizer's IDs: no need to scan a mapped file for them.
-    mapped_and_covered = isinstance(source.tokens, np.memmap) and source.tokenizer_vocab <= model.vocab_size
-    if not mapped_and_covered and int(source.tokens.max()) >= model.vocab_size:
+    if source.tokens.ids_checked and source.tokenizer_vocab <= model.vocab_size:
+        return
+    largest = source.tokens.max_id()
+    if largest >= model.vocab_size:
         raise InvalidInput(
-            f"the source has token id {int(source.tokens.max())}, outside the embedding model's vocabulary "
+            f"the source has token id {largest}, outside the embedding model's vocabulary "
             f"[0, {model.vocab_size}); stream it without include_embeddings"
         )
