@@ -17,6 +17,7 @@ from ._async import AsyncClient
 from ._batch_spec import BatchSettings, BatchSpec
 from ._errors import (
     CallCancelledError,
+    DataLossError,
     DeadlineExceededError,
     EmbedServeError,
     FailedPreconditionError,
@@ -56,6 +57,7 @@ __all__ = [
     "WordVectorsInfo",
     "Batch",
     "CallCancelledError",
+    "DataLossError",
     "Client",
     "DeadlineExceededError",
     "EmbedServeError",

@@ -82,6 +82,11 @@ class PermissionDeniedError(EmbedServeError):
     """The credentials do not allow this call."""
 
 
+class DataLossError(EmbedServeError):
+    """Stored data failed its integrity check (a corpus shard whose sha256 does not match its
+    manifest); it was not served, and retrying reads the same data."""
+
+
 class CallCancelledError(EmbedServeError):
     """The call was cancelled (a CANCELLED status from the server arrives as UnavailableError)."""
 
@@ -101,6 +106,7 @@ _ERROR_BY_CODE: Mapping[grpc.StatusCode, type[EmbedServeError]] = {
     grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
     grpc.StatusCode.CANCELLED: CallCancelledError,
+    grpc.StatusCode.DATA_LOSS: DataLossError,
     grpc.StatusCode.INTERNAL: InternalError,
 }
 

@@ -434,7 +434,7 @@ def _run_import(args: argparse.Namespace) -> int:
     copied = sum(shard.file.startswith(shard_folder(args.out) + "/") for shard in manifest.shards)
     print(
         f"{args.out}: {manifest.token_count:,} {manifest.dtype} tokens, {manifest.documents:,} documents "
-        f"in {len(manifest.shards)} {args.format} files ({copied} copied, "
+        f"in {len(manifest.shards)} shards of {args.format} files ({copied} copied, "
         f"{len(manifest.shards) - copied} in place); manifest {storage.url_of(args.out + '.json')}"
     )
     return 0

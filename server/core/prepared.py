@@ -24,7 +24,7 @@ import numpy.typing as npt
 from .document_sources import DEFAULT_BATCH_ROWS, DEFAULT_TEXT_COLUMN, open_sources
 from .errors import InvalidInput, NotFound
 from .manifest import CorpusManifest, commit_manifest, now, read_manifest
-from .shard_writer import DEFAULT_SHARD_BYTES, ShardWriter
+from .shard_writer import DEFAULT_SHARD_BYTES, ShardWriter, shard_folder
 from .storage import LocalStorage, Storage
 from .stretch_encoding import plan_stretches
 from .tokenizer import ENDOFTEXT, Tokenizer
@@ -218,19 +218,21 @@ def _existing(storage: Storage, name: str, tokenizer: Tokenizer, append: bool) -
     if previous.legacy_identity is not None:
         raise InvalidInput(
             f"corpus {name!r} is a single-file corpus from before shards; convert it first "
-            "(embedserve import --from embedserve, see docs/training-data.md)"
+            f"(embedserve import embedserve {name}.json --out {name}; see docs/training-data.md)"
         )
     return previous
 
 
 def remove_corpus_files(storage: Storage, old: CorpusManifest, *, keep: CorpusManifest) -> None:
-    """Deletes the files of `old` that `keep` does not list."""
+    """Deletes the files of `old` that `keep` does not list, of those in the corpus's own shard
+    folder only (an imported corpus may list a user's files where they are: those stay)."""
     kept = {shard.file for shard in keep.shards} | {
         shard.document_offsets.file for shard in keep.shards if shard.document_offsets
     }
+    own = shard_folder(old.name) + "/"
     for shard in old.shards:
         for file in (shard.file, shard.document_offsets.file if shard.document_offsets else None):
-            if file and file not in kept:
+            if file and file not in kept and file.startswith(own):
                 storage.delete(file)
 
 

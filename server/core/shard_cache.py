@@ -129,6 +129,10 @@ class ShardCache:
                 os.replace(temporary, path)
             finally:
                 Path(temporary).unlink(missing_ok=True)
+            # Fetches running side by side each made room for themselves only: enforce the
+            # limit again, now that this one is in (it is the most recent, so evicted last).
+            with self._locked("evict"):
+                self._make_room(0)
         _LOGGER.info(
             "fetched shard %s (%d bytes) in %.2f s",
             storage.url_of(entry.file),

@@ -7,6 +7,7 @@ corpus larger than the cache streams with the cache evicting behind it.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -15,13 +16,24 @@ from pathlib import Path
 import numpy as np
 
 from .corpus_tokens import TokenIds
-from .errors import InvalidInput, NotFound
+from .errors import InvalidInput, NotFound, Unavailable
 from .manifest import CorpusManifest, ShardEntry
 from .shard_cache import ShardCache
 from .storage import Storage
 
 # Shards a stream keeps mapped: the one it reads and those its spans cross into.
 _OPEN_SHARDS = 8
+
+
+def _map_file(path: Path, entry: ShardEntry, manifest: CorpusManifest) -> TokenIds:
+    """map_shard, with a file that vanished raising FileNotFoundError."""
+    if entry.tokens == 0:
+        return np.zeros(0, manifest.numpy_dtype)
+    mapped = np.memmap(
+        path, dtype=manifest.numpy_dtype, mode="r", offset=entry.header_bytes, shape=(entry.tokens,)
+    )
+    array: TokenIds = mapped.view(np.ndarray)
+    return array
 
 
 def map_shard(path: Path, entry: ShardEntry, manifest: CorpusManifest) -> TokenIds:
@@ -107,7 +119,11 @@ class CachedShards(_MappedShards):
 
     def _map(self, index: int) -> TokenIds:
         entry = self._manifest.shards[index]
-        return map_shard(self._cache.fetch(self._storage, entry), entry, self._manifest)
+        for _ in range(3):  # another fetch may evict it between fetching and mapping: fetch again
+            path = self._cache.fetch(self._storage, entry)
+            with contextlib.suppress(FileNotFoundError):
+                return _map_file(path, entry, self._manifest)
+        raise Unavailable(f"shard {entry.file} keeps being evicted from the shard cache; raise --cache-size")
 
     def has(self, index: int) -> bool:
         return index in self._open or self._cache.has(self._manifest.shards[index])

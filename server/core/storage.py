@@ -11,6 +11,7 @@ the URL, never a credential.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import re
@@ -138,6 +139,8 @@ class LocalStorage(Storage):
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
         try:
+            # mkstemp makes the file private; corpus files are read by servers running as other users.
+            os.fchmod(handle, 0o666 & ~_umask())
             with os.fdopen(handle, "wb") as out:
                 yield out
             os.replace(temporary, path)  # a reader opens the old file or the new one
@@ -180,11 +183,11 @@ class FsspecStorage(Storage):
 
     def read_bytes(self, name: str, *, limit: int) -> bytes:
         with storage_errors(self.url_of(name)):
-            size = self._fs.size(self._path(name))
-            if size is not None and size > limit:
-                raise InvalidInput(f"{self.url_of(name)} is larger than {limit} bytes")
-            data: bytes = self._fs.cat_file(self._path(name))
-            return data
+            # One ranged GET: its error, unlike a HEAD's, says why (InvalidAccessKeyId, NoSuchBucket).
+            data: bytes = self._fs.cat_file(self._path(name), start=0, end=limit + 1)
+        if len(data) > limit:
+            raise InvalidInput(f"{self.url_of(name)} is larger than {limit} bytes")
+        return data
 
     def exists(self, name: str) -> bool:
         with storage_errors(self.url_of(name)):
@@ -313,6 +316,13 @@ def _is_connection_error(error: BaseException) -> bool:
             "ConnectionError",
         }
     )
+
+
+@functools.cache
+def _umask() -> int:
+    current = os.umask(0)  # the only way to read it; done once
+    os.umask(current)
+    return current
 
 
 def sha256_file(path: Path) -> str:
