@@ -13,6 +13,7 @@ from embedserve.status_details import (
     LimitInfo,
     limit_from_trailers,
     missing_words_from_trailers,
+    reason_from_trailers,
     retry_delay_from_trailers,
 )
 
@@ -63,7 +64,12 @@ class ResourceExhaustedError(EmbedServeError):
 
 
 class FailedPreconditionError(EmbedServeError):
-    """The server cannot serve this request in its current configuration."""
+    """The server cannot serve this request in its current state or configuration. `reason` names
+    the conflict when the server says (SOURCE_CHANGED: a cursor's corpus has changed since)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, reason: str | None = None) -> None:
+        super().__init__(code, details)
+        self.reason = reason
 
 
 class UnavailableError(EmbedServeError):
@@ -148,6 +154,8 @@ def error_from_rpc(error: grpc.RpcError) -> EmbedServeError:
         return NotFoundError(code, details, missing_words_from_trailers(trailers) or ())
     if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
         return ResourceExhaustedError(code, details, retry_delay_from_trailers(trailers))
+    if code is grpc.StatusCode.FAILED_PRECONDITION:
+        return FailedPreconditionError(code, details, reason_from_trailers(trailers))
     return _ERROR_BY_CODE.get(code, EmbedServeError)(code, details)
 
 

@@ -130,6 +130,18 @@ def _our_error_info(status: status_pb2.Status, reason: str) -> error_details_pb2
     return None
 
 
+def reason_from_trailers(trailers: Iterable[Any] | None) -> str | None:
+    """The reason of a refusal's embedserve ErrorInfo (SOURCE_CHANGED, LIMIT_EXCEEDED...), or None."""
+    status = _details_status(trailers)
+    if status is None:
+        return None
+    for detail in status.details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info) and info.domain == DOMAIN:
+            return info.reason
+    return None
+
+
 def missing_words_from_trailers(trailers: Iterable[Any] | None) -> list[str] | None:
     """The words a NOT_IN_VOCABULARY refusal lists, or None (another error, or no detail)."""
     status = _details_status(trailers)
