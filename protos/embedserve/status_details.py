@@ -138,7 +138,7 @@ def reason_from_trailers(trailers: Iterable[Any] | None) -> str | None:
     for detail in status.details:
         info = error_details_pb2.ErrorInfo()
         if detail.Unpack(info) and info.domain == DOMAIN:
-            return info.reason
+            return str(info.reason)
     return None
 
 
