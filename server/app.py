@@ -147,16 +147,24 @@ def load_components(config: ServerConfig, environ: Mapping[str, str] | None = No
         model.device,
         time.perf_counter() - started,
     )
+    corpora = CorpusStore(
+        config.data_dir,
+        tokenizer,
+        window_orders=_window_orders(config.data_dir, cache_dir),
+        shard_cache=ShardCache(cache_dir / "shards", parse_size(config.cache_size)),
+    )
+    if corpora.storage is not None and not corpora.storage.is_local:
+        _LOGGER.info(
+            "corpora from %s, through a shard cache of %s in %s",
+            corpora.storage.location,  # without credentials
+            config.cache_size,
+            cache_dir / "shards",
+        )
     return Components(
         config,
         tokenizer,
         model,
-        CorpusStore(
-            config.data_dir,
-            tokenizer,
-            window_orders=_window_orders(config.data_dir, cache_dir),
-            shard_cache=ShardCache(cache_dir / "shards", parse_size(config.cache_size)),
-        ),
+        corpora,
         word_vectors,
         device_thread,
         _shared_memory(config),
