@@ -32,6 +32,7 @@ from .core import (
     OUTPUT_DTYPES,
     CorpusStore,
     EmbeddingModel,
+    InvalidInput,
     MappedOrders,
     StartupError,
     Tokenizer,
@@ -147,12 +148,15 @@ def load_components(config: ServerConfig, environ: Mapping[str, str] | None = No
         model.device,
         time.perf_counter() - started,
     )
-    corpora = CorpusStore(
-        config.data_dir,
-        tokenizer,
-        window_orders=_window_orders(config.data_dir, cache_dir),
-        shard_cache=ShardCache(cache_dir / "shards", parse_size(config.cache_size)),
-    )
+    try:
+        corpora = CorpusStore(
+            config.data_dir,
+            tokenizer,
+            window_orders=_window_orders(config.data_dir, cache_dir),
+            shard_cache=ShardCache(cache_dir / "shards", parse_size(config.cache_size)),
+        )
+    except InvalidInput as error:  # a URL whose filesystem is not installed
+        raise StartupError(f"--data-dir: {error}") from None
     if corpora.storage is not None and not corpora.storage.is_local:
         _LOGGER.info(
             "corpora from %s, through a shard cache of %s in %s",

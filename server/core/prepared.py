@@ -13,14 +13,17 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from .bpe_backends import choose_encoder
 from .document_sources import DEFAULT_BATCH_ROWS, DEFAULT_TEXT_COLUMN, open_sources
 from .errors import InvalidInput, NotFound
 from .manifest import CorpusManifest, commit_manifest, now, read_manifest
@@ -30,9 +33,10 @@ from .stretch_encoding import plan_stretches
 from .tokenizer import ENDOFTEXT, Tokenizer
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
-_BATCH_BYTES = 4 << 20  # text encoded per round across the threads
+_BATCH_BYTES = 4 << 20  # text read per round (a round also ends with each input file)
 _TASK_CHARS = 64 << 10  # text one thread encodes at a time (short documents grouped)
 _PIECE_CHARS = 1 << 20  # a long document is encoded in pieces of about this many characters
+_TASKS_AHEAD = 4  # tasks encoding or queued per thread while the oldest is written
 
 
 def prepare_corpus(
@@ -74,7 +78,6 @@ def prepare_corpus(
             f"corpus {name!r} holds {previous.dtype} tokens; this tokenizer writes {wire.name}"
         )
     separator_id = tokenizer.encode(ENDOFTEXT, allowed_special={ENDOFTEXT})[0]
-    separator = np.array([separator_id], dtype=wire).tobytes()
     writer = ShardWriter(
         storage, name, wire, shard_bytes=shard_bytes, first_number=len(previous.shards) if previous else 0
     )
@@ -85,72 +88,74 @@ def prepare_corpus(
     token_count = 0
     done_bytes = 0
     threads = threads or os.cpu_count() or 1
+    encoder = choose_encoder(tokenizer)
 
-    def encode(text: str) -> bytes:
-        return tokenizer.encode(text, allowed_special={ENDOFTEXT}).astype(wire).tobytes()
+    def encode(task: _Task) -> tuple[bytes, list[int]]:
+        """On a pool thread: the task's tokens as written (after the separator prepare puts before
+        it, if any), and where its documents start among them."""
+        ids = encoder.encode(task.texts[0] if len(task.texts) == 1 else "".join(task.texts))
+        head = 1 if task.separator_before else 0
+        tokens = np.empty(head + len(ids), dtype=wire)
+        tokens[:head] = separator_id
+        tokens[head:] = ids
+        starts = _document_starts(tokens, separator_id, task.after_separator, task.literals, task.skip)
+        return tokens.tobytes(), starts
+
+    # Tasks are written in order while later ones encode: the threads never wait for the writing
+    # (hashing, storage) or the reading of the next input, and a long document is written as its
+    # pieces are encoded.
+    pending: deque[tuple[_Task, Future[tuple[bytes, list[int]]]]] = deque()
+    ahead = threads * _TASKS_AHEAD
+    carried = False  # a document starts where the last task written ended (an empty one)
+
+    def write_oldest() -> None:
+        nonlocal token_count, carried
+        task, future = pending.popleft()
+        data, starts = future.result()
+        count = len(data) // wire.itemsize
+        if carried:
+            starts.insert(0, 0)
+        # A start at the task's end (after an empty document's separator) is the next task's first
+        # token; at a round's end none follows and ShardWriter would drop it, as it always has.
+        ends_on_start = bool(starts) and starts[-1] == count
+        if ends_on_start:
+            starts.pop()
+        carried = ends_on_start and not task.last_in_round
+        writer.add(data, starts)
+        token_count += count
+        if progress is not None and task.progress_bytes is not None:
+            progress(task.progress_bytes, total_bytes, token_count)
+
+    def submit(batch: list[str], progress_bytes: int | None) -> None:
+        nonlocal documents
+        for task in _round_tasks(batch, tokenizer.cut_before, documents == 0, progress_bytes):
+            pending.append((task, pool.submit(encode, task)))
+            while len(pending) > ahead:
+                write_oldest()
+        documents += len(batch)
 
     with ThreadPoolExecutor(threads) as pool:
-
-        def flush(batch: list[str]) -> None:
-            nonlocal token_count, documents
-            # Tasks of about _TASK_CHARS characters: a piece of a long document, or many short
-            # documents joined by <|endoftext|>, which encodes as the documents one by one with
-            # the separator between them do (the encoder splits at special tokens first), and
-            # costs one call instead of one a document.
-            tasks: list[tuple[bool, list[str]]] = []  # (starts a document, texts to join)
-            chars = _TASK_CHARS
-            for text in batch:
-                # Cut where the tokens cannot change (Tokenizer.cut_before), so that one long
-                # document uses every thread.
-                spans = plan_stretches(text, tokenizer.cut_before, _PIECE_CHARS)
-                pieces = [text[start:end] for start, end in spans] if len(spans) > 1 else [text]
-                for number, piece in enumerate(pieces):
-                    if chars >= _TASK_CHARS:
-                        tasks.append((number == 0, []))
-                        chars = 0
-                    elif number == 0:
-                        tasks[-1][1].append(ENDOFTEXT)
-                    tasks[-1][1].append(piece)
-                    chars += len(piece)
-            parts: list[bytes] = []
-            written_tokens = 0
-            for (starts_document, _), data in zip(
-                tasks, pool.map(encode, ["".join(texts) for _, texts in tasks]), strict=True
-            ):
-                if starts_document and (documents or parts):
-                    parts.append(separator)
-                    written_tokens += 1
-                parts.append(data)
-                written_tokens += len(data) // wire.itemsize
-            written = b"".join(parts)
-            literals = [text.count(ENDOFTEXT) for text in batch]
-            writer.add(
-                written, _document_starts(np.frombuffer(written, wire), separator_id, documents > 0, literals)
-            )
-            documents += len(batch)
-            token_count += written_tokens
-
-        for source, size in zip(sources, sizes, strict=True):
-            batch: list[str] = []
-            batch_bytes = 0
-            count = 0
-            for documents_read in source.batches():
-                for text in documents_read.texts:
-                    batch.append(text)
-                    batch_bytes += len(text)
-                    count += 1
-                    if batch_bytes >= _BATCH_BYTES:
-                        flush(batch)
-                        batch, batch_bytes = [], 0
-                        if progress is not None:
-                            progress(
-                                done_bytes + min(documents_read.position, size), total_bytes, token_count
-                            )
-            flush(batch)
-            done_bytes += size
-            if progress is not None:
-                progress(done_bytes, total_bytes, token_count)
-            read.append({"path": str(source.path.resolve()), "bytes": size, "documents": count})
+        try:
+            for source, size in zip(sources, sizes, strict=True):
+                batch: list[str] = []
+                batch_bytes = 0
+                count = 0
+                for documents_read in source.batches():
+                    for text in documents_read.texts:
+                        batch.append(text)
+                        batch_bytes += len(text)
+                        count += 1
+                        if batch_bytes >= _BATCH_BYTES:
+                            submit(batch, done_bytes + min(documents_read.position, size))
+                            batch, batch_bytes = [], 0
+                done_bytes += size
+                submit(batch, done_bytes)
+                read.append({"path": str(source.path.resolve()), "bytes": size, "documents": count})
+            while pending:
+                write_oldest()
+        finally:
+            for _, future in pending:  # after an error: what has not started never will
+                future.cancel()
     shards = writer.finish()
     if previous is not None:
         manifest = previous.with_shards(shards, read)
@@ -175,15 +180,72 @@ def prepare_corpus(
     return manifest
 
 
+@dataclass
+class _Task:
+    """One call of the encoder: a piece of a long document, or short documents (and maybe the last
+    piece of a long one) joined by <|endoftext|>, which encodes as the documents one by one with the
+    separator between them do (the encoder splits at special tokens first)."""
+
+    texts: list[str]  # joined, they are what the encoder is given
+    separator_before: bool  # it starts with a document that follows another: prepare writes the separator
+    after_separator: bool  # its first document follows a separator (all but the corpus's first)
+    skip: int  # "<|endoftext|>" texts of the piece it starts with, when that continues a document
+    literals: list[int] = field(default_factory=list)  # each document starting in it: its own ones here
+    last_in_round: bool = False
+    progress_bytes: int | None = None  # input bytes done once it is written (the round's last task)
+
+
+def _round_tasks(
+    batch: list[str], cut_before: str, corpus_start: bool, progress_bytes: int | None
+) -> Iterator[_Task]:
+    """A round's tasks, in order, each about _TASK_CHARS or one piece (a round without documents has
+    one empty task, which reports its progress). A document longer than _PIECE_CHARS is cut where
+    its tokens cannot change (Tokenizer.cut_before), so that one long document uses every thread."""
+    task: _Task | None = None
+    chars = _TASK_CHARS
+    for text in batch:
+        spans = plan_stretches(text, cut_before, _PIECE_CHARS)
+        for number, (start, end) in enumerate(spans):
+            piece = text[start:end] if len(spans) > 1 else text
+            literal = piece.count(ENDOFTEXT)
+            if chars >= _TASK_CHARS:
+                if task is not None:
+                    yield task
+                follows = task is not None or not corpus_start
+                task = _Task([piece], number == 0 and follows, follows, 0 if number == 0 else literal)
+                if number == 0:
+                    task.literals.append(literal)
+                chars = 0
+            else:
+                assert task is not None
+                if number == 0:
+                    task.texts.append(ENDOFTEXT)
+                    task.literals.append(literal)
+                elif task.literals:
+                    task.literals[-1] += literal
+                else:
+                    task.skip += literal
+                task.texts.append(piece)
+            chars += len(piece)
+    task = task or _Task([], False, True, 0)
+    task.last_in_round, task.progress_bytes = True, progress_bytes
+    yield task
+
+
 def _document_starts(
-    tokens: npt.NDArray[np.unsignedinteger], separator: int, after_separator: bool, literals: list[int]
+    tokens: npt.NDArray[np.unsignedinteger],
+    separator: int,
+    after_separator: bool,
+    literals: list[int],
+    skip: int = 0,
 ) -> list[int]:
-    """Where a round's documents start in its tokens. Each document after the corpus's first follows
+    """Where documents start in some consecutive tokens. Each document after the corpus's first follows
     the separator prepare put before it; a document's own "<|endoftext|>" text (`literals[k]` of
-    them in document k) also encodes as the separator, and those are skipped."""
+    them in document k, and `skip` in the rest of a document before the first) also encodes as the
+    separator, and those are skipped."""
     separators = np.flatnonzero(tokens == separator).tolist()
     starts: list[int] = []
-    seen = 0
+    seen = skip
     for number, literal in enumerate(literals):
         if number == 0 and not after_separator:
             starts.append(0)

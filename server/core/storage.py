@@ -16,6 +16,7 @@ import hashlib
 import os
 import re
 import tempfile
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
@@ -169,10 +170,26 @@ class FsspecStorage(Storage):
     def __init__(self, url: str, filesystem: Any | None = None) -> None:
         self._url = url.rstrip("/")
         self._shown = redact(self._url)
+        self._filesystem = filesystem
+        self._lock = threading.Lock()
         if filesystem is None:
-            filesystem = _filesystem_for(self._url)
-        self._fs = filesystem
-        self._root = self._fs._strip_protocol(self._url).rstrip("/")
+            _filesystem_class(self._url)  # an unknown scheme fails now, not at the first read
+
+    @property
+    def _fs(self) -> Any:
+        # Made on first use: a server forks its workers before any, and a filesystem's event loop
+        # and connections must not cross a fork.
+        with self._lock:
+            if self._filesystem is None:
+                self._filesystem = _filesystem_class(self._url)(
+                    skip_instance_cache=True, **_filesystem_class(self._url)._get_kwargs_from_urls(self._url)
+                )
+            return self._filesystem
+
+    @property
+    def _root(self) -> str:
+        root: str = self._fs._strip_protocol(self._url).rstrip("/")
+        return root
 
     @property
     def location(self) -> str:
@@ -235,22 +252,18 @@ def open_storage(location: str | os.PathLike[str]) -> Storage:
     return LocalStorage(Path(text))
 
 
-def _filesystem_for(url: str) -> Any:
+def _filesystem_class(url: str) -> Any:
     import fsspec  # type: ignore[import-untyped]  # torch requires it, so it is always there; its backends (s3fs, gcsfs) are extras
 
     scheme = _SCHEME.match(url)
     protocol = scheme.group(1).lower() if scheme else "file"
     try:
-        filesystem_class = fsspec.get_filesystem_class(protocol)
+        return fsspec.get_filesystem_class(protocol)
     except (ImportError, ValueError) as error:
         extra = " (pip install 'embedserve[s3]')" if protocol in ("s3", "s3a") else ""
         raise InvalidInput(
             f"{redact(url)}: no filesystem for {protocol}:// is installed{extra}: {error}"
         ) from None
-    options = filesystem_class._get_kwargs_from_urls(url)
-    # A new instance each time: fsspec's instance cache would share one connection pool across
-    # forked worker processes.
-    return filesystem_class(skip_instance_cache=True, **options)
 
 
 @contextlib.contextmanager
