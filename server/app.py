@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -158,6 +159,7 @@ def load_components(config: ServerConfig, environ: Mapping[str, str] | None = No
     except InvalidInput as error:  # a URL whose filesystem is not installed
         raise StartupError(f"--data-dir: {error}") from None
     if corpora.storage is not None and not corpora.storage.is_local:
+        threading.Thread(target=corpora.storage.warm_up, name="storage-warm-up", daemon=True).start()
         _LOGGER.info(
             "corpora from %s, through a shard cache of %s in %s",
             corpora.storage.location,  # without credentials

@@ -240,6 +240,7 @@ class BatchesServicer:
         sent = SentReplies(context)
         pending: list[bytes] = []
         held: Reservation | None = None
+        previous: PlannedBatch | None = None
         try:
             for batch in plan.batches():
                 if batch.next_epoch != batch.epoch and batch.next_epoch <= plan.last_epoch:
@@ -250,7 +251,8 @@ class BatchesServicer:
                     raise NotReady(SHUTTING_DOWN_MESSAGE)
                 if held is None:
                     held = await self._budget.reserve(message_bytes, "StreamBatches")
-                pending.append(await self._reply(plan, batch, embeddings_dtype))
+                pending.append(await self._reply(plan, batch, previous, embeddings_dtype))
+                previous = batch
                 if len(pending) == plan.batches_per_message:
                     yield _packed(pending)
                     pending = []
@@ -262,12 +264,18 @@ class BatchesServicer:
             if held is not None:
                 sent.written(held)  # given back with the call
 
-    async def _reply(self, plan: StreamPlan, batch: PlannedBatch, embeddings_dtype: torch.dtype) -> bytes:
+    async def _reply(
+        self,
+        plan: StreamPlan,
+        batch: PlannedBatch,
+        previous: PlannedBatch | None,
+        embeddings_dtype: torch.dtype,
+    ) -> bytes:
         """The batch's StreamBatchesResponse, encoded; its embeddings are looked up straight into
         the reply's bytes (see _codec.TensorReply), so a batch is held twice at most: here and in
         gRPC's copy."""
         if plan.tokens.may_wait:  # object storage: fetch off the event loop, and ahead
-            plan.prefetch_after(batch)
+            plan.prefetch_after(batch, previous)
             if not plan.ready(batch):
                 inputs, targets = await asyncio.to_thread(plan.windows, batch)
             else:

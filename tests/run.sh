@@ -20,7 +20,7 @@ done
 ln -sfn ../../server "$stage/server"
 ln -sfn ../../client "$stage/client"
 MYPYPATH=.typecheck "$bin/mypy" -p embedserve
-MYPYPATH=.typecheck "$bin/mypy" tests protos/generate.py bench/word_vectors.py bench/window_plans.py bench/serving.py bench/device_thread.py bench/hostile.py docs/examples
+MYPYPATH=.typecheck "$bin/mypy" tests protos/generate.py bench/word_vectors.py bench/window_plans.py bench/serving.py bench/device_thread.py bench/hostile.py bench/object_storage.py bench/prepare.py docs/examples
 
 if [ "${CI:-}" = true ]; then
   # In CI a missing tool fails its tests instead of skipping them.

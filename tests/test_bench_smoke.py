@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from .conftest import requires_glove
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "word_vectors.py"
@@ -101,3 +103,35 @@ def test_device_thread_benchmark_smoke(tmp_path: Path) -> None:
     figures = json.loads(out.read_text())["figures"]
     assert figures["mix_most_similar_queries_s"]["medians"]["this"] > 0
     assert figures["embed_4_tokens_s"]["medians"]["this"] > 0
+
+
+def test_object_storage_bench_smoke(tmp_path: Path) -> None:
+    """Local disk, a warm and a cold shard cache of a moto S3 server deliver the same tokens."""
+    pytest.importorskip("moto.server")
+    pytest.importorskip("s3fs")
+    out = tmp_path / "object-storage.json"
+    command = [sys.executable, str(SERVING.parent / "object_storage.py"), "--smoke", "--json", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    results = json.loads(out.read_text())
+    assert results["corpus"]["shards"] > 1
+    for setting in ("in order", "shuffled"):
+        figures = results["figures"][setting]
+        assert all(rate > 0 for rate in figures["median_tokens_per_s"].values())
+        assert set(figures["median_ratio"]) == {"warm", "cold"}
+
+
+def test_prepare_bench_smoke(tmp_path: Path) -> None:
+    """prepare and litdata.optimize write the same number of tokens from the same small files."""
+    pytest.importorskip("litdata")
+    out = tmp_path / "prepare.json"
+    command = [sys.executable, str(SERVING.parent / "prepare.py"), "--smoke", "--folder", str(tmp_path)]
+    result = subprocess.run([*command, "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(out.read_text())
+    assert set(report["datasets"]) == {"many", "one"}
+    for figures in report["datasets"].values():
+        assert figures["tokens"] > 0
+        assert figures["prepare_mb_s"][0] > 0
+        assert figures["litdata_mb_s"][0] > 0
+        assert "tiktoken" in figures["encoders_alone_mb_s"]

@@ -120,14 +120,13 @@ class ShardedTokens(CorpusTokens):
         """Positions in self._indices of the shards holding these spans, in reading order."""
         first = np.searchsorted(self._bounds, starts, side="right") - 1
         last = np.searchsorted(self._bounds, starts + (length - 1), side="right") - 1
-        touched: list[int] = []
-        seen: set[int] = set()
-        for a, b in zip(first.tolist(), last.tolist(), strict=True):
-            for position in range(a, b + 1):
-                if position not in seen:
-                    seen.add(position)
-                    touched.append(position)
-        return np.array(touched, dtype=np.int64)
+        ends = [np.stack([first, last], axis=1).ravel()]
+        for a, b in zip(first[last - first > 1].tolist(), last[last - first > 1].tolist(), strict=True):
+            ends.append(np.arange(a + 1, b, dtype=np.int64))  # a span longer than a shard
+        positions = np.concatenate(ends)
+        unique, where = np.unique(positions, return_index=True)
+        touched: npt.NDArray[np.int64] = unique[np.argsort(where, kind="stable")]
+        return touched
 
     def spans(self, starts: WindowIndices, length: int) -> TokenIds:
         if len(self._indices) == 1:
@@ -155,8 +154,10 @@ class ShardedTokens(CorpusTokens):
 
     def prefetch(self, starts: WindowIndices, length: int) -> None:
         touched = self._touched(starts, length).tolist()
-        if touched and touched[-1] + 1 < len(self._indices):
-            touched.append(touched[-1] + 1)  # where reading in order goes next
+        if touched:
+            last = touched[-1]
+            # Where reading in order goes next: one shard per prefetch thread.
+            touched += [p for p in (last + 1, last + 2) if p < len(self._indices) and p not in touched]
         wanted = [int(self._indices[p]) for p in touched]
         self._shards.prefetch([index for index in wanted if not self._shards.has(index)])
 

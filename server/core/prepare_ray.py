@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import io
 import itertools
 import json
@@ -31,6 +32,7 @@ import logging
 import math
 import os
 import re
+import socket
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -40,6 +42,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from .bpe_backends import BpeEncoder, choose_encoder
 from .document_sources import (
     DEFAULT_BATCH_ROWS,
     DEFAULT_TEXT_COLUMN,
@@ -50,20 +53,23 @@ from .document_sources import (
     open_sources,
 )
 from .errors import EmbedServeCoreError, InvalidInput, NotFound, Unavailable
-from .manifest import CorpusManifest, ShardEntry, commit_manifest, now
+from .manifest import OFFSETS_DTYPE, CorpusManifest, DocumentOffsets, ShardEntry, commit_manifest, now
 from .prepared import _current, _document_starts, _existing, check_corpus_name, remove_corpus_files
 from .shard_writer import DEFAULT_SHARD_BYTES, new_run, shard_folder, write_shard
 from .storage import FsspecStorage, LocalStorage, Storage, is_url, open_storage, redact, storage_errors
+from .stretch_encoding import plan_stretches
 from .tokenizer import ENDOFTEXT, Tokenizer
 
 _LOGGER = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'embedserve[ray]'"
-_CHUNK_CHARS = 8 << 20  # text joined into one encode call at most (documents are never split)
+_CHUNK_CHARS = 64 << 10  # short documents' text joined into one encode call
+_PIECE_CHARS = 1 << 20  # a longer document is encoded in pieces of about this many characters
 _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _NUMBERED = re.compile(r"^(\d+)-")
 _PARQUET, _ARROW, _JSONL, _TEXT = "parquet", "arrow", "jsonl", "text"
-_ENCODINGS: dict[str, Tokenizer] = {}  # a worker's encodings, rebuilt once per worker process
+# A worker's tokenizers and encoders, rebuilt once per worker process.
+_ENCODERS: dict[str, tuple[Tokenizer, BpeEncoder]] = {}
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,7 @@ class _EncodingRef:
 
     key: str
     definition: Any  # ray.ObjectRef of Tokenizer.definition()
+    gpt2_pattern: bool
 
 
 @dataclass(frozen=True)
@@ -126,6 +133,7 @@ class _Written:
     documents: dict[str, int]  # file key -> documents read
     tokens: int
     dropped_leading: bool
+    ends_on_start: bool  # an empty document ends its tokens: it starts at the next task's first token
 
 
 class RayEngine:
@@ -184,7 +192,9 @@ class RayEngine:
             import ray
 
             encoding = _EncodingRef(
-                f"{tokenizer.identity}/{tokenizer.name}/{tokenizer.n_vocab}", ray.put(tokenizer.definition())
+                f"{tokenizer.identity}/{tokenizer.name}/{tokenizer.n_vocab}",
+                ray.put(tokenizer.definition()),
+                tokenizer.gpt2_pattern,
             )
             written: list[_Written] = []
             prefix = _first_prefix(previous)
@@ -214,7 +224,9 @@ class RayEngine:
                 done_bytes += sum(file.size for file in run)
                 if progress is not None:
                     progress(done_bytes, total_bytes, tokens)
-        shards = sorted((entry for result in written for entry in result.entries), key=lambda e: e.file)
+        shards = _carry_starts(storage, written)
+        if [shard.file for shard in shards] != sorted(shard.file for shard in shards):
+            raise RuntimeError("the Ray engine's shard names do not sort in document order")
         counts: Counter[str] = Counter()
         for result in written:
             counts.update(result.documents)
@@ -259,6 +271,7 @@ class RayEngine:
             _LOGGER.info("prepare on the Ray cluster at %s", self.address)
             if threads:
                 _LOGGER.info("--threads does not apply to a Ray cluster: its resources decide")
+            _check_reachable(self.address)
             try:
                 ray.init(address=self.address)
             except (ConnectionError, TimeoutError, ValueError, RuntimeError) as error:
@@ -274,16 +287,37 @@ class RayEngine:
             ray.shutdown()
 
 
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """Unavailable when nothing listens at a `host:port` (or `ray://host:port`) address: Ray itself
+    would retry connecting for minutes. Other forms (`auto`, `local`) are left to Ray."""
+    match = re.fullmatch(r"(?:ray://)?\[?([^\[\]/]+?)\]?:(\d+)", address)
+    if match is None:
+        return
+    try:
+        with socket.create_connection((match.group(1), int(match.group(2))), timeout=timeout):
+            pass
+    except OSError as error:
+        raise Unavailable(f"the Ray cluster at {address} cannot be reached: {error}") from None
+
+
 @contextlib.contextmanager
 def _data_context() -> Iterator[None]:
-    """Ray Data settings for the block: blocks (and write tasks' numbers) keep the data's order,
-    and a task's domain error reaches the driver as itself."""
+    """Ray Data settings for the block, restored after it: blocks (and the write tasks' numbers)
+    keep the data's order, and a task's domain error reaches the driver as itself."""
     from ray.data import DataContext
 
     context = DataContext.get_current()
-    saved = (context.execution_options.preserve_order, context.raise_original_map_exception)
+    settings = {
+        "raise_original_map_exception": True,
+        # The DataSourceV2 Parquet reader (the default from Ray 2.60) lists and samples for seconds
+        # before each dataset reads anything; the V1 reader reads the same rows in the same order.
+        "use_datasource_v2": False,
+    }
+    saved = {name: getattr(context, name) for name in settings if hasattr(context, name)}
+    saved_order = context.execution_options.preserve_order
     context.execution_options.preserve_order = True
-    context.raise_original_map_exception = True
+    for name in saved:
+        setattr(context, name, settings[name])
     try:
         yield
     except Exception as error:
@@ -292,7 +326,9 @@ def _data_context() -> Iterator[None]:
             raise
         raise domain from None
     finally:
-        context.execution_options.preserve_order, context.raise_original_map_exception = saved
+        context.execution_options.preserve_order = saved_order
+        for name, value in saved.items():
+            setattr(context, name, value)
 
 
 def _domain_error(error: BaseException) -> EmbedServeCoreError | None:
@@ -532,8 +568,10 @@ def _write_run(
         )
     else:
         dataset = ray.data.read_binary_files(locations, include_paths=True, filesystem=filesystem)
+        # A batch is a read block (one file or several, up to Ray's block size): the tokenizing
+        # then runs in the task that read the files (a batch size would keep Ray from fusing them).
         dataset = dataset.map_batches(
-            functools.partial(_tokenize_files, job=read_job), batch_size=1, batch_format="pyarrow"
+            functools.partial(_tokenize_files, job=read_job), batch_size=None, batch_format="pyarrow"
         )
     sink = _shard_sink(job, shard_bytes)
     # Write tasks mostly wait on storage: half a CPU each, so tokenizing keeps the rest.
@@ -567,47 +605,61 @@ def _shard_sink(job: _ShardJob, shard_bytes: int) -> Any:
     return ShardSink()
 
 
-def _encoding(reference: _EncodingRef) -> Tokenizer:
-    """The tokenizer on a worker, rebuilt from its definition once per process."""
-    tokenizer = _ENCODINGS.get(reference.key)
-    if tokenizer is None:
+def _encoder(reference: _EncodingRef) -> tuple[Tokenizer, BpeEncoder]:
+    """The tokenizer on a worker, rebuilt from its definition, and the encoder prepare_corpus would
+    choose for it (bpe_backends.choose_encoder): made once per worker process."""
+    made = _ENCODERS.get(reference.key)
+    if made is None:
         import ray
         import tiktoken
 
         definition = ray.get(reference.definition)
-        tokenizer = Tokenizer(tiktoken.Encoding(**definition), "ray-object-store", {})
-        _ENCODINGS[reference.key] = tokenizer
-    return tokenizer
+        tokenizer = Tokenizer(
+            tiktoken.Encoding(**definition), "ray-object-store", {}, gpt2_pattern=reference.gpt2_pattern
+        )
+        made = _ENCODERS[reference.key] = (tokenizer, choose_encoder(tokenizer))
+    return made
 
 
-def _encode_documents(tokenizer: Tokenizer, texts: Sequence[str], job: _ReadJob) -> tuple[bytes, bytes]:
-    """Each document preceded by <|endoftext|>, encoded a few at a time (joined, they encode as one by
-    one: the encoder splits at special tokens first); the tokens, and where each document starts
-    among them (uint64), after its separator (prepared._document_starts: a document's own
-    "<|endoftext|>" text encodes as the separator too, and is no start)."""
+def _encode_documents(texts: Sequence[str], job: _ReadJob) -> tuple[bytes, bytes]:
+    """Each document preceded by <|endoftext|>; the tokens, and where each document starts among
+    them (uint64), after its separator. Short documents are joined and encoded together (they
+    encode as one by one: the encoder splits at special tokens first; prepared._document_starts
+    tells a document's own "<|endoftext|>" text from a separator), a long one in pieces cut where
+    its tokens cannot change (Tokenizer.cut_before), as prepare_corpus does."""
+    tokenizer, encoder = _encoder(job.encoding)
+    separator = np.array([job.separator_id], dtype=job.wire)
     parts: list[bytes] = []
     starts: list[int] = []
     chunk: list[str] = []
-    tokens = 0
+    chars = tokens = 0
 
-    def encode() -> None:
-        nonlocal tokens
-        ids = tokenizer.encode("".join(chunk), allowed_special={ENDOFTEXT}).astype(job.wire)
+    def flush() -> None:
+        nonlocal chars, tokens
+        if not chunk:
+            return
+        ids = encoder.encode("".join(chunk)).astype(job.wire)
         literals = [text.count(ENDOFTEXT) for text in chunk[1::2]]
         starts.extend(tokens + start for start in _document_starts(ids, job.separator_id, True, literals))
         parts.append(ids.tobytes())
         tokens += len(ids)
         chunk.clear()
+        chars = 0
 
-    chars = 0
     for text in texts:
+        if len(text) > _PIECE_CHARS:
+            flush()
+            spans = plan_stretches(text, tokenizer.cut_before, _PIECE_CHARS)
+            ids = np.concatenate([separator, *(encoder.encode(text[a:b]).astype(job.wire) for a, b in spans)])
+            starts.append(tokens + 1)
+            parts.append(ids.tobytes())
+            tokens += len(ids)
+            continue
         chunk += (ENDOFTEXT, text)
         chars += len(text)
         if chars >= _CHUNK_CHARS:
-            encode()
-            chars = 0
-    if chunk:
-        encode()
+            flush()
+    flush()
     return b"".join(parts), np.asarray(starts, dtype="<u8").tobytes()
 
 
@@ -616,14 +668,13 @@ def _token_table(rows: Sequence[tuple[str, list[str]]], job: _ReadJob) -> Any:
     tokens and starts."""
     import pyarrow as pa
 
-    tokenizer = _encoding(job.encoding)
     merged: list[tuple[str, list[str]]] = []
     for key, texts in rows:
         if merged and merged[-1][0] == key:
             merged[-1][1].extend(texts)
         else:
             merged.append((key, list(texts)))
-    encoded = [_encode_documents(tokenizer, texts, job) for _, texts in merged]
+    encoded = [_encode_documents(texts, job) for _, texts in merged]
     return pa.table(
         {
             "tokens": pa.array([tokens for tokens, _ in encoded], pa.large_binary()),
@@ -731,7 +782,8 @@ def write_shards(job: _ShardJob, rows: Iterable[tuple[bytes, bytes, int, str]], 
     dropped = bool(job.drop_leading and task == 0 and len(data))
     if dropped:
         data, starts_all = data[1:], starts_all - 1
-    # As ShardWriter: a start past the last token (an empty document ending the task) has no shard.
+    # An empty document ending the task starts at the next task's first token (_carry_starts).
+    ends_on_start = bool(len(starts_all)) and int(starts_all[-1]) == len(data)
     starts_all = starts_all[starts_all < len(data)]
     entries = []
     parts = math.ceil(len(data) / job.shard_tokens)
@@ -743,4 +795,35 @@ def write_shards(job: _ShardJob, rows: Iterable[tuple[bytes, bytes, int, str]], 
         file = f"{job.folder}/{job.prefix:05d}-{task:06d}-{part:06d}-{job.label}.tokens"
         inside = starts_all[(starts_all >= low) & (starts_all < high)] - low
         entries.append(write_shard(storage, file, data[low:high].data, wire, inside))
-    return _Written(task, tuple(entries), dict(documents), len(data), dropped)
+    return _Written(task, tuple(entries), dict(documents), len(data), dropped, ends_on_start)
+
+
+def _carry_starts(storage: Storage, written: Sequence[_Written]) -> list[ShardEntry]:
+    """The write tasks' shards in order, with the start of an empty document that ended a task
+    added to the next shard's offsets (as ShardWriter carries it from one `add` to the next; past the
+    corpus's last token none is kept)."""
+    shards: list[ShardEntry] = []
+    carried = False
+    for result in written:
+        entries = list(result.entries)
+        if carried and entries:
+            entries[0] = _with_first_start(storage, entries[0])
+            carried = False
+        carried = carried or result.ends_on_start
+        shards += entries
+    return shards
+
+
+def _with_first_start(storage: Storage, shard: ShardEntry) -> ShardEntry:
+    """The shard with a document starting at its first token, its offsets file rewritten."""
+    old = b""
+    if shard.document_offsets is not None:
+        old = storage.read_bytes(
+            shard.document_offsets.file, limit=(shard.tokens + 1) * OFFSETS_DTYPE.itemsize
+        )
+    raw = np.zeros(1, OFFSETS_DTYPE).tobytes() + old
+    file = shard.file.removesuffix(".tokens") + ".docs"
+    storage.write_bytes(file, raw)
+    count = len(raw) // OFFSETS_DTYPE.itemsize
+    offsets = DocumentOffsets(file, count, hashlib.sha256(raw).hexdigest())
+    return dataclasses.replace(shard, documents=count, document_offsets=offsets)

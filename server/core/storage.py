@@ -69,6 +69,9 @@ class Storage(ABC):
     def url_of(self, name: str) -> str:
         return f"{self.location.rstrip('/')}/{name}"
 
+    def warm_up(self) -> None:  # noqa: B027 (only remote storage has anything to warm)
+        """Readies the client (sessions, credentials, connections) so the first stream does not wait."""
+
     @abstractmethod
     def read_bytes(self, name: str, *, limit: int) -> bytes:
         """The whole object; InvalidInput when larger than `limit` bytes, NotFound when absent."""
@@ -197,6 +200,12 @@ class FsspecStorage(Storage):
 
     def _path(self, name: str) -> str:
         return f"{self._root}/{check_relative(name).as_posix()}"
+
+    def warm_up(self) -> None:
+        # The first request of a new client resolves credentials and opens a connection; the
+        # answer is not needed, and a failure here is reported again by the first real read.
+        with contextlib.suppress(Exception):
+            self._fs.exists(self._root)
 
     def read_bytes(self, name: str, *, limit: int) -> bytes:
         with storage_errors(self.url_of(name)):

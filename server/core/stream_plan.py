@@ -108,10 +108,16 @@ class StreamPlan:
         """False when gathering the batch would wait for storage."""
         return self.tokens.ready(batch.starts, self.settings.max_length + 1)
 
-    def prefetch_after(self, batch: PlannedBatch) -> None:
-        """Hints the source with the windows of the batches after `batch` in its epoch."""
+    def prefetch_after(self, batch: PlannedBatch, previous: PlannedBatch | None) -> None:
+        """Hints the source with the windows of the batches after `batch` in its epoch: all of the
+        next few when the stream starts or enters a new epoch (`previous` None or of another epoch),
+        else only the one batch that has just come within reach (the others were hinted before)."""
         plan = batch.plan
-        following = range(batch.index + 1, min(batch.index + 1 + _PREFETCH_BATCHES, plan.num_batches))
+        if previous is None or previous.epoch != batch.epoch:
+            following = range(batch.index + 1, min(batch.index + 1 + _PREFETCH_BATCHES, plan.num_batches))
+        else:
+            ahead = batch.index + _PREFETCH_BATCHES
+            following = range(ahead, ahead + 1) if ahead < plan.num_batches else range(0)
         if following:
             starts = np.concatenate([plan.batch_starts(index) for index in following])
             self.tokens.prefetch(starts, self.settings.max_length + 1)
