@@ -3,6 +3,7 @@
 # starts without network access.
 #   CPU (default):  docker build -t embedserve .
 #   CUDA:           docker build --build-arg ACCELERATOR=cu128 -t embedserve:cuda .
+#   Ray (RayJob):   docker build --build-arg EXTRAS=server,s3,ray -t embedserve:ray .
 #                   docker run --gpus all ...
 # ACCELERATOR names a wheel index of download.pytorch.org (cpu, cu126, cu128...). The CUDA
 # wheels carry their CUDA libraries, so the base stays python:slim; the host provides the
@@ -21,7 +22,10 @@ COPY pyproject.toml README.md ./
 COPY protos ./protos
 COPY server ./server
 COPY client ./client
-RUN /opt/embedserve/bin/pip install ".[server]"
+# s3: corpora in object storage (--data-dir s3://...). A RayJob's image for `prepare --engine ray`
+# adds ray: --build-arg EXTRAS=server,s3,ray.
+ARG EXTRAS=server,s3
+RUN /opt/embedserve/bin/pip install ".[${EXTRAS}]"
 
 FROM python:${PYTHON_VERSION}-slim
 RUN groupadd --system --gid 10001 embedserve \

@@ -20,11 +20,12 @@ done
 ln -sfn ../../server "$stage/server"
 ln -sfn ../../client "$stage/client"
 MYPYPATH=.typecheck "$bin/mypy" -p embedserve
-MYPYPATH=.typecheck "$bin/mypy" tests protos/generate.py bench/word_vectors.py bench/window_plans.py bench/serving.py bench/device_thread.py bench/hostile.py bench/object_storage.py bench/prepare.py docs/examples
+MYPYPATH=.typecheck "$bin/mypy" tests protos/generate.py bench/word_vectors.py bench/window_plans.py bench/serving.py bench/device_thread.py bench/hostile.py bench/object_storage.py bench/prepare.py bench/prepare_ray.py docs/examples
 
 if [ "${CI:-}" = true ]; then
   # In CI a missing tool fails its tests instead of skipping them.
   export EMBEDSERVE_REQUIRE_BUF=1 EMBEDSERVE_REQUIRE_NGINX=1 EMBEDSERVE_REQUIRE_NODE=1 \
-    EMBEDSERVE_REQUIRE_GRPCURL=1 EMBEDSERVE_REQUIRE_CONTAINER=1 EMBEDSERVE_REQUIRE_CGROUP=1
+    EMBEDSERVE_REQUIRE_GRPCURL=1 EMBEDSERVE_REQUIRE_CONTAINER=1 EMBEDSERVE_REQUIRE_CGROUP=1 \
+    EMBEDSERVE_REQUIRE_RAY=1
 fi
 "$bin/python" -m pytest "$@"

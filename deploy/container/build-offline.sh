@@ -98,7 +98,8 @@ import json, tomllib
 with open("pyproject.toml", "rb") as f:
     data = tomllib.load(f)
 print(json.dumps([data["build-system"]["requires"], data["project"]["dependencies"],
-                  data["project"]["optional-dependencies"]["server"]]))')"
+                  data["project"]["optional-dependencies"]["server"],
+                  data["project"]["optional-dependencies"]["s3"]]))')"
 inputs="$(printf '%s\n%s\n' "$requirements" "$(cat "$constraints.new")" | sha256sum | cut -c1-16)"
 wheelhouse="$cache/wheelhouse"
 if [ "$(cat "$wheelhouse/.inputs" 2>/dev/null || true)" = "$inputs" ]; then
@@ -117,7 +118,7 @@ with open("pyproject.toml", "rb") as f:
   # `pip wheel`, not `pip download`: a dependency published only as source (future) is built
   # here, so nothing but embedserve itself is built inside the image.
   (cd "$repo" && "$venv_python" -m pip wheel --wheel-dir "$wheelhouse.new" \
-    --constraint "$constraints.new" "${build_requires[@]}" ".[server]") >"$cache/wheelhouse.log" 2>&1 \
+    --constraint "$constraints.new" "${build_requires[@]}" ".[server,s3]") >"$cache/wheelhouse.log" 2>&1 \
     || { grep -v '^WARNING: Location' "$cache/wheelhouse.log" | tail -n 20 >&2; exit 1; }
   rm -f "$wheelhouse.new"/embedserve-*.whl  # the image installs the checkout's own source
   mv "$constraints.new" "$wheelhouse.new/constraints.txt"

@@ -312,6 +312,9 @@ def _data_context() -> Iterator[None]:
         # The DataSourceV2 Parquet reader (the default from Ray 2.60) lists and samples for seconds
         # before each dataset reads anything; the V1 reader reads the same rows in the same order.
         "use_datasource_v2": False,
+        # Ray Data keeps half the CPUs for the write operator by default: on a small cluster that
+        # leaves tokenizing one task at a time, while writes mostly wait on storage.
+        "op_resource_reservation_enabled": False,
     }
     saved = {name: getattr(context, name) for name in settings if hasattr(context, name)}
     saved_order = context.execution_options.preserve_order
@@ -356,7 +359,7 @@ def _destination(storage: Storage) -> str:
     if isinstance(storage, LocalStorage):
         return str(storage.root.resolve())
     if isinstance(storage, FsspecStorage):
-        return storage._url  # with any credentials it holds: the tasks need them too
+        return storage.url  # with any credentials it holds: the tasks need them too
     raise InvalidInput(f"--engine ray writes to a folder or an fsspec URL, not to a {type(storage).__name__}")
 
 
@@ -567,7 +570,12 @@ def _write_run(
             functools.partial(_tokenize_rows, job=read_job), batch_size=batch_rows, batch_format="pyarrow"
         )
     else:
-        dataset = ray.data.read_binary_files(locations, include_paths=True, filesystem=filesystem)
+        # Ray sizes read tasks by bytes, so a few MB of files would be one task on one CPU: ask
+        # for a few blocks per CPU (a file is never split, documents stay whole).
+        blocks = min(len(locations), 4 * max(1, int(ray.cluster_resources().get("CPU", 1))))
+        dataset = ray.data.read_binary_files(
+            locations, include_paths=True, filesystem=filesystem, override_num_blocks=blocks
+        )
         # A batch is a read block (one file or several, up to Ray's block size): the tokenizing
         # then runs in the task that read the files (a batch size would keep Ray from fusing them).
         dataset = dataset.map_batches(

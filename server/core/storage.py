@@ -198,6 +198,11 @@ class FsspecStorage(Storage):
     def location(self) -> str:
         return self._shown
 
+    @property
+    def url(self) -> str:
+        """The URL as given, with any credentials in it: for opening it elsewhere, never to show."""
+        return self._url
+
     def _path(self, name: str) -> str:
         return f"{self._root}/{check_relative(name).as_posix()}"
 
