@@ -216,6 +216,27 @@ def test_append_continues_the_corpus(
 
 
 @pytest.mark.usefixtures("ray_instance")
+@pytest.mark.parametrize("shard_size", [2, 1 << 20])
+def test_a_corpus_whose_first_inputs_hold_no_documents(
+    tokenizer: Tokenizer, tmp_path: Path, shard_size: int
+) -> None:
+    """The first task then reads nothing: the corpus still starts without a separator."""
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    nulls = tmp_path / "nulls.parquet"
+    pq.write_table(pa.table({"text": pa.array([None, None], pa.string())}), nulls)
+    blank = tmp_path / "blank.txt"
+    blank.write_text("")
+    story = tmp_path / "story.txt"
+    story.write_text("I HAD always thought Jack Gisburn rather a cheap genius.")
+    inputs = [str(empty), str(nulls), str(blank), str(story)]
+    ray_folder, local_folder = tmp_path / "ray", tmp_path / "local"
+    RayEngine(None).prepare(inputs, "books", LocalStorage(ray_folder), tokenizer, shard_bytes=shard_size)
+    prepare_corpus([Path(p) for p in inputs], "books", local_folder, tokenizer, shard_bytes=shard_size)
+    _assert_same_corpus(ray_folder, local_folder, tokenizer)
+
+
+@pytest.mark.usefixtures("ray_instance")
 def test_prepared_again_replaces_the_corpus(inputs: list[Path], tokenizer: Tokenizer, tmp_path: Path) -> None:
     engine = RayEngine(None)
     first = engine.prepare([str(inputs[0])], "books", LocalStorage(tmp_path), tokenizer)

@@ -11,10 +11,10 @@ prepare_corpus encodes each piece of text with `BpeEncoder.encode`, which return
   fastokens splits with PCRE2, whose `\\s` also matches U+180E (MONGOLIAN VOWEL SEPARATOR), which
   tiktoken's regex does not count as whitespace; it is given the pattern with that character moved
   to where tiktoken puts it (`FASTOKENS_GPT2_PATTERN`), and every other code point already splits
-  alike. A text it refuses (a lone surrogate, which tiktoken replaces; a limit of PCRE2's) is
-  encoded by tiktoken instead. It checks itself against tiktoken when built and stands down on any
-  difference; tests/test_bpe_backends.py holds it to tiktoken on every code point and on generated
-  texts.
+  alike. A text it refuses (a lone surrogate, which tiktoken refuses too; a limit of PCRE2's) goes
+  to tiktoken instead. It checks itself against tiktoken when built and stands down on any
+  difference; tests/test_bpe_backends.py holds it to tiktoken on Unicode's code points in several
+  contexts and on generated texts. One call runs on one core: prepare's threads are the parallelism.
 
 Where tiktoken refuses a text outright (its regex gives up on a run of about a million spaces
 before a non-space), fastokens encodes it as the pattern says.
@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import functools
 import logging
+import os
 import tempfile
 from pathlib import Path
 from typing import Any, Protocol
@@ -47,7 +48,8 @@ FASTOKENS_GPT2_PATTERN = (
 # whitespace of every kind, digits, punctuation, letters of several scripts, U+180E, separators.
 SELF_CHECK_TEXT = (
     "I'm sure they'll say it's 'fine'--isn't it?  Yes!!\n\n\t 12345 3.14159\u00a0and\u3000more "
-    "na\u00efve caf\u00e9 \u65e5\u672c\u8a9e \u041f\u0440\u0438\u0432\u0435\u0442 \U0001f642\U0001f680 x\u180ey "
+    "na\u00efve caf\u00e9 \u65e5\u672c\u8a9e \u041f\u0440\u0438\u0432\u0435\u0442 \U0001f642\U0001f680 "
+    "x\u180ey 1\u180e's x  \u180ey "
     "\u180e\u180e1 a\u180e  b\u180e<|endoftext|>   \n  trailing \r\n\u2028\u0085end   "
 )
 
@@ -91,7 +93,7 @@ class FastokensEncoder:
         """The encoder for `tokenizer`, or None (and why, logged) where it would not match tiktoken
         or fastokens is not installed."""
         if not tokenizer.gpt2_pattern or tokenizer.special_tokens != {ENDOFTEXT}:
-            _LOGGER.info("fastokens: only for GPT-2's pattern with <|endoftext|> alone, not %s", tokenizer.name)
+            _LOGGER.info("fastokens: for GPT-2's pattern with <|endoftext|> alone, not %s", tokenizer.name)
             return None
         try:
             import fastokens  # type: ignore[import-untyped,import-not-found,unused-ignore]
@@ -100,6 +102,10 @@ class FastokensEncoder:
         definition = tokenizer.definition()
         if definition["pat_str"] != GPT2_PAT_STR:
             return None
+        # One core a call, so that prepare's threads (--threads) are all the parallelism: fastokens
+        # splits a call over every core unless FASTOKENS_BPE_THREADS (read as a tokenizer is built)
+        # says otherwise.
+        os.environ.setdefault("FASTOKENS_BPE_THREADS", "1")
         with tempfile.TemporaryDirectory(prefix="embedserve-bpe-") as folder:
             vocabulary = Path(folder) / f"{tokenizer.name}.tiktoken"  # tiktoken's format
             ranks: dict[bytes, int] = definition["mergeable_ranks"]

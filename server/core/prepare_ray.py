@@ -10,13 +10,14 @@ tasks on a Ray cluster (or a local Ray instance).
 - `map_batches` tasks tokenize the documents, each preceded by <|endoftext|> (the corpus's first
   document's is dropped, unless it continues an existing corpus), with the encoding's definition
   from the object store: nothing is read or downloaded on a worker but the inputs.
-- Write tasks (a Datasink, each handed about --shard-size of tokens, in order) cut their tokens
-  into shards and write them, with their document offsets, straight to the destination, as
-  `NAME.shards/<dataset>-<task>-<part>-<run>.tokens`: the names sort in document order.
+- The same tasks write their tokens (a Datasink that Ray fuses into them: the tokens never pass
+  through the object store) as shards, with their document offsets, straight to the destination,
+  as `NAME.shards/<dataset>-<task>-<part>-<run>.tokens`: the names sort in document order. Only
+  the shards' manifest entries come back to the driver.
 - The driver commits the manifest last, so a reader sees the previous corpus or the new one.
 
 The tokens and document offsets are those of the in-process engine; only where shards are cut
-differs (each write task's tokens are cut into equal shards of at most --shard-size).
+differs (each task's tokens are cut into equal shards of at most --shard-size).
 """
 
 from __future__ import annotations
@@ -54,7 +55,13 @@ from .document_sources import (
 )
 from .errors import EmbedServeCoreError, InvalidInput, NotFound, Unavailable
 from .manifest import OFFSETS_DTYPE, CorpusManifest, DocumentOffsets, ShardEntry, commit_manifest, now
-from .prepared import _current, _document_starts, _existing, check_corpus_name, remove_corpus_files
+from .prepared import (
+    check_corpus_name,
+    current_manifest,
+    document_starts_of,
+    manifest_to_extend,
+    remove_corpus_files,
+)
 from .shard_writer import DEFAULT_SHARD_BYTES, new_run, shard_folder, write_shard
 from .storage import FsspecStorage, LocalStorage, Storage, is_url, open_storage, redact, storage_errors
 from .stretch_encoding import plan_stretches
@@ -112,7 +119,7 @@ class _ReadJob:
 
 @dataclass(frozen=True)
 class _ShardJob:
-    """What a write task knows: where shards go and how they are named and cut."""
+    """What a task knows: where shards go and how they are named and cut."""
 
     destination: str  # the data folder or URL, as open_storage takes it
     folder: str
@@ -126,7 +133,7 @@ class _ShardJob:
 
 @dataclass(frozen=True)
 class _Written:
-    """One write task's result."""
+    """One task's result."""
 
     task: int
     entries: tuple[ShardEntry, ...]
@@ -174,7 +181,7 @@ class RayEngine:
             raise InvalidInput(f"the {tokenizer.name} encoding has no {ENDOFTEXT} to join documents with")
         if batch_rows < 1:
             raise InvalidInput(f"batch_rows must be positive, not {batch_rows}")
-        previous = _existing(storage, name, tokenizer, append)
+        previous = manifest_to_extend(storage, name, tokenizer, append)
         wire = np.dtype("<u2") if tokenizer.n_vocab <= 1 << 16 else np.dtype("<u4")
         if previous is not None and previous.numpy_dtype != wire:
             raise InvalidInput(
@@ -211,11 +218,10 @@ class RayEngine:
                     label=label,
                     drop_leading=not continues,
                 )
-                results = _write_run(run, job, encoding, text_column, batch_rows, shard_bytes)
+                results = _write_run(run, job, encoding, text_column, batch_rows)
+                if job.drop_leading:
+                    results = _start_corpus(storage, results, wire)
                 documents = sum(sum(result.documents.values()) for result in results)
-                if job.drop_leading and documents and sum(r.dropped_leading for r in results) != 1:
-                    # Ray hands the first bundle, which holds the first document, to write task 0.
-                    raise RuntimeError(f"the Ray run's first task did not start the corpus: {results!r}")
                 continues = continues or documents > 0
                 if any(result.entries for result in results):
                     prefix += 1
@@ -251,7 +257,7 @@ class RayEngine:
                 created=now(),
                 updated=now(),
             )
-        replaced = _current(storage, name) if not append else None
+        replaced = current_manifest(storage, name) if not append else None
         commit_manifest(storage, manifest)
         if replaced is not None:  # prepared again: the old corpus's files go
             remove_corpus_files(storage, replaced, keep=manifest)
@@ -302,7 +308,7 @@ def _check_reachable(address: str, timeout: float = 10.0) -> None:
 
 @contextlib.contextmanager
 def _data_context() -> Iterator[None]:
-    """Ray Data settings for the block, restored after it: blocks (and the write tasks' numbers)
+    """Ray Data settings for the block, restored after it: blocks (and the tasks' numbers)
     keep the data's order, and a task's domain error reaches the driver as itself."""
     from ray.data import DataContext
 
@@ -538,15 +544,10 @@ def _runs(files: Sequence[_InputFile], text_column: str) -> list[list[_InputFile
 
 
 def _write_run(
-    run: Sequence[_InputFile],
-    job: _ShardJob,
-    encoding: _EncodingRef,
-    text_column: str,
-    batch_rows: int,
-    shard_bytes: int,
+    run: Sequence[_InputFile], job: _ShardJob, encoding: _EncodingRef, text_column: str, batch_rows: int
 ) -> list[_Written]:
-    """One Ray Dataset over `run`'s files: read, tokenize and write its shards; the write tasks'
-    results, in order."""
+    """One Ray Dataset over `run`'s files: read, tokenize and write its shards; the tasks' results,
+    in order."""
     import ray.data
 
     protocol = run[0].protocol
@@ -571,8 +572,10 @@ def _write_run(
         )
     else:
         # Ray sizes read tasks by bytes, so a few MB of files would be one task on one CPU: ask
-        # for a few blocks per CPU (a file is never split, documents stay whole).
-        blocks = min(len(locations), 4 * max(1, int(ray.cluster_resources().get("CPU", 1))))
+        # for two blocks per CPU (a file is never split, documents stay whole). More blocks balance
+        # the CPUs better at the end but cost each task's start and its own shard files.
+        cpus = ray.cluster_resources().get("CPU", 1)  # type: ignore[no-untyped-call]
+        blocks = min(len(locations), 2 * max(1, int(cpus)))
         dataset = ray.data.read_binary_files(
             locations, include_paths=True, filesystem=filesystem, override_num_blocks=blocks
         )
@@ -581,15 +584,17 @@ def _write_run(
         dataset = dataset.map_batches(
             functools.partial(_tokenize_files, job=read_job), batch_size=None, batch_format="pyarrow"
         )
-    sink = _shard_sink(job, shard_bytes)
-    # Write tasks mostly wait on storage: half a CPU each, so tokenizing keeps the rest.
-    dataset.write_datasink(sink, ray_remote_args={"num_cpus": 0.5})
+    sink = _shard_sink(job)
+    # With the map's resources and no bundling of its input (min_bytes_per_write), Ray fuses the
+    # write into the tokenizing task.
+    dataset.write_datasink(sink)
     results: list[_Written] = sorted(sink.results, key=lambda result: result.task)
     return results
 
 
-def _shard_sink(job: _ShardJob, shard_bytes: int) -> Any:
-    """A Ray Datasink whose write tasks write shards (the class needs Ray, so it is made here)."""
+def _shard_sink(job: _ShardJob) -> Any:
+    """A Ray Datasink whose writes cut their tokens into shards (the class needs Ray, so it is made
+    here)."""
     from ray.data import Datasink
     from ray.data.datasource.datasink import WriteResult
 
@@ -602,10 +607,6 @@ def _shard_sink(job: _ShardJob, shard_bytes: int) -> Any:
 
         def on_write_complete(self, write_result: WriteResult[_Written]) -> None:
             self.results = list(write_result.write_returns)
-
-        @property
-        def min_bytes_per_write(self) -> int:
-            return shard_bytes
 
         def get_name(self) -> str:
             return "WriteShards"
@@ -632,7 +633,7 @@ def _encoder(reference: _EncodingRef) -> tuple[Tokenizer, BpeEncoder]:
 def _encode_documents(texts: Sequence[str], job: _ReadJob) -> tuple[bytes, bytes]:
     """Each document preceded by <|endoftext|>; the tokens, and where each document starts among
     them (uint64), after its separator. Short documents are joined and encoded together (they
-    encode as one by one: the encoder splits at special tokens first; prepared._document_starts
+    encode as one by one: the encoder splits at special tokens first; prepared.document_starts_of
     tells a document's own "<|endoftext|>" text from a separator), a long one in pieces cut where
     its tokens cannot change (Tokenizer.cut_before), as prepare_corpus does."""
     tokenizer, encoder = _encoder(job.encoding)
@@ -648,7 +649,7 @@ def _encode_documents(texts: Sequence[str], job: _ReadJob) -> tuple[bytes, bytes
             return
         ids = encoder.encode("".join(chunk)).astype(job.wire)
         literals = [text.count(ENDOFTEXT) for text in chunk[1::2]]
-        starts.extend(tokens + start for start in _document_starts(ids, job.separator_id, True, literals))
+        starts.extend(tokens + start for start in document_starts_of(ids, job.separator_id, True, literals))
         parts.append(ids.tobytes())
         tokens += len(ids)
         chunk.clear()
@@ -772,7 +773,7 @@ def _token_rows(blocks: Iterable[Any]) -> Iterator[tuple[bytes, bytes, int, str]
 
 
 def write_shards(job: _ShardJob, rows: Iterable[tuple[bytes, bytes, int, str]], task: int) -> _Written:
-    """A write task: its rows' tokens (each document preceded by a separator) and document starts,
+    """A task's writing: its rows' tokens (each document preceded by a separator) and document starts,
     cut into equal shards of at most job.shard_tokens, written with their document offsets."""
     wire = np.dtype(job.wire)
     pieces: list[bytes] = []
@@ -786,7 +787,8 @@ def write_shards(job: _ShardJob, rows: Iterable[tuple[bytes, bytes, int, str]], 
         documents[key] += count
     data: npt.NDArray[Any] = np.frombuffer(b"".join(pieces), dtype=wire)
     starts_all = np.concatenate(starts_of).astype(np.int64) if starts_of else np.zeros(0, np.int64)
-    # The task that starts the corpus drops the separator before its first document.
+    # The run's first task drops the separator before its first document when that starts the
+    # corpus (_start_corpus drops it later where this task read no documents).
     dropped = bool(job.drop_leading and task == 0 and len(data))
     if dropped:
         data, starts_all = data[1:], starts_all - 1
@@ -799,15 +801,40 @@ def write_shards(job: _ShardJob, rows: Iterable[tuple[bytes, bytes, int, str]], 
     storage = open_storage(job.destination)
     for part, (low, high) in enumerate(itertools.pairwise(bounds)):
         if max(task, part) >= 10**6:
-            raise InvalidInput(f"{part} shards in one write task: choose a larger --shard-size")
+            raise InvalidInput(f"{part} shards in one task: choose a larger --shard-size")
         file = f"{job.folder}/{job.prefix:05d}-{task:06d}-{part:06d}-{job.label}.tokens"
         inside = starts_all[(starts_all >= low) & (starts_all < high)] - low
         entries.append(write_shard(storage, file, data[low:high].data, wire, inside))
     return _Written(task, tuple(entries), dict(documents), len(data), dropped, ends_on_start)
 
 
+def _start_corpus(storage: Storage, results: Sequence[_Written], wire: np.dtype[Any]) -> list[_Written]:
+    """The run's results, starting the corpus: where task 0 read no documents, the first task with
+    documents left the separator before its first document (its first token) in its first shard,
+    which is rewritten without it."""
+    at = next((index for index, result in enumerate(results) if any(result.documents.values())), None)
+    if at is None or results[at].dropped_leading:
+        return list(results)
+    result = results[at]
+    first, *rest = result.entries
+    data = storage.read_bytes(first.file, limit=first.bytes)[wire.itemsize :]
+    starts = np.zeros(0, OFFSETS_DTYPE)
+    if first.document_offsets is not None:
+        raw = storage.read_bytes(first.document_offsets.file, limit=first.tokens * OFFSETS_DTYPE.itemsize)
+        starts = np.frombuffer(raw, OFFSETS_DTYPE) - 1  # documents start after a separator: from 1
+    if data:
+        entries = [write_shard(storage, first.file, data, wire, starts), *rest]
+    else:  # the shard held the separator only: its document starts in the next
+        storage.delete(first.file)
+        entries = rest
+    fixed = dataclasses.replace(
+        result, entries=tuple(entries), tokens=result.tokens - 1, dropped_leading=True
+    )
+    return [*results[:at], fixed, *results[at + 1 :]]
+
+
 def _carry_starts(storage: Storage, written: Sequence[_Written]) -> list[ShardEntry]:
-    """The write tasks' shards in order, with the start of an empty document that ended a task
+    """The tasks' shards in order, with the start of an empty document that ended a task
     added to the next shard's offsets (as ShardWriter carries it from one `add` to the next; past the
     corpus's last token none is kept)."""
     shards: list[ShardEntry] = []

@@ -5,18 +5,21 @@
 else uint32; at most --shard-size each) and the manifest `books.json` (manifest.py: what produced
 them, each shard's sha256 and document offsets) into the data folder, a local folder or object
 storage. Documents are joined with <|endoftext|> between them; where they come from (a whole
-text file, a line of a `.jsonl`, a row of a Parquet or Arrow file) is `document_sources`.
+text file, a line of a `.jsonl`, a row of a Parquet or Arrow file) is `document_sources`. The
+encoder is `bpe_backends.choose_encoder`'s: tiktoken, or fastokens where the fast-bpe extra is
+installed (the same tokens; docs/performance.md#preparing-corpora has both rates).
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +72,7 @@ def prepare_corpus(
     if not tokenizer.separator:
         raise InvalidInput(f"the {tokenizer.name} encoding has no {ENDOFTEXT} to join documents with")
     storage = destination if isinstance(destination, Storage) else LocalStorage(destination)
-    previous = _existing(storage, name, tokenizer, append)
+    previous = manifest_to_extend(storage, name, tokenizer, append)
     sources = open_sources(inputs, text_column=text_column, batch_rows=batch_rows)
     sizes = [source.path.stat().st_size for source in sources]
     wire = np.dtype("<u2") if tokenizer.n_vocab <= 1 << 16 else np.dtype("<u4")
@@ -93,36 +96,32 @@ def prepare_corpus(
     def encode(task: _Task) -> tuple[bytes, list[int]]:
         """On a pool thread: the task's tokens as written (after the separator prepare puts before
         it, if any), and where its documents start among them."""
-        ids = encoder.encode(task.texts[0] if len(task.texts) == 1 else "".join(task.texts))
+        ids = encoder.encode(task.text())
         head = 1 if task.separator_before else 0
         tokens = np.empty(head + len(ids), dtype=wire)
         tokens[:head] = separator_id
         tokens[head:] = ids
-        starts = _document_starts(tokens, separator_id, task.after_separator, task.literals, task.skip)
-        return tokens.tobytes(), starts
+        separators = np.flatnonzero(tokens == separator_id)
+        if len(separators) == len(task.firsts) - (not task.after_separator):
+            # Only the separators between documents (no document holds "<|endoftext|>" text).
+            return tokens.tobytes(), [0] * (not task.after_separator) + (separators + 1).tolist()
+        skip, literals = task.literals()
+        return tokens.tobytes(), document_starts_of(
+            tokens, separator_id, task.after_separator, literals, skip
+        )
 
     # Tasks are written in order while later ones encode: the threads never wait for the writing
     # (hashing, storage) or the reading of the next input, and a long document is written as its
     # pieces are encoded.
     pending: deque[tuple[_Task, Future[tuple[bytes, list[int]]]]] = deque()
     ahead = threads * _TASKS_AHEAD
-    carried = False  # a document starts where the last task written ended (an empty one)
 
     def write_oldest() -> None:
-        nonlocal token_count, carried
+        nonlocal token_count
         task, future = pending.popleft()
         data, starts = future.result()
-        count = len(data) // wire.itemsize
-        if carried:
-            starts.insert(0, 0)
-        # A start at the task's end (after an empty document's separator) is the next task's first
-        # token; at a round's end none follows and ShardWriter would drop it, as it always has.
-        ends_on_start = bool(starts) and starts[-1] == count
-        if ends_on_start:
-            starts.pop()
-        carried = ends_on_start and not task.last_in_round
         writer.add(data, starts)
-        token_count += count
+        token_count += len(data) // wire.itemsize
         if progress is not None and task.progress_bytes is not None:
             progress(task.progress_bytes, total_bytes, token_count)
 
@@ -173,7 +172,7 @@ def prepare_corpus(
             created=now(),
             updated=now(),
         )
-    replaced = _current(storage, name) if not append else None
+    replaced = current_manifest(storage, name) if not append else None
     commit_manifest(storage, manifest)
     if replaced is not None:  # prepared again: the old corpus's files go (open mappings keep theirs)
         remove_corpus_files(storage, replaced, keep=manifest)
@@ -186,13 +185,28 @@ class _Task:
     piece of a long one) joined by <|endoftext|>, which encodes as the documents one by one with the
     separator between them do (the encoder splits at special tokens first)."""
 
-    texts: list[str]  # joined, they are what the encoder is given
-    separator_before: bool  # it starts with a document that follows another: prepare writes the separator
+    pieces: list[str]  # of documents, in order: whole documents, or pieces of one
+    firsts: list[int]  # the pieces that begin a document
+    separator_before: bool  # it begins with a document that follows another: prepare writes the separator
     after_separator: bool  # its first document follows a separator (all but the corpus's first)
-    skip: int  # "<|endoftext|>" texts of the piece it starts with, when that continues a document
-    literals: list[int] = field(default_factory=list)  # each document starting in it: its own ones here
-    last_in_round: bool = False
     progress_bytes: int | None = None  # input bytes done once it is written (the round's last task)
+
+    def text(self) -> str:
+        """What the encoder is given: the pieces, with <|endoftext|> before each document after the
+        first piece."""
+        if len(self.pieces) == 1:
+            return self.pieces[0]
+        firsts = set(self.firsts) - {0}
+        return "".join(
+            ENDOFTEXT + piece if number in firsts else piece for number, piece in enumerate(self.pieces)
+        )
+
+    def literals(self) -> tuple[int, list[int]]:
+        """The documents' own "<|endoftext|>" texts: in the pieces before the first document begins
+        (the rest of one begun earlier), and in each document that begins here."""
+        counts = [piece.count(ENDOFTEXT) for piece in self.pieces]
+        bounds = [*self.firsts, len(self.pieces)]
+        return sum(counts[: bounds[0]]), [sum(counts[a:b]) for a, b in itertools.pairwise(bounds)]
 
 
 def _round_tasks(
@@ -206,33 +220,23 @@ def _round_tasks(
     for text in batch:
         spans = plan_stretches(text, cut_before, _PIECE_CHARS)
         for number, (start, end) in enumerate(spans):
-            piece = text[start:end] if len(spans) > 1 else text
-            literal = piece.count(ENDOFTEXT)
             if chars >= _TASK_CHARS:
                 if task is not None:
                     yield task
                 follows = task is not None or not corpus_start
-                task = _Task([piece], number == 0 and follows, follows, 0 if number == 0 else literal)
-                if number == 0:
-                    task.literals.append(literal)
+                task = _Task([], [], number == 0 and follows, follows)
                 chars = 0
-            else:
-                assert task is not None
-                if number == 0:
-                    task.texts.append(ENDOFTEXT)
-                    task.literals.append(literal)
-                elif task.literals:
-                    task.literals[-1] += literal
-                else:
-                    task.skip += literal
-                task.texts.append(piece)
-            chars += len(piece)
-    task = task or _Task([], False, True, 0)
-    task.last_in_round, task.progress_bytes = True, progress_bytes
+            assert task is not None
+            if number == 0:
+                task.firsts.append(len(task.pieces))
+            task.pieces.append(text[start:end] if len(spans) > 1 else text)
+            chars += end - start
+    task = task or _Task([], [], False, True)
+    task.progress_bytes = progress_bytes
     yield task
 
 
-def _document_starts(
+def document_starts_of(
     tokens: npt.NDArray[np.unsignedinteger],
     separator: int,
     after_separator: bool,
@@ -261,14 +265,16 @@ def check_corpus_name(name: str) -> None:
         raise InvalidInput(f"--out {name!r}: use letters, digits, '_', '.', '-' (no extension)")
 
 
-def _current(storage: Storage, name: str) -> CorpusManifest | None:
+def current_manifest(storage: Storage, name: str) -> CorpusManifest | None:
     try:
         return read_manifest(storage, name)
     except (NotFound, InvalidInput):
         return None
 
 
-def _existing(storage: Storage, name: str, tokenizer: Tokenizer, append: bool) -> CorpusManifest | None:
+def manifest_to_extend(
+    storage: Storage, name: str, tokenizer: Tokenizer, append: bool
+) -> CorpusManifest | None:
     """The corpus an append extends, checked; None when not appending."""
     if not append:
         return None
