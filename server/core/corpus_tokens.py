@@ -81,11 +81,12 @@ class ShardSource(Protocol):
         ...
 
     def has(self, index: int) -> bool:
-        """True when shard(index) would not wait for storage."""
+        """True when shard(index) would not wait for storage (it is mapped already)."""
         ...
 
     def prefetch(self, indices: Sequence[int]) -> None:
-        """Starts fetching these shards, in this order, where they are not here yet."""
+        """Starts fetching these shards, in this order, where they are not here yet; each shard is
+        worth hinting once per stream."""
         ...
 
 
@@ -120,6 +121,8 @@ class ShardedTokens(CorpusTokens):
         """Positions in self._indices of the shards holding these spans, in reading order."""
         first = np.searchsorted(self._bounds, starts, side="right") - 1
         last = np.searchsorted(self._bounds, starts + (length - 1), side="right") - 1
+        if len(first) and first.min() == last.max():  # all in one shard: reading in order, mostly
+            return first[:1]
         ends = [np.stack([first, last], axis=1).ravel()]
         for a, b in zip(first[last - first > 1].tolist(), last[last - first > 1].tolist(), strict=True):
             ends.append(np.arange(a + 1, b, dtype=np.int64))  # a span longer than a shard
@@ -150,7 +153,13 @@ class ShardedTokens(CorpusTokens):
         return out
 
     def ready(self, starts: WindowIndices, length: int) -> bool:
-        return all(self._shards.has(int(self._indices[p])) for p in self._touched(starts, length))
+        if not len(starts):
+            return True
+        # Every shard from the first span's to the last's: a superset of those touched, found with
+        # two searches (this runs for every batch).
+        low = int(np.searchsorted(self._bounds, starts.min(), side="right")) - 1
+        high = int(np.searchsorted(self._bounds, starts.max() + (length - 1), side="right")) - 1
+        return all(self._shards.has(int(self._indices[p])) for p in range(low, high + 1))
 
     def prefetch(self, starts: WindowIndices, length: int) -> None:
         touched = self._touched(starts, length).tolist()
@@ -158,8 +167,7 @@ class ShardedTokens(CorpusTokens):
             last = touched[-1]
             # Where reading in order goes next: one shard per prefetch thread.
             touched += [p for p in (last + 1, last + 2) if p < len(self._indices) and p not in touched]
-        wanted = [int(self._indices[p]) for p in touched]
-        self._shards.prefetch([index for index in wanted if not self._shards.has(index)])
+        self._shards.prefetch([int(self._indices[p]) for p in touched])
 
 
 def _spans_of(tokens: TokenIds, starts: WindowIndices, length: int) -> TokenIds:

@@ -116,6 +116,7 @@ class CachedShards(_MappedShards):
         self._manifest = manifest
         self._storage = storage
         self._cache = cache
+        self._hinted: set[int] = set()
 
     def _map(self, index: int) -> TokenIds:
         entry = self._manifest.shards[index]
@@ -126,7 +127,13 @@ class CachedShards(_MappedShards):
         raise Unavailable(f"shard {entry.file} keeps being evicted from the shard cache; raise --cache-size")
 
     def has(self, index: int) -> bool:
-        return index in self._open or self._cache.has(self._manifest.shards[index])
+        # Only a mapped shard is sure not to wait: a cached file may be evicted before it is mapped.
+        return index in self._open
 
     def prefetch(self, indices: Sequence[int]) -> None:
-        self._cache.prefetch(self._storage, [self._manifest.shards[index] for index in indices])
+        # Each shard is handed to the cache once per stream: hints come every batch, and the cache's
+        # own check costs a stat per shard.
+        new = [index for index in indices if index not in self._hinted and index not in self._open]
+        if new:
+            self._hinted.update(new)
+            self._cache.prefetch(self._storage, [self._manifest.shards[index] for index in new])
