@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from embedserve.client import AsyncClient, FailedPreconditionError
 from embedserve.server import ServerConfig
-from embedserve.server.core import Tokenizer, load_gpt2_tokenizer
+from embedserve.server.core import InvalidInput, Tokenizer, load_gpt2_tokenizer
 from embedserve.server.core.corpus import CorpusStore
 from embedserve.server.core.limits import RequestLimits
 from embedserve.server.core.manifest import read_manifest
@@ -214,3 +214,41 @@ def test_a_cursor_of_a_corpus_appended_to_since_is_refused_with_source_changed(
         asyncio.run(run())
     finally:
         running.stop()
+
+
+def test_appends_at_once_both_land_and_a_failed_one_leaves_nothing(
+    tmp_path: Path, tokenizer: Tokenizer
+) -> None:
+    parts = []
+    for number, text in enumerate(TEXTS):
+        path = tmp_path / f"part-{number}.txt"
+        path.write_text(text)
+        parts.append(path)
+    data = tmp_path / "data"
+    prepare_corpus(parts[:1], "books", data, tokenizer, shard_bytes=16)
+    # Two appends at once: the lock on the corpus makes one wait for the other, so neither's
+    # documents are lost (the order between them is whichever came first).
+    appends = [
+        threading.Thread(
+            target=prepare_corpus, args=([part], "books", data, tokenizer), kwargs={"append": True}
+        )
+        for part in (parts[1], parts[3])
+    ]
+    for thread in appends:
+        thread.start()
+    for thread in appends:
+        thread.join()
+    manifest = read_manifest(LocalStorage(data), "books")
+    assert manifest.generation == 3
+    assert manifest.documents == 3
+    before = sorted(path.name for path in (data / "books.shards").iterdir())
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "fine"}\n{"body": "no text field"}\n')
+    first = tmp_path / "many.jsonl"  # read, encoded and partly written before the broken file fails
+    first.write_text(
+        "".join(f'{{"text": "{number} fine words, {"more " * 20_000}"}}\n' for number in range(60))
+    )
+    with pytest.raises(InvalidInput, match=r"broken\.jsonl:2"):
+        prepare_corpus([first, broken], "books", data, tokenizer, shard_bytes=1 << 16, append=True)
+    assert sorted(path.name for path in (data / "books.shards").iterdir()) == before  # no orphans
+    assert read_manifest(LocalStorage(data), "books") == manifest

@@ -12,12 +12,14 @@ installed (the same tokens; docs/performance.md#preparing-corpora has both rates
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import itertools
 import os
 import re
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +29,9 @@ import numpy as np
 import numpy.typing as npt
 
 from .bpe_backends import choose_encoder
-from .document_sources import DEFAULT_BATCH_ROWS, DEFAULT_TEXT_COLUMN, open_sources
+from .document_sources import DEFAULT_BATCH_ROWS, DEFAULT_TEXT_COLUMN, DocumentSource, open_sources
 from .errors import InvalidInput, NotFound
-from .manifest import CorpusManifest, commit_manifest, now, read_manifest
+from .manifest import CorpusManifest, ShardEntry, commit_manifest, now, read_manifest
 from .shard_writer import DEFAULT_SHARD_BYTES, ShardWriter, shard_folder
 from .storage import LocalStorage, Storage
 from .stretch_encoding import plan_stretches
@@ -72,8 +74,22 @@ def prepare_corpus(
     if not tokenizer.separator:
         raise InvalidInput(f"the {tokenizer.name} encoding has no {ENDOFTEXT} to join documents with")
     storage = destination if isinstance(destination, Storage) else LocalStorage(destination)
+    sources = open_sources(inputs, text_column=text_column, batch_rows=batch_rows)  # checked first
+    with corpus_writer_lock(storage, name):
+        return _prepare_locked(sources, name, storage, tokenizer, threads, progress, shard_bytes, append)
+
+
+def _prepare_locked(
+    sources: Sequence[DocumentSource],
+    name: str,
+    storage: Storage,
+    tokenizer: Tokenizer,
+    threads: int | None,
+    progress: Callable[[int, int, int], None] | None,
+    shard_bytes: int,
+    append: bool,
+) -> CorpusManifest:
     previous = manifest_to_extend(storage, name, tokenizer, append)
-    sources = open_sources(inputs, text_column=text_column, batch_rows=batch_rows)
     sizes = [source.path.stat().st_size for source in sources]
     wire = np.dtype("<u2") if tokenizer.n_vocab <= 1 << 16 else np.dtype("<u4")
     if previous is not None and previous.numpy_dtype != wire:
@@ -133,47 +149,52 @@ def prepare_corpus(
                 write_oldest()
         documents += len(batch)
 
-    with ThreadPoolExecutor(threads) as pool:
-        try:
-            for source, size in zip(sources, sizes, strict=True):
-                batch: list[str] = []
-                batch_bytes = 0
-                count = 0
-                for documents_read in source.batches():
-                    for text in documents_read.texts:
-                        batch.append(text)
-                        batch_bytes += len(text)
-                        count += 1
-                        if batch_bytes >= _BATCH_BYTES:
-                            submit(batch, done_bytes + min(documents_read.position, size))
-                            batch, batch_bytes = [], 0
-                done_bytes += size
-                submit(batch, done_bytes)
-                read.append({"path": str(source.path.resolve()), "bytes": size, "documents": count})
-            while pending:
-                write_oldest()
-        finally:
-            for _, future in pending:  # after an error: what has not started never will
-                future.cancel()
-    shards = writer.finish()
-    if previous is not None:
-        manifest = previous.with_shards(shards, read)
-    else:
-        manifest = CorpusManifest(
-            name=name,
-            tokenizer=tokenizer.name,
-            tokenizer_identity=tokenizer.identity,
-            tokenizer_sha256=tokenizer.vocabulary_sha256,
-            vocab_size=tokenizer.n_vocab,
-            dtype="uint16" if wire.itemsize == 2 else "uint32",
-            shards=tuple(shards),
-            separator_token_id=int(separator_id),
-            sources=tuple(read),
-            created=now(),
-            updated=now(),
-        )
-    replaced = current_manifest(storage, name) if not append else None
-    commit_manifest(storage, manifest)
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            try:
+                for source, size in zip(sources, sizes, strict=True):
+                    batch: list[str] = []
+                    batch_bytes = 0
+                    count = 0
+                    for documents_read in source.batches():
+                        for text in documents_read.texts:
+                            batch.append(text)
+                            batch_bytes += len(text)
+                            count += 1
+                            if batch_bytes >= _BATCH_BYTES:
+                                submit(batch, done_bytes + min(documents_read.position, size))
+                                batch, batch_bytes = [], 0
+                    done_bytes += size
+                    submit(batch, done_bytes)
+                    read.append({"path": str(source.path.resolve()), "bytes": size, "documents": count})
+                while pending:
+                    write_oldest()
+            finally:
+                for _, future in pending:  # after an error: what has not started never will
+                    future.cancel()
+        shards = writer.finish()
+        if previous is not None:
+            manifest = previous.with_shards(shards, read)
+        else:
+            manifest = CorpusManifest(
+                name=name,
+                tokenizer=tokenizer.name,
+                tokenizer_identity=tokenizer.identity,
+                tokenizer_sha256=tokenizer.vocabulary_sha256,
+                vocab_size=tokenizer.n_vocab,
+                dtype="uint16" if wire.itemsize == 2 else "uint32",
+                shards=tuple(shards),
+                separator_token_id=int(separator_id),
+                sources=tuple(read),
+                created=now(),
+                updated=now(),
+            )
+        replaced = current_manifest(storage, name) if not append else None
+        commit_manifest(storage, manifest)
+    except BaseException:
+        # Nothing of a failed run stays behind: no manifest names these shards.
+        remove_shard_files(storage, writer.entries)
+        raise
     if replaced is not None:  # prepared again: the old corpus's files go (open mappings keep theirs)
         remove_corpus_files(storage, replaced, keep=manifest)
     return manifest
@@ -289,6 +310,34 @@ def manifest_to_extend(
             f"(embedserve import embedserve {name}.json --out {name}; see docs/training-data.md)"
         )
     return previous
+
+
+@contextlib.contextmanager
+def corpus_writer_lock(storage: Storage, name: str) -> Iterator[None]:
+    """One writer (prepare, append) of a corpus at a time in a local folder: a second one waits,
+    then extends what the first committed. The lock is on the corpus's shard folder, so it leaves
+    no file behind (an empty folder is removed). Object storage has no lock: one writer there."""
+    if not isinstance(storage, LocalStorage):
+        yield
+        return
+    folder = storage.path(shard_folder(name))
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)
+        with contextlib.suppress(OSError):  # not empty, or another writer's now
+            folder.rmdir()
+
+
+def remove_shard_files(storage: Storage, entries: Iterable[ShardEntry]) -> None:
+    """Deletes these shards' files and their document offsets."""
+    for entry in entries:
+        storage.delete(entry.file)
+        if entry.document_offsets is not None:
+            storage.delete(entry.document_offsets.file)
 
 
 def remove_corpus_files(storage: Storage, old: CorpusManifest, *, keep: CorpusManifest) -> None:
