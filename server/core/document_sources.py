@@ -128,7 +128,7 @@ def _arrow_errors(path: Path, what: str) -> Iterator[None]:
         raise InvalidInput(f"{path}: cannot be read as {what} ({error})") from None
 
 
-def _text_column_index(schema: Any, column: str, path: Path) -> int:
+def text_column_index(schema: Any, column: str, path: Path | str) -> int:
     """The index of the text column in an Arrow schema; InvalidInput unless it holds strings."""
     import pyarrow as pa
 
@@ -163,7 +163,7 @@ class ParquetFile:
         self.column = column
         self.batch_rows = batch_rows
         with _arrow_errors(path, "Parquet"), pq.ParquetFile(path) as reader:
-            _text_column_index(reader.schema_arrow, column, path)
+            text_column_index(reader.schema_arrow, column, path)
 
     def batches(self) -> Iterator[DocumentBatch]:
         import pyarrow.parquet as pq
@@ -191,7 +191,7 @@ class ArrowFile:
         self.column = column
         self.batch_rows = batch_rows
         with self._reader() as (reader, _):
-            self._index = _text_column_index(reader.schema, column, path)
+            self._index = text_column_index(reader.schema, column, path)
 
     @contextlib.contextmanager
     def _reader(self) -> Iterator[tuple[Any, Any]]:

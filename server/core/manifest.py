@@ -73,6 +73,36 @@ class CorpusManifest:
     origin: str = "prepare"  # or the imported format: nanogpt, llmc, megatron
     legacy_identity: str | None = field(default=None, compare=False)
 
+    @classmethod
+    def new(
+        cls,
+        name: str,
+        tokenizer: Tokenizer,
+        dtype: np.dtype[Any],
+        shards: Sequence[ShardEntry],
+        *,
+        separator_token_id: int | None,
+        sources: Sequence[dict[str, Any]],
+        created: str = "",
+        origin: str = "prepare",
+    ) -> CorpusManifest:
+        """The first generation of a corpus of `dtype` tokens made with `tokenizer`."""
+        dtypes = {np.dtype(code): name for name, code in TOKEN_DTYPES.items()}
+        return cls(
+            name=name,
+            tokenizer=tokenizer.name,
+            tokenizer_identity=tokenizer.identity,
+            tokenizer_sha256=tokenizer.vocabulary_sha256,
+            vocab_size=tokenizer.n_vocab,
+            dtype=dtypes[np.dtype(dtype)],
+            shards=tuple(shards),
+            separator_token_id=separator_token_id,
+            sources=tuple(sources),
+            created=created or now(),
+            updated=now(),
+            origin=origin,
+        )
+
     @property
     def token_count(self) -> int:
         return sum(shard.tokens for shard in self.shards)

@@ -52,9 +52,10 @@ from .document_sources import (
     ParquetFile,
     TextFile,
     open_sources,
+    text_column_index,
 )
 from .errors import EmbedServeCoreError, InvalidInput, NotFound, Unavailable
-from .manifest import OFFSETS_DTYPE, CorpusManifest, DocumentOffsets, ShardEntry, commit_manifest, now
+from .manifest import OFFSETS_DTYPE, CorpusManifest, DocumentOffsets, ShardEntry, commit_manifest
 from .prepared import (
     check_corpus_name,
     current_manifest,
@@ -244,18 +245,8 @@ class RayEngine:
         if previous is not None:
             manifest = previous.with_shards(shards, read)
         else:
-            manifest = CorpusManifest(
-                name=name,
-                tokenizer=tokenizer.name,
-                tokenizer_identity=tokenizer.identity,
-                tokenizer_sha256=tokenizer.vocabulary_sha256,
-                vocab_size=tokenizer.n_vocab,
-                dtype="uint16" if wire.itemsize == 2 else "uint32",
-                shards=tuple(shards),
-                separator_token_id=separator_id,
-                sources=tuple(read),
-                created=now(),
-                updated=now(),
+            manifest = CorpusManifest.new(
+                name, tokenizer, wire, shards, separator_token_id=separator_id, sources=read
             )
         replaced = current_manifest(storage, name) if not append else None
         commit_manifest(storage, manifest)
@@ -481,7 +472,7 @@ def _expand_url(spec: str, text_column: str) -> list[_InputFile]:
                     schema = pq.read_schema(handle)
             except (pa.ArrowException, OSError) as error:
                 raise InvalidInput(f"{shown}: cannot be read as Parquet ({error})") from None
-            _check_text_column(schema, text_column, shown)
+            text_column_index(schema, text_column, shown)
     return [file]
 
 
@@ -500,25 +491,6 @@ def _saved_dataset_files(filesystem: Any, folder: str, shown: str) -> list[str]:
         if PurePosixPath(name).name != name:
             raise InvalidInput(f"{shown}/state.json: lists {name!r}, which is not a file in {shown}")
     return names
-
-
-def _check_text_column(schema: Any, column: str, shown: str) -> int:
-    """document_sources' check of the text column, for a file named by a URL."""
-    import pyarrow as pa
-
-    names = list(schema.names)
-    if names.count(column) != 1:
-        if column in names:
-            raise InvalidInput(f"{shown}: {names.count(column)} columns are named {column!r}")
-        raise InvalidInput(
-            f"{shown}: no column {column!r} (choose one with --text-column); its columns: "
-            + ", ".join(repr(name) for name in names)
-        )
-    kind = schema.field(column).type
-    view = getattr(pa.types, "is_string_view", lambda _: False)
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or view(kind)):
-        raise InvalidInput(f"{shown}: column {column!r} holds {kind}, not text (string or large_string)")
-    return names.index(column)
 
 
 def _runs(files: Sequence[_InputFile], text_column: str) -> list[list[_InputFile]]:
@@ -752,7 +724,7 @@ def _arrow_documents(data: bytes, shown: str, text_column: str) -> list[str]:
         except pa.ArrowInvalid:
             reader = pa.ipc.open_stream(buffer)
             batches = list(reader)
-        index = _check_text_column(reader.schema, text_column, shown)
+        index = text_column_index(reader.schema, text_column, shown)
         return [text for batch in batches for text in batch.column(index).to_pylist() if text is not None]
     except (pa.ArrowException, OSError) as error:
         raise InvalidInput(f"{shown}: cannot be read as Arrow IPC ({error})") from None

@@ -30,8 +30,8 @@ import numpy.typing as npt
 
 from .bpe_backends import choose_encoder
 from .document_sources import DEFAULT_BATCH_ROWS, DEFAULT_TEXT_COLUMN, DocumentSource, open_sources
-from .errors import InvalidInput, NotFound
-from .manifest import CorpusManifest, ShardEntry, commit_manifest, now, read_manifest
+from .errors import EmbedServeCoreError, InvalidInput, NotFound
+from .manifest import CorpusManifest, ShardEntry, commit_manifest, read_manifest
 from .shard_writer import DEFAULT_SHARD_BYTES, ShardWriter, shard_folder
 from .storage import LocalStorage, Storage
 from .stretch_encoding import plan_stretches
@@ -176,18 +176,8 @@ def _prepare_locked(
         if previous is not None:
             manifest = previous.with_shards(shards, read)
         else:
-            manifest = CorpusManifest(
-                name=name,
-                tokenizer=tokenizer.name,
-                tokenizer_identity=tokenizer.identity,
-                tokenizer_sha256=tokenizer.vocabulary_sha256,
-                vocab_size=tokenizer.n_vocab,
-                dtype="uint16" if wire.itemsize == 2 else "uint32",
-                shards=tuple(shards),
-                separator_token_id=int(separator_id),
-                sources=tuple(read),
-                created=now(),
-                updated=now(),
+            manifest = CorpusManifest.new(
+                name, tokenizer, wire, shards, separator_token_id=int(separator_id), sources=read
             )
         replaced = current_manifest(storage, name) if not append else None
         commit_manifest(storage, manifest)
@@ -350,7 +340,9 @@ def remove_corpus_files(storage: Storage, old: CorpusManifest, *, keep: CorpusMa
     for shard in old.shards:
         for file in (shard.file, shard.document_offsets.file if shard.document_offsets else None):
             if file and file not in kept and file.startswith(own):
-                storage.delete(file)
+                # The new corpus is committed already: a file left behind is only litter.
+                with contextlib.suppress(EmbedServeCoreError, OSError):
+                    storage.delete(file)
 
 
 def progress_reporter(

@@ -50,11 +50,9 @@ from .manifest import (
     DocumentOffsets,
     ShardEntry,
     commit_manifest,
-    now,
     parse_manifest,
-    read_manifest,
 )
-from .prepared import check_corpus_name
+from .prepared import check_corpus_name, current_manifest, remove_corpus_files
 from .shard_writer import new_run, shard_folder
 from .storage import COPY_CHUNK_BYTES, LocalStorage, Storage, check_relative, is_url
 from .tokenizer import ENDOFTEXT, Tokenizer
@@ -442,21 +440,17 @@ def import_corpus(
                     document_offsets=offsets,
                 )
             )
-        manifest = CorpusManifest(
-            name=name,
-            tokenizer=tokenizer.name,
-            tokenizer_identity=tokenizer.identity,
-            tokenizer_sha256=tokenizer.vocabulary_sha256,
-            vocab_size=tokenizer.n_vocab,
-            dtype=files[0].dtype,
-            shards=tuple(entries),
+        manifest = CorpusManifest.new(
+            name,
+            tokenizer,
+            np.dtype(TOKEN_DTYPES[files[0].dtype]),
+            entries,
             separator_token_id=files[0].separator_token_id,
-            sources=tuple(source for file in files for source in file.sources),
-            created=files[0].created or now(),
-            updated=now(),
+            sources=[source for file in files for source in file.sources],
+            created=files[0].created or "",
             origin=reader.origin,
         )
-        previous = _current(storage, name)
+        previous = current_manifest(storage, name)
         commit_manifest(storage, manifest)
     except BaseException:
         for leftover in written:
@@ -464,7 +458,7 @@ def import_corpus(
                 storage.delete(leftover)
         raise
     if previous is not None:
-        _remove_replaced(storage, previous, manifest)
+        remove_corpus_files(storage, previous, keep=manifest)
     return manifest
 
 
@@ -562,24 +556,3 @@ def _size(path: Path) -> int:
 
 def _source(path: Path, format: str) -> dict[str, Any]:
     return {"path": str(path.resolve()), "bytes": _size(path), "format": format}
-
-
-def _current(storage: Storage, name: str) -> CorpusManifest | None:
-    try:
-        return read_manifest(storage, name)
-    except (NotFound, InvalidInput):
-        return None
-
-
-def _remove_replaced(storage: Storage, old: CorpusManifest, new: CorpusManifest) -> None:
-    """Deletes the files of the replaced corpus under its `NAME.shards/` that the new one does not
-    list. Files referenced where they were (a user's train.bin) are never deleted."""
-    folder = shard_folder(old.name) + "/"
-    kept = {shard.file for shard in new.shards} | {
-        shard.document_offsets.file for shard in new.shards if shard.document_offsets
-    }
-    for shard in old.shards:
-        for file in (shard.file, shard.document_offsets.file if shard.document_offsets else None):
-            if file and file.startswith(folder) and file not in kept:
-                with contextlib.suppress(EmbedServeCoreError, OSError):
-                    storage.delete(file)
